@@ -1,0 +1,194 @@
+"""The ``dynprune`` command line. Each subcommand is a thin layer over the library.
+
+    dynprune demo                                      # the whole flow on built-in data
+    dynprune train  --data pigs.yaml                   # dense one-class detector
+    dynprune val    --weights runs/dense/best.pt       # AP, FLOPs, latency
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+import torch
+
+DATA_HELP = ("dataset: an Ultralytics data.yaml, a COCO yaml (format: coco), a Pascal VOC folder "
+             "(annotations/, images/, train.txt, val.txt), or 'synthetic' (built in, no download)")
+
+
+def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required, help=DATA_HELP)
+    p.add_argument("--classes", nargs="+", help="keep only these class names (default: all)")
+    p.add_argument("--single-class", action="store_true", help="merge all (kept) classes into one")
+
+
+def _add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--imgsz", type=int, default=None, help="input size, a multiple of 32 (default 320)")
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mosaic", type=float, default=0.3, help="probability of a 2x2 mosaic per training image")
+    p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and at the end)")
+    p.add_argument("--resume", metavar="LAST_PT", help="continue a killed run from its last.pt")
+
+
+def _load_spec(args):
+    from dynprune.data import load_dataset
+
+    spec = load_dataset(args.data, classes=args.classes, single_class=args.single_class)
+    print(f"{spec.source}: {len(spec.train)} train / {len(spec.val)} val images, classes {spec.names}")
+    if spec.issues:
+        print(spec.issues.summary("dataset"))
+    return spec
+
+
+def _check_imgsz(imgsz: int) -> int:
+    if imgsz <= 0 or imgsz % 32:
+        raise SystemExit(f"--imgsz {imgsz}: must be a positive multiple of 32")
+    return imgsz
+
+
+def cmd_train(args) -> int:
+    from dynprune.train.dense import train_dense
+    from dynprune.train.engine import TrainConfig
+
+    spec = _load_spec(args)
+    cfg = TrainConfig(epochs=args.epochs, batch=args.batch, imgsz=_check_imgsz(args.imgsz or 320), lr=args.lr,
+                      workers=args.workers, device=args.device, seed=args.seed, mosaic=args.mosaic,
+                      val_every=args.val_every, out=args.out,
+                      extra={"classes": args.classes, "single_class": args.single_class})
+    result = train_dense(spec, cfg, size=args.size, pretrained=args.pretrained, resume=args.resume)
+    print(f"done: best AP50-95 {result['best_ap50_95']:.4f}; weights in {args.out}/best.pt")
+    return 0
+
+
+def validate_checkpoint(weights: str, data: Optional[str] = None, imgsz: Optional[int] = None, batch: int = 8,
+                        device: str = "auto", classes=None, single_class: bool = False,
+                        report_dir: Optional[str] = None) -> dict:
+    """Everything ``dynprune val`` reports, as a dict."""
+    from dynprune.checkpoint import model_from_checkpoint
+    from dynprune.data import load_dataset
+    from dynprune.flops import CostModel, count_parameters
+    from dynprune.timing import measure_latency
+    from dynprune.train.engine import pick_device
+    from dynprune.validate import run_validation
+
+    model, ckpt = model_from_checkpoint(weights)
+    imgsz = _check_imgsz(imgsz or ckpt["imgsz"])
+    data = data or ckpt.get("data")
+    if not data:
+        raise SystemExit(f"{weights}: records no dataset; pass --data")
+    if classes is None and not single_class:  # default: the classes the model was trained on
+        trained = (ckpt.get("train_config") or {}).get("extra", {})
+        classes, single_class = trained.get("classes"), bool(trained.get("single_class"))
+    spec = load_dataset(data, classes=classes, single_class=single_class)
+    dev = pick_device(device)
+    model.to(dev)
+    result = run_validation(model, spec.val, spec.names, imgsz, batch=batch, device=dev,
+                            keep_predictions=report_dir is not None)
+    cost = CostModel(model, imgsz)
+    x = torch.full((1, 3, imgsz, imgsz), 114 / 255, device=dev)  # a letterbox-grey frame
+    with torch.no_grad():
+        lat = measure_latency(lambda: model(x), device=str(dev))
+    result.update({
+        "weights": weights, "data": data, "imgsz": imgsz, "images": len(spec.val), "kind": ckpt.get("kind"),
+        "params_m": count_parameters(model) / 1e6, "gflops": cost.dense / 1e9, "device": str(dev),
+        "latency_ms_b1": lat["p50_ms"],
+    })
+    if report_dir and "frame_flops" in result:
+        from dynprune.report import write_gate_report
+
+        result["report"] = write_gate_report(result, spec.val, report_dir)
+    result.pop("predictions", None)
+    return result
+
+
+def cmd_val(args) -> int:
+    result = validate_checkpoint(args.weights, args.data, args.imgsz, args.batch, args.device, args.classes,
+                                 args.single_class, args.report)
+    if args.json:
+        slim = {k: v for k, v in result.items() if k != "frame_flops"}
+        print(json.dumps(slim, indent=2))
+        return 0
+    print(f"{result['weights']}  on {result['data']} val ({result['images']} images, {result['imgsz']} px)")
+    print(f"  precision {result['precision']:.3f}  recall {result['recall']:.3f}  "
+          f"AP50 {result['ap50']:.4f}  AP50-95 {result['ap50_95']:.4f}")
+    print(f"  params {result['params_m']:.3f} M  dense GFLOPs {result['gflops']:.3f}  "
+          f"batch-1 latency {result['latency_ms_b1']:.2f} ms on {result['device']}")
+    if "flops_mean" in result:
+        print(f"  per-frame FLOPs / dense: mean {result['flops_mean']:.3f}  p5 {result['flops_p5']:.3f}  "
+              f"p50 {result['flops_p50']:.3f}  p95 {result['flops_p95']:.3f}  mean keep {result['keep_mean']:.3f}")
+        print("  keep ratio per block (hidden1, hidden2): " +
+              " ".join(f"{a:.2f}/{b:.2f}" for a, b in result["layer_keep"]))
+        if "report" in result:
+            print(f"  plots: {', '.join(result['report'].values())}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from dynprune.demo import run_demo
+
+    return run_demo(args.out, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dynprune",
+        description="Dynamic per-frame channel pruning for real-time one-class detection on NVIDIA Jetson. "
+                    "Start with 'dynprune demo' (built-in data, CPU, a few minutes).",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: all cores)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the whole flow on built-in synthetic data, end to end (no downloads, CPU)")
+    p.add_argument("--out", default="runs/demo", help="where runs, weights and the report go")
+    p.add_argument("--quick", action="store_true", help="a much shorter run, to check an install")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train a dense one-class detector")
+    _add_data_args(p)
+    p.add_argument("--size", default="nano", choices=["nano", "small"], help="model size")
+    p.add_argument("--pretrained", help="your own weights to start from (dynprune checkpoint or state_dict)")
+    p.add_argument("--out", default="runs/dense", help="run folder (last.pt, best.pt)")
+    _add_train_args(p, epochs=60, lr=2e-3)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("val", help="AP50, AP50-95, precision/recall, params, GFLOPs, latency of a checkpoint")
+    p.add_argument("--weights", required=True, help="a checkpoint (best.pt, last.pt)")
+    _add_data_args(p, required=False)
+    p.add_argument("--imgsz", type=int, help="default: the checkpoint's")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--report", metavar="DIR", help="gated models: write FLOPs histogram and frame grid PNGs here")
+    p.set_defaults(func=cmd_val)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    from dynprune.data import DatasetError
+
+    try:
+        return int(args.func(args) or 0)
+    except (DatasetError, FileNotFoundError, ValueError) as e:
+        print(f"dynprune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"dynprune {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""Per-frame channel skipping for real: a gated detector executed on compact activations.
+
+Each gated bottleneck computes its gates first (from the pooled block input), builds the
+kept-channel index lists, and then runs
+
+    cv1: rows keep1 of W1                       -> (keep1, H, W)   compact
+    cv2: rows keep2, columns keep1 of W2        -> (keep2, H, W)   compact
+    cv3: columns keep2 of W3, + residual        -> (C, H, W)       full width
+
+with BatchNorm folded, the activation and the saliency scale fused after each conv. No
+activation is ever scattered back to full width inside a block (DESIGN.md). The result
+equals the masked dense model (``mask = saliency * [saliency >= threshold]``) up to float
+rounding; the tests check it.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from dynprune.fusion import fuse_conv_bn
+from dynprune.gates import Gate
+from dynprune.kernels.reference import gather_conv2d
+from dynprune.layers import Bottleneck
+from dynprune.model import Detector
+
+
+class CompactBottleneck(nn.Module):
+    """Inference-only replacement of a gated :class:`Bottleneck` that skips dropped channels."""
+
+    def __init__(self, block: Bottleneck) -> None:
+        super().__init__()
+        if not block.gated:
+            raise ValueError("CompactBottleneck needs a gated block")
+        self.c, self.h1, self.h2 = block.c, block.h1, block.h2
+        self.gate1: Gate = copy.deepcopy(block.gate1)
+        self.gate2: Gate = copy.deepcopy(block.gate2)
+        for name, conv in (("1", block.cv1), ("2", block.cv2), ("3", block.cv3)):
+            w, b = conv.fold()
+            self.register_buffer(f"w{name}", w)
+            self.register_buffer(f"b{name}", b)
+        # (B, 2) kept counts of the last forward pass, for per-frame accounting.
+        self.last_kept: Optional[torch.Tensor] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = x.mean((2, 3))
+        _, m1 = self.gate1(pooled)
+        _, m2 = self.gate2(pooled)
+        outs: List[torch.Tensor] = []
+        kept = []
+        for i in range(x.shape[0]):  # each image keeps its own channel set
+            keep1 = torch.nonzero(m1[i] > 0).flatten()
+            keep2 = torch.nonzero(m2[i] > 0).flatten()
+            kept.append((keep1.numel(), keep2.numel()))
+            xi = x[i : i + 1]
+            y = gather_conv2d(xi, self.w1, self.b1, None, keep1, 1, 0, "silu", m1[i : i + 1, keep1])
+            y = gather_conv2d(y, self.w2, self.b2, keep1, keep2, 1, 1, "silu", m2[i : i + 1, keep2])
+            y = gather_conv2d(y, self.w3, self.b3, keep2, None, 1, 0, None, None)
+            outs.append(xi + y)
+        self.last_kept = torch.tensor(kept)
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+class CompactDetector(nn.Module):
+    """A gated :class:`Detector` whose gated blocks run on compact activations.
+
+    ``forward`` has the detector's contract; :meth:`kept_counts` gives the ``(B, blocks, 2)``
+    kept channels of the last call.
+    """
+
+    def __init__(self, model: Detector) -> None:
+        super().__init__()
+        if not model.gated:
+            raise ValueError("CompactDetector needs a gated model (dynprune gate)")
+        net = copy.deepcopy(model).eval()
+        # Swap every gated bottleneck for its compact twin, then fold the remaining BNs.
+        for name, module in list(net.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, Bottleneck) and child.gated:
+                    setattr(module, child_name, CompactBottleneck(child))
+        self.net = fuse_conv_bn(net)
+        self.blocks = [m for m in self.net.modules() if isinstance(m, CompactBottleneck)]
+
+    def forward(self, x: torch.Tensor):
+        return self.net(x)
+
+    def kept_counts(self) -> torch.Tensor:
+        return torch.stack([b.last_kept for b in self.blocks], 1)
+
+
+def dense_inference_model(model: Detector) -> Detector:
+    """The fastest PyTorch form of a dense (or statically pruned) model: BN folded."""
+    return fuse_conv_bn(copy.deepcopy(model).eval())

@@ -1,0 +1,110 @@
+"""ManiDP's losses and threshold schedule (Tang et al., CVPR 2021; official code
+huawei-noah/Efficient-Computing, Pruning/ManiDP/main.py, whose defaults we keep).
+
+For a detector the per-image detection loss replaces the per-sample cross-entropy as the
+measure of an instance's complexity.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from dynprune.layers import Bottleneck
+
+#: Official-code defaults: --lambda_lasso, --lambda_graph, --gamma (our beta), --thre_cls.
+SPARSITY_WEIGHT = 0.1
+SIMILARITY_WEIGHT = 0.1
+BETA = 1.0
+COMPLEXITY_FACTOR = 0.5
+
+
+def complexity_weights(per_image_loss: torch.Tensor, c: float, beta: float = BETA) -> torch.Tensor:
+    """w_i = [L_i < C] * ((C - L_i) / C) ** beta  (ManiDP Eq. 8; C = 0.5 * mean loss of the last epoch)."""
+    loss = per_image_loss.detach()
+    if c <= 0:
+        return torch.zeros_like(loss)
+    return (loss < c).to(loss.dtype) * ((c - loss) / c).clamp(min=0).pow(beta)
+
+
+def sparsity_loss(saliencies: Sequence[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """sum_l mean_i(w_i * mean_c saliency_{l,i})  (ManiDP Eq. 9, the complexity-weighted lasso)."""
+    total = weights.new_zeros(())
+    for s in saliencies:
+        total = total + (s.mean(1) * weights).mean()
+    return total
+
+
+def gram(x: torch.Tensor) -> torch.Tensor:
+    """Cosine-similarity matrix of the rows of ``x`` ``(B, D)``."""
+    x = F.normalize(x.flatten(1), dim=1)
+    return x @ x.t()
+
+
+def similarity_loss(features: torch.Tensor, saliency: torch.Tensor) -> torch.Tensor:
+    """||cos-sim(features) - cos-sim(saliency)||_F^2 / B^2  (ManiDP Eq. 6, the manifold alignment)."""
+    b = features.shape[0]
+    diff = gram(features.detach()) - gram(saliency)
+    return (diff * diff).sum() / (b * b)
+
+
+def remain_rate(epoch: int, epochs: int, target: float) -> float:
+    """Cosine annealing of the kept fraction from 1 to ``target`` over the epochs (official code)."""
+    return (1.0 - target) / 2.0 * math.cos(math.pi * (epoch + 1) / epochs) + (1.0 + target) / 2.0
+
+
+def collect(blocks: Sequence[Bottleneck]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """(saliencies of every gated layer, the pooled feature each gate saw) from the last forward."""
+    sal, feats = [], []
+    for b in blocks:
+        if b.last:
+            for s in b.last["saliency"]:
+                sal.append(s)
+                feats.append(b.last["pooled"])
+    return sal, feats
+
+
+class SaliencyStats:
+    """Running per-group sum of saliency over a training epoch, for the thresholds."""
+
+    def __init__(self, blocks: Sequence[Bottleneck]) -> None:
+        self.gates = [g for b in blocks for g in (b.gate1, b.gate2)]
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = [torch.zeros(g.groups, dtype=torch.float64) for g in self.gates]
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, blocks: Sequence[Bottleneck]) -> None:
+        sal, _ = collect(blocks)
+        for i, (s, g) in enumerate(zip(sal, self.gates)):
+            per_group = s[:, :: g.group].detach().double().cpu()  # channels of a group share a value
+            self.sums[i] += per_group.sum(0)
+        self.count += sal[0].shape[0] if sal else 0
+
+    def all_reduce(self) -> None:
+        """Sum the statistics over DistributedDataParallel ranks."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            for s in self.sums:
+                dist.all_reduce(s)
+            n = torch.tensor([self.count], dtype=torch.float64)
+            dist.all_reduce(n)
+            self.count = int(n.item())
+
+    @torch.no_grad()
+    def apply_thresholds(self, remain: float) -> List[float]:
+        """Set each layer's threshold to its k-th largest mean saliency, k = ceil(remain * groups)."""
+        out = []
+        for s, g in zip(self.sums, self.gates):
+            mean = s / max(self.count, 1)
+            k = max(1, math.ceil(remain * g.groups))
+            thr = float(torch.topk(mean, k).values[-1]) if remain < 1.0 else 0.0
+            g.threshold.fill_(thr)
+            out.append(thr)
+        return out

@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny models and tiny datasets written by the tests themselves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from dynprune.config import DetectorConfig
+
+torch.set_num_threads(2)
+
+
+def tiny_config(num_classes: int = 1, **kw) -> DetectorConfig:
+    """A model small enough for CI: same structure as nano, a few thousand parameters."""
+    d = dict(num_classes=num_classes, stem=8, widths=(8, 16, 16, 16), depths=(1, 1, 1, 1), neck=16)
+    d.update(kw)
+    return DetectorConfig(**d)
+
+
+def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
+    """Non-trivial BatchNorm statistics so that folding and masking are really exercised."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
+
+
+@pytest.fixture
+def synthetic_yaml(tmp_path):
+    from dynprune.data.synthetic import write_synthetic
+
+    return write_synthetic(str(tmp_path / "syn"), n_train=24, n_val=8, seed=3, size=128)
+
+
+def write_jpg(path, w=64, h=48, seed=0):
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), rng.integers(0, 255, (h, w, 3), dtype=np.uint8))

@@ -1,0 +1,131 @@
+"""Gate training (``dynprune gate``): ManiDP or FBS gates trained into a dense detector."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from dynprune.train.engine import TrainConfig, Trainer
+
+from dynprune.checkpoint import model_from_checkpoint
+from dynprune.data.formats import DatasetSpec
+from dynprune.gates import set_gate_mode
+from dynprune.manidp import (
+    BETA,
+    COMPLEXITY_FACTOR,
+    SIMILARITY_WEIGHT,
+    SPARSITY_WEIGHT,
+    SaliencyStats,
+    collect,
+    complexity_weights,
+    remain_rate,
+    similarity_loss,
+    sparsity_loss,
+)
+from dynprune.model import Detector
+
+
+class GateTrainer(Trainer):
+    """Adds ManiDP's complexity-weighted sparsity and manifold similarity losses and resets
+    each layer's threshold every epoch (``method='manidp'``), or trains FBS's top-k gates
+    (``method='fbs'``, Gao et al. ICLR 2019) with a plain L1 on the saliencies."""
+
+    kind = "gated"
+
+    def __init__(
+        self,
+        model: Detector,
+        spec: DatasetSpec,
+        cfg: TrainConfig,
+        keep: float = 0.5,
+        method: str = "manidp",
+        sparsity: float = SPARSITY_WEIGHT,
+        similarity: float = SIMILARITY_WEIGHT,
+        beta: float = BETA,
+        complexity: bool = True,
+        log=print,
+    ) -> None:
+        if not 0 < keep <= 1:
+            raise ValueError(f"--keep {keep}: must be in (0, 1]")
+        if method not in ("manidp", "fbs"):
+            raise ValueError(f"unknown gate method {method!r}; choose manidp or fbs")
+        self.keep, self.method = keep, method
+        self.sparsity_w, self.similarity_w, self.beta, self.complexity = sparsity, similarity, beta, complexity
+        self.c_value: Optional[float] = None  # 0.5 * mean per-image loss of the previous epoch
+        self._running: Tuple[float, int] = (0.0, 0)
+        super().__init__(model, spec, cfg, log)
+        if method == "fbs":
+            set_gate_mode(self.model, "topk", keep)
+        else:
+            set_gate_mode(self.model, "threshold")
+        self.stats = SaliencyStats(self.model.blocks)
+
+    def gate_info(self) -> Dict[str, Any]:
+        mode = "topk" if self.method == "fbs" else "threshold"
+        return {"mode": mode, "keep": self.keep, "method": self.method, "complexity": self.complexity,
+                "sparsity": self.sparsity_w, "similarity": self.similarity_w, "beta": self.beta}
+
+    def epoch_start(self, epoch: int) -> None:
+        self.stats.reset()
+        self._running = (0.0, 0)
+
+    def extra_loss(self, per_image: torch.Tensor, step: int):
+        sal, feats = collect(self.model.blocks)
+        self.stats.update(self.model.blocks)
+        total, n = self._running
+        self._running = (total + float(per_image.detach().sum()), n + per_image.shape[0])
+        if self.method == "fbs":
+            weights = torch.ones_like(per_image)
+        elif not self.complexity:
+            weights = torch.ones_like(per_image)  # ablation: every image pushed equally
+        else:
+            c = self.c_value if self.c_value is not None else COMPLEXITY_FACTOR * self._running[0] / self._running[1]
+            weights = complexity_weights(per_image, c, self.beta)
+        l_sparse = self.sparsity_w * sparsity_loss(sal, weights)
+        l_sim = per_image.new_zeros(())
+        if self.method == "manidp" and self.similarity_w > 0 and per_image.shape[0] > 1:
+            for s, f in zip(sal, feats):
+                l_sim = l_sim + similarity_loss(f, s)
+            l_sim = self.similarity_w * l_sim
+        return l_sparse + l_sim, {"sp": float(l_sparse), "sim": float(l_sim)}
+
+    def epoch_end(self, epoch: int, per_image_losses: torch.Tensor) -> None:
+        self.c_value = COMPLEXITY_FACTOR * float(per_image_losses.mean())
+        if self.method == "manidp":
+            self.stats.all_reduce()
+            remain = remain_rate(epoch + 1, self.cfg.epochs, self.keep) if epoch + 1 < self.cfg.epochs else self.keep
+            self.stats.apply_thresholds(remain)
+            # The EMA copy carries the thresholds into best.pt/last.pt.
+            for g_ema, g in zip(self.ema.ema.modules(), self.model.modules()):
+                if hasattr(g, "threshold") and hasattr(g_ema, "threshold"):
+                    g_ema.threshold.copy_(g.threshold)
+
+    def checkpoint_extra(self) -> Dict[str, Any]:
+        return {"gate_state": {"c_value": self.c_value}}
+
+    def load_extra(self, ckpt: Dict[str, Any]) -> None:
+        self.c_value = (ckpt.get("gate_state") or {}).get("c_value")
+
+
+def train_gates(
+    weights: str,
+    spec: DatasetSpec,
+    cfg: TrainConfig,
+    keep: float = 0.5,
+    method: str = "manidp",
+    group: int = 1,
+    resume: Optional[str] = None,
+    log=print,
+    **loss_options: Any,
+) -> Dict[str, Any]:
+    """Attach gates to the dense model in ``weights`` and train them in on ``spec``."""
+    model, ckpt = model_from_checkpoint(weights)
+    if model.gated:
+        raise ValueError(f"{weights}: already gated; start from a dense checkpoint")
+    if list(ckpt["names"]) != list(spec.names):
+        raise ValueError(f"{weights}: trained on classes {ckpt['names']}, dataset has {spec.names}")
+    model.add_gates(group=group)
+    trainer = GateTrainer(model, spec, cfg, keep=keep, method=method, log=log, **loss_options)
+    if resume:
+        trainer.resume(resume)
+    return trainer.fit()
