@@ -77,7 +77,7 @@ class CompactDetector(nn.Module):
             raise ValueError("CompactDetector needs a gated model (dynprune gate)")
         net = copy.deepcopy(model).eval()
         # Swap every gated bottleneck for its compact twin, then fold the remaining BNs.
-        for name, module in list(net.named_modules()):
+        for _, module in list(net.named_modules()):
             for child_name, child in list(module.named_children()):
                 if isinstance(child, Bottleneck) and child.gated:
                     setattr(module, child_name, CompactBottleneck(child))

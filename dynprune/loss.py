@@ -45,7 +45,9 @@ class DetectionLoss:
         return lo, hi
 
     @torch.no_grad()
-    def assign(self, gt: torch.Tensor, points: torch.Tensor, strides: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def assign(
+        self, gt: torch.Tensor, points: torch.Tensor, strides: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(positive (A,) bool, gt_index (A,) long)`` for one image's boxes ``(n, 4)``."""
         n, a = gt.shape[0], points.shape[0]
         px, py = points[:, 0][None], points[:, 1][None]

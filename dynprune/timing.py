@@ -9,7 +9,9 @@ import numpy as np
 import torch
 
 
-def measure_latency(fn: Callable[[], object], warmup: int = 5, iters: int = 30, device: str = "cpu") -> Dict[str, float]:
+def measure_latency(
+    fn: Callable[[], object], warmup: int = 5, iters: int = 30, device: str = "cpu"
+) -> Dict[str, float]:
     """Median, p95 and mean milliseconds of ``fn()``; CUDA work is synchronised around each call."""
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     for _ in range(warmup):

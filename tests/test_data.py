@@ -68,7 +68,10 @@ def test_missing_dataset_path_names_it(tmp_path):
 
 VOC_XML = """<annotation><filename>{name}.jpg</filename><size><width>64</width><height>48</height></size>
 {objects}</annotation>"""
-VOC_OBJ = "<object><name>{cls}</name><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin><xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+VOC_OBJ = (
+    "<object><name>{cls}</name><bndbox><xmin>{x1}</xmin><ymin>{y1}</ymin>"
+    "<xmax>{x2}</xmax><ymax>{y2}</ymax></bndbox></object>"
+)
 
 
 def make_voc(root):
