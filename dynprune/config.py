@@ -32,7 +32,7 @@ class DetectorConfig:
     depths: Tuple[int, int, int, int] = (1, 2, 2, 1)
     expansion: float = 1.0
     neck: int = 64
-    gate_reduction: int = 4
+    gate_reduction: int = 2  # ManiDP official code: --squeeze_rate 2
     gate_group: int = 1
     hidden: List[List[int]] = field(default_factory=list)
 

@@ -29,14 +29,14 @@ class Gate(nn.Module):
     channels, so the kept widths stay multiples of the GPU tile size.
     """
 
-    def __init__(self, c_in: int, channels: int, reduction: int = 4, group: int = 1) -> None:
+    def __init__(self, c_in: int, channels: int, reduction: int = 2, group: int = 1) -> None:
         super().__init__()
         if group < 1:
             raise ValueError(f"gate group size must be >= 1, got {group}")
         self.channels = channels
         self.group = group
         self.groups = math.ceil(channels / group)
-        hidden = max(self.groups // reduction, 4)
+        hidden = max(self.groups // reduction, 8)
         self.fc1 = nn.Linear(c_in, hidden, bias=False)
         self.fc2 = nn.Linear(hidden, self.groups)
         nn.init.constant_(self.fc2.bias, 1.0)  # ManiDP: every gate starts open at saliency ~1

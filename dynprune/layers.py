@@ -61,7 +61,7 @@ class Bottleneck(nn.Module):
     def gated(self) -> bool:
         return self.gate1 is not None
 
-    def add_gates(self, reduction: int = 4, group: int = 1) -> None:
+    def add_gates(self, reduction: int = 2, group: int = 1) -> None:
         self.gate1 = Gate(self.c, self.h1, reduction, group)
         self.gate2 = Gate(self.c, self.h2, reduction, group)
 

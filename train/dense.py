@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
-from dynprune.train.engine import TrainConfig, Trainer
-
 from dynprune.checkpoint import load_pretrained
 from dynprune.config import config_for
 from dynprune.data.formats import DatasetSpec
 from dynprune.model import build_detector
+from dynprune.train.engine import TrainConfig, Trainer
 
 
 def train_dense(

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,7 +19,6 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from dynprune.train.ema import ModelEMA
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -27,6 +27,7 @@ from dynprune.data.dataset import DetectionDataset, collate
 from dynprune.data.formats import DatasetSpec
 from dynprune.loss import DetectionLoss
 from dynprune.model import Detector
+from dynprune.train.ema import ModelEMA
 from dynprune.validate import run_validation
 
 
@@ -42,6 +43,7 @@ class TrainConfig:
     weight_decay: float = 0.05
     warmup_epochs: float = 2.0
     mosaic: float = 0.3
+    augment: bool = True
     workers: int = 2
     device: str = "auto"
     seed: int = 0
@@ -94,7 +96,7 @@ class Trainer:
         self.best = -1.0
         self.history: List[Dict[str, Any]] = []
         self._seed(cfg.seed)
-        self.train_set = DetectionDataset(spec.train, cfg.imgsz, augment=True, mosaic=cfg.mosaic, seed=cfg.seed)
+        self.train_set = DetectionDataset(spec.train, cfg.imgsz, augment=cfg.augment, mosaic=cfg.mosaic, seed=cfg.seed)
         self.sampler = DistributedSampler(self.train_set, seed=cfg.seed) if self.world > 1 else None
         self.optimizer = torch.optim.AdamW(self.param_groups(), lr=cfg.lr, betas=(0.9, 0.999))
         self.iters_per_epoch = max(1, math.ceil(len(self.train_set) / (cfg.batch * self.world)))
@@ -226,8 +228,9 @@ class Trainer:
             self.epoch_start(epoch)
             self.model.train()
             losses, per_image_all = [], []
-            bar = tqdm(loader, desc=f"{self.kind} {epoch + 1}/{cfg.epochs}", disable=not main, leave=False,
-                       dynamic_ncols=True)
+            # A progress bar on a terminal; in a log file the per-epoch lines say enough.
+            bar = tqdm(loader, desc=f"{self.kind} {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+                       disable=not (main and sys.stderr.isatty()))
             t0 = time.time()
             for i, (images, targets, _) in enumerate(bar):
                 step = epoch * self.iters_per_epoch + i

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Dict, Optional, Tuple
 
 import torch
-from dynprune.train.engine import TrainConfig, Trainer
 
 from dynprune.checkpoint import model_from_checkpoint
 from dynprune.data.formats import DatasetSpec
@@ -23,6 +22,7 @@ from dynprune.manidp import (
     sparsity_loss,
 )
 from dynprune.model import Detector
+from dynprune.train.engine import TrainConfig, Trainer
 
 
 class GateTrainer(Trainer):

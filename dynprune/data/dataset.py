@@ -8,6 +8,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+try:  # OpenCV's own thread pool only competes with PyTorch's on small images
+    import cv2
+
+    cv2.setNumThreads(1)
+except ImportError:  # pragma: no cover - JetPack's OpenCV is used when present
+    pass
+
 from dynprune.data.records import ImageRecord
 from dynprune.data.transforms import hsv_jitter, letterbox_boxes, random_affine, read_image
 

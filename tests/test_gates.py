@@ -1,0 +1,193 @@
+import math
+
+import pytest
+import torch
+
+from dynprune.compact import CompactDetector
+from dynprune.gates import Gate, set_gate_mode
+from dynprune.layers import Bottleneck
+from dynprune.manidp import (
+    SaliencyStats,
+    complexity_weights,
+    remain_rate,
+    similarity_loss,
+    sparsity_loss,
+)
+from dynprune.model import build_detector
+from tests.conftest import randomize_bn, tiny_config
+
+
+def gated_model(group=1, seed=0):
+    torch.manual_seed(seed)
+    model = build_detector(tiny_config(widths=(8, 16, 24, 16)))
+    dense = build_detector(tiny_config(widths=(8, 16, 24, 16)))
+    randomize_bn(model, seed)
+    dense.load_state_dict(model.state_dict())
+    model.add_gates(group=group)
+    return model.eval(), dense.eval()
+
+
+def test_open_gates_equal_the_dense_model():
+    model, dense = gated_model()
+    set_gate_mode(model, "open")
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(model(x), dense(x)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def _random_gates(model, seed, empty_every=3):
+    """Random saliencies and thresholds: some layers keep nothing, some everything."""
+    g = torch.Generator().manual_seed(seed)
+    set_gate_mode(model, "threshold")
+    for i, gate in enumerate(m for m in model.modules() if isinstance(m, Gate)):
+        gate.fc2.weight.data.normal_(0, 1.0, generator=g)
+        gate.fc2.bias.data.uniform_(0.0, 1.0, generator=g)
+        if i % empty_every == 0:
+            gate.threshold.fill_(1e9)  # empty mask
+        elif i % empty_every == 1:
+            gate.threshold.fill_(0.0)  # full mask (saliency > 0 still required)
+        else:
+            gate.threshold.fill_(0.8)
+
+
+@pytest.mark.parametrize("group", [1, 8])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_compact_execution_equals_masked_dense(group, seed):
+    model, _ = gated_model(group, seed)
+    _random_gates(model, seed)
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        ref_boxes, ref_logits = model(x)
+        compact = CompactDetector(model)
+        boxes, logits = compact(x)
+    torch.testing.assert_close(boxes, ref_boxes, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    kept = compact.kept_counts()
+    assert kept.shape == (3, len(model.blocks), 2)
+    assert (kept == 0).any() and (kept > 0).any()
+    if group > 1:  # kept widths are whole groups unless the group is cut by the layer width
+        for b, blk in enumerate(compact.blocks):
+            for j, width in enumerate((blk.h1, blk.h2)):
+                k = kept[:, b, j]
+                assert torch.all((k % group == 0) | (k == width) | (k % group == width % group))
+
+
+def test_batch_images_keep_different_channel_sets():
+    model, _ = gated_model()
+    set_gate_mode(model, "threshold")
+    gates = [m for m in model.modules() if isinstance(m, Gate)]
+    for gate in gates:  # input-sensitive gates
+        gate.fc1.weight.data.normal_(0, 3.0)
+        gate.fc2.weight.data.normal_(0, 3.0)
+    x = torch.rand(3, 3, 64, 64) * torch.tensor([0.2, 1.0, 3.0]).view(3, 1, 1, 1)
+    with torch.no_grad():
+        model(x)
+        for blk in model.blocks:  # a threshold between the images' saliencies: they must disagree
+            for gate, s in zip((blk.gate1, blk.gate2), blk.last["saliency"]):
+                gate.threshold.fill_(float(s.min() + s.median()) / 2)
+        model(x)
+        sets = [torch.cat([(m[i] > 0) for b in model.blocks for m in b.last["mask"]]) for i in range(3)]
+        compact = CompactDetector(model)
+        out = compact(x)
+        kept = compact.kept_counts()
+        single = [compact(x[i : i + 1]) for i in range(3)]
+    assert not (torch.equal(sets[0], sets[1]) and torch.equal(sets[1], sets[2]))
+    for i in range(3):
+        torch.testing.assert_close(out[0][i], single[i][0][0], atol=1e-4, rtol=1e-4)  # box pixels
+        assert torch.equal(kept[i].sum(), torch.tensor(int(sets[i].sum())))
+
+
+def test_compact_block_really_skips_work():
+    """Counting multiply-adds proves no full-width hidden activation is ever computed."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dynprune.compact import CompactBottleneck
+
+    block = Bottleneck(16, 32, 32).eval()
+    block.add_gates()
+    set_gate_mode(block, "threshold")
+    block.gate1.threshold.fill_(1e9)
+    compact = CompactBottleneck(block)
+    x = torch.rand(1, 16, 8, 8)
+    with FlopCounterMode(display=False) as fc:
+        compact(x)
+    gate_flops = 2 * 2 * (16 * block.gate1.fc1.out_features + block.gate1.fc1.out_features * 32)
+    assert fc.get_total_flops() <= gate_flops + 2 * 64 * 16 * 32  # no 3x3 at all, at most the 1x1 out
+
+
+def test_complexity_weights_by_hand():
+    loss = torch.tensor([0.1, 0.5, 1.0, 2.0])
+    c = 1.0
+    w = complexity_weights(loss, c, beta=2.0)
+    torch.testing.assert_close(w, torch.tensor([0.81, 0.25, 0.0, 0.0]))
+    torch.testing.assert_close(complexity_weights(loss, c, beta=1.0), torch.tensor([0.9, 0.5, 0.0, 0.0]))
+
+
+def test_sparsity_loss_by_hand():
+    s1 = torch.tensor([[1.0, 3.0], [2.0, 2.0]])  # per-image channel means 2, 2
+    s2 = torch.tensor([[0.0, 0.0, 3.0], [3.0, 3.0, 3.0]])  # means 1, 3
+    w = torch.tensor([0.5, 1.0])
+    expected = (0.5 * 2 + 1.0 * 2) / 2 + (0.5 * 1 + 1.0 * 3) / 2
+    assert float(sparsity_loss([s1, s2], w)) == pytest.approx(expected)
+
+
+def test_similarity_loss_by_hand():
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # orthogonal: cos-sim = identity
+    sal = torch.tensor([[1.0, 1.0], [1.0, 1.0]])  # identical: cos-sim = all ones
+    # diff = [[0, -1], [-1, 0]] -> squared Frobenius 2, over B^2 = 4
+    assert float(similarity_loss(feats, sal)) == pytest.approx(0.5)
+    assert float(similarity_loss(feats, feats.clone())) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_gradients_reach_the_gates():
+    model, _ = gated_model()
+    model.train()
+    set_gate_mode(model, "threshold")
+    boxes, logits = model(torch.rand(2, 3, 64, 64))
+    from dynprune.manidp import collect
+
+    sal, feats = collect(model.blocks)
+    loss = logits.sum() + boxes.mean() + sum(similarity_loss(f, s) for s, f in zip(sal, feats))
+    loss.backward()
+    gates = [g for b in model.blocks for g in (b.gate1, b.gate2)]
+    for g in gates:
+        assert g.fc2.bias.grad is not None and g.fc2.bias.grad.abs().sum() > 0
+        assert g.fc2.weight.grad.abs().sum() > 0
+    # fc1 learns through a ReLU: a gate whose hidden units are all inactive on this batch gets
+    # no gradient there, as in ManiDP; nearly every gate must get one.
+    live = sum(bool(g.fc1.weight.grad.abs().sum() > 0) for g in gates)
+    assert live >= 0.75 * len(gates)
+
+
+def test_remain_rate_schedule():
+    assert remain_rate(-1, 10, 0.5) == pytest.approx(1.0)
+    assert remain_rate(9, 10, 0.5) == pytest.approx(0.5)
+    rates = [remain_rate(e, 10, 0.5) for e in range(10)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+
+
+@pytest.mark.parametrize("remain", [0.25, 0.5, 0.75])
+def test_thresholds_keep_the_intended_fraction_on_the_training_set(remain):
+    model, _ = gated_model()
+    set_gate_mode(model, "threshold")
+    for gate in (m for m in model.modules() if isinstance(m, Gate)):
+        gate.fc2.weight.data.normal_(0, 0.5)
+    images = torch.rand(16, 3, 64, 64)
+    stats = SaliencyStats(model.blocks)
+    with torch.no_grad():
+        for chunk in images.split(4):
+            model(chunk)
+            stats.update(model.blocks)
+        stats.apply_thresholds(remain)
+        model(images)
+    for gate, total in zip(stats.gates, stats.sums):
+        mean = (total / stats.count).float()
+        kept_channels = int((mean >= gate.threshold).sum())
+        assert kept_channels == math.ceil(remain * gate.groups)
+    # And on the images themselves, the mean per-image kept fraction lands near the target.
+    fractions = []
+    for blk in model.blocks:
+        for m in blk.last["mask"]:
+            fractions.append(float((m > 0).float().mean()))
+    assert abs(sum(fractions) / len(fractions) - remain) < 0.15

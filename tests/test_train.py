@@ -1,0 +1,67 @@
+import torch
+
+from dynprune.checkpoint import load_checkpoint, model_from_checkpoint
+from dynprune.data import load_dataset
+from dynprune.model import build_detector
+from dynprune.train.engine import TrainConfig, Trainer
+from tests.conftest import tiny_config
+
+
+def _cfg(out, epochs):
+    return TrainConfig(epochs=epochs, batch=8, imgsz=64, lr=3e-3, workers=0, out=str(out), warmup_epochs=0.5,
+                       mosaic=0.0)
+
+
+@torch.no_grad()
+def _loss_on(model, records, imgsz=64):
+    """Mean detection loss over ``records`` without augmentation."""
+    from dynprune.data.dataset import DetectionDataset, collate
+    from dynprune.loss import DetectionLoss
+
+    model.eval()
+    images, targets, _ = collate([DetectionDataset(records, imgsz)[i] for i in range(len(records))])
+    boxes, logits = model(images)
+    points, strides = model.anchors((imgsz, imgsz), images.device, boxes.dtype)
+    return float(DetectionLoss(1)(boxes, logits, targets, points, strides)[0].mean())
+
+
+def test_short_training_lowers_the_loss(synthetic_yaml, tmp_path):
+    spec = load_dataset(synthetic_yaml)
+    torch.manual_seed(0)
+    model = build_detector(tiny_config())
+    spec.train = spec.train[:8]
+    before = _loss_on(model, spec.train)
+    cfg = _cfg(tmp_path / "run", 20)
+    cfg.batch, cfg.augment, cfg.lr, cfg.val_every = 4, False, 1e-2, 100
+    trainer = Trainer(model, spec, cfg, log=lambda *_: None)
+    trainer.fit()
+    after = _loss_on(trainer.model, spec.train)
+    assert after < 0.8 * before
+    for name in ("last.pt", "best.pt"):
+        model, ckpt = model_from_checkpoint(str(tmp_path / "run" / name))
+        assert ckpt["names"] == ["ring"] and ckpt["imgsz"] == 64
+    assert not list((tmp_path / "run").glob(".*"))  # no temporary files left behind
+
+
+def test_resume_continues_from_the_saved_epoch(synthetic_yaml, tmp_path):
+    spec = load_dataset(synthetic_yaml)
+    quiet = lambda *_: None  # noqa: E731
+    # A run of 3 epochs, "killed" after 2: train 2 epochs with epochs=3 by stopping early.
+    torch.manual_seed(0)
+    t = Trainer(build_detector(tiny_config()), spec, _cfg(tmp_path / "a", 3), log=quiet)
+    t.cfg.epochs = 2
+    t.fit()
+    assert load_checkpoint(tmp_path / "a" / "last.pt")["epoch"] == 1
+    resumed = Trainer(build_detector(tiny_config()), spec, _cfg(tmp_path / "a", 3), log=quiet)
+    resumed.resume(str(tmp_path / "a" / "last.pt"))
+    assert resumed.start_epoch == 2
+    hist = resumed.fit()["history"]
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    # The resumed run equals an uninterrupted one.
+    torch.manual_seed(0)
+    full = Trainer(build_detector(tiny_config()), spec, _cfg(tmp_path / "b", 3), log=quiet)
+    full.fit()
+    a = load_checkpoint(tmp_path / "a" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "b" / "last.pt")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
