@@ -67,6 +67,43 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_gate(args) -> int:
+    from dynprune.train.engine import TrainConfig
+    from dynprune.train.gate import train_gates
+
+    spec = _load_spec(args)
+    from dynprune.checkpoint import load_checkpoint
+
+    dense = load_checkpoint(args.weights)
+    cfg = TrainConfig(epochs=args.epochs, batch=args.batch, imgsz=_check_imgsz(args.imgsz or dense["imgsz"]),
+                      lr=args.lr, workers=args.workers, device=args.device, seed=args.seed, mosaic=args.mosaic,
+                      val_every=args.val_every, out=args.out, warmup_epochs=0.5,
+                      extra={"classes": args.classes, "single_class": args.single_class, "dense": args.weights})
+    result = train_gates(args.weights, spec, cfg, keep=args.keep, method=args.gate, group=args.group,
+                         resume=args.resume, sparsity=args.sparsity, similarity=args.similarity, beta=args.beta,
+                         complexity=not args.no_complexity)
+    print(f"done: best AP50-95 {result['best_ap50_95']:.4f}; gated weights in {args.out}/best.pt "
+          f"(dynprune val --weights {args.out}/best.pt --report {args.out}/report)")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    from dynprune.checkpoint import load_checkpoint
+    from dynprune.train.engine import TrainConfig
+    from dynprune.train.prune import prune_checkpoint
+
+    spec = _load_spec(args)
+    dense = load_checkpoint(args.weights)
+    cfg = TrainConfig(epochs=args.epochs, batch=args.batch, imgsz=_check_imgsz(args.imgsz or dense["imgsz"]),
+                      lr=args.lr, workers=args.workers, device=args.device, seed=args.seed, mosaic=args.mosaic,
+                      val_every=args.val_every, out=args.out, warmup_epochs=0.5)
+    res = prune_checkpoint(args.weights, spec, cfg, method=args.method, flops=args.flops, params=args.params,
+                           round_to=args.round_to, scope=args.scope)
+    print(json.dumps({k: v for k, v in res.items() if k != "hidden"}, indent=2) if args.json else
+          f"pruned model: {args.out}/best.pt ({res['flops_fraction']:.3f} of dense FLOPs, AP50 {res['ap50']:.4f})")
+    return 0
+
+
 def validate_checkpoint(weights: str, data: Optional[str] = None, imgsz: Optional[int] = None, batch: int = 8,
                         device: str = "auto", classes=None, single_class: bool = False,
                         report_dir: Optional[str] = None) -> dict:
@@ -157,6 +194,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/dense", help="run folder (last.pt, best.pt)")
     _add_train_args(p, epochs=60, lr=2e-3)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("gate", help="train ManiDP (or FBS) gates into a dense checkpoint")
+    p.add_argument("--weights", required=True, help="the dense checkpoint (from dynprune train)")
+    _add_data_args(p)
+    p.add_argument("--keep", type=float, default=0.5, help="target mean fraction of hidden channels kept")
+    p.add_argument("--gate", default="manidp", choices=["manidp", "fbs"],
+                   help="manidp: thresholds + complexity-weighted sparsity + similarity; fbs: top-k baseline")
+    p.add_argument("--group", type=int, default=1, help="gate channels in groups of 1, 8 or 16 (GPU tiles)")
+    p.add_argument("--sparsity", type=float, default=0.1, help="sparsity loss weight lambda' (ManiDP code: 0.1)")
+    p.add_argument("--similarity", type=float, default=0.1, help="similarity loss weight gamma (ManiDP code: 0.1)")
+    p.add_argument("--beta", type=float, default=1.0, help="complexity weight exponent (ManiDP code: 1.0)")
+    p.add_argument("--no-complexity", action="store_true", help="ablation: weight every image equally")
+    p.add_argument("--out", default="runs/gate")
+    _add_train_args(p, epochs=20, lr=5e-4)
+    p.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser("prune", help="static pruning (EFFP or a baseline) to a FLOPs/parameter target")
+    p.add_argument("--weights", required=True, help="the dense checkpoint (from dynprune train)")
+    _add_data_args(p)
+    p.add_argument("--method", default="effp", choices=["effp", "l1", "slim", "fmcluster"])
+    p.add_argument("--flops", type=float, default=0.5, help="target FLOPs as a fraction of dense")
+    p.add_argument("--params", type=float, default=None, help="target parameters as a fraction of dense")
+    p.add_argument("--round-to", type=int, default=8, help="kept widths are multiples of this (TensorRT likes 8)")
+    p.add_argument("--scope", default="global", choices=["global", "local"],
+                   help="l1: one global threshold, or the same ratio in every layer")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--out", default="runs/prune")
+    _add_train_args(p, epochs=20, lr=1e-3)
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("val", help="AP50, AP50-95, precision/recall, params, GFLOPs, latency of a checkpoint")
     p.add_argument("--weights", required=True, help="a checkpoint (best.pt, last.pt)")

@@ -36,6 +36,12 @@ def block_flops(block: Bottleneck, hw: int, n1: int, n2: int) -> int:
     return 2 * hw * (block.c * n1 + 9 * n1 * n2 + n2 * block.c)
 
 
+def block_params(block: Bottleneck, n1: int, n2: int) -> int:
+    """Parameters of a bottleneck's convolutions and BatchNorms with ``n1``/``n2`` hidden channels."""
+    c = block.c
+    return c * n1 + 2 * n1 + 9 * n1 * n2 + 2 * n2 + n2 * c + 2 * c
+
+
 def gate_flops(block: Bottleneck) -> int:
     total = 0
     for g in (block.gate1, block.gate2):
@@ -64,6 +70,9 @@ class CostModel:
                     m.mode = modes[id(m)]
         self.hw = self.hw[: len(self.blocks)]
         self.gates = sum(gate_flops(b) for b in self.blocks)
+        self.params = count_parameters(model)
+        self.gate_params = sum(p.numel() for b in self.blocks for g in (b.gate1, b.gate2) if g is not None
+                               for p in g.parameters())
         self.block_dense = [block_flops(b, hw, b.h1, b.h2) for b, hw in zip(self.blocks, self.hw)]
         # Everything that the gates cannot touch (stem, down-sampling, neck, head, and the
         # gates themselves when present).
@@ -85,6 +94,12 @@ class CostModel:
         """FLOPs of a statically pruned model with these hidden widths (no gates)."""
         return self.dense - self.gates - sum(self.block_dense) + sum(
             block_flops(b, hw, h1, h2) for b, hw, (h1, h2) in zip(self.blocks, self.hw, hidden)
+        )
+
+    def widths_params(self, hidden: Sequence[Sequence[int]]) -> int:
+        """Parameters of a statically pruned model with these hidden widths (no gates)."""
+        return self.params - self.gate_params - sum(block_params(b, b.h1, b.h2) for b in self.blocks) + sum(
+            block_params(b, h1, h2) for b, (h1, h2) in zip(self.blocks, hidden)
         )
 
     def summary(self) -> Dict[str, float]:

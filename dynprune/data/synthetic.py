@@ -15,7 +15,7 @@ from typing import List, Tuple
 import numpy as np
 
 CLASS_NAME = "ring"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 def _color(rng: np.random.Generator) -> Tuple[int, int, int]:
@@ -81,7 +81,7 @@ def render_scene(
     boxes: List[List[float]] = []
     f = height / 320  # radii are designed for 320-pixel scenes
     max_r = min((20 + 80 * (1 - d)) * f, min(width, height) / 2 - 1)
-    min_r = min((5 + 20 * (1 - d)) * f, max_r)
+    min_r = min((8 + 17 * (1 - d)) * f, max_r)  # >= 16 px across: a nano model at 256-320 px sees it
     for _ in range(n):
         for _attempt in range(10):
             r = float(rng.uniform(min_r, max_r))
