@@ -80,6 +80,7 @@ def test_regrowing_restores_the_saved_weights(synthetic_yaml, tmp_path):
     assert any(z.any() for pair in zeroed for z in pair)
     for b, (z1, z2) in zip(trainer.model.blocks, zeroed):
         assert torch.all(b.cv1.conv.weight[z1] == 0) and torch.all(b.cv1.bn.weight[z1] == 0)
+        assert torch.all(b.cv2.conv.weight[z2] == 0) and torch.all(b.cv2.bn.bias[z2] == 0)
     trainer.prune_step(step=0)  # start of the window: every prunable filter regrown
     for b, (w1, w2), (z1, z2) in zip(trainer.model.blocks, before, zeroed):
         torch.testing.assert_close(b.cv1.conv.weight[z1], w1[z1])
