@@ -64,6 +64,29 @@ class CompactBottleneck(nn.Module):
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 
 
+class TritonCompactBottleneck(CompactBottleneck):
+    """The same block on the GPU with no host synchronisation: index lists and kept counts are
+    built and consumed on the device, buffers are full width, and each convolution is one Triton
+    launch with BN bias, SiLU, the saliency scale and (last) the residual add fused in."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from dynprune.kernels.gather_conv import gather_conv2d_triton
+        from dynprune.kernels.reference import build_keep_index
+
+        pooled = x.mean((2, 3))
+        _, m1 = self.gate1(pooled)
+        _, m2 = self.gate2(pooled)
+        i1, c1 = build_keep_index(m1)
+        i2, c2 = build_keep_index(m2)
+        s1 = torch.gather(m1, 1, i1.long()).to(x.dtype)  # saliency scale in slot order
+        s2 = torch.gather(m2, 1, i2.long()).to(x.dtype)
+        y = gather_conv2d_triton(x, self.w1, self.b1, None, None, i1, c1, act="silu", scale=s1)
+        y = gather_conv2d_triton(y, self.w2, self.b2, i1, c1, i2, c2, padding=1, act="silu", scale=s2)
+        out = gather_conv2d_triton(y, self.w3, self.b3, i2, c2, None, None, residual=x)
+        self.last_kept = torch.stack((c1, c2), 1)  # stays on the device
+        return out
+
+
 class CompactDetector(nn.Module):
     """A gated :class:`Detector` whose gated blocks run on compact activations.
 
@@ -71,16 +94,21 @@ class CompactDetector(nn.Module):
     kept channels of the last call.
     """
 
-    def __init__(self, model: Detector) -> None:
+    def __init__(self, model: Detector, backend: str = "auto", device: torch.device | str | None = None) -> None:
         super().__init__()
+        from dynprune.kernels.dispatch import select_backend
+
         if not model.gated:
             raise ValueError("CompactDetector needs a gated model (dynprune gate)")
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.backend, self.backend_reason = select_backend(device, backend)
+        block_cls = TritonCompactBottleneck if self.backend == "triton" else CompactBottleneck
         net = copy.deepcopy(model).eval()
         # Swap every gated bottleneck for its compact twin, then fold the remaining BNs.
         for _, module in list(net.named_modules()):
             for child_name, child in list(module.named_children()):
                 if isinstance(child, Bottleneck) and child.gated:
-                    setattr(module, child_name, CompactBottleneck(child))
+                    setattr(module, child_name, block_cls(child))
         self.net = fuse_conv_bn(net)
         self.blocks = [m for m in self.net.modules() if isinstance(m, CompactBottleneck)]
 
@@ -88,6 +116,7 @@ class CompactDetector(nn.Module):
         return self.net(x)
 
     def kept_counts(self) -> torch.Tensor:
+        """``(B, blocks, 2)`` kept hidden channels of the last call (on the device for Triton)."""
         return torch.stack([b.last_kept for b in self.blocks], 1)
 
 

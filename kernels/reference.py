@@ -137,6 +137,32 @@ def gather_conv2d_padded(
     return out
 
 
+def gather_depthwise_conv2d_padded(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    index: Optional[torch.Tensor],
+    count: Optional[torch.Tensor],
+    stride: int = 1,
+    padding: int = 1,
+    act: Optional[str] = None,
+    scale: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Fixed-shape contract of the Triton depthwise kernel (compact in and out, one index list)."""
+    b_sz, c, h, w = x.shape
+    k = weight.shape[-1]
+    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    if out is None:
+        out = x.new_zeros(b_sz, c, ho, wo)
+    for b in range(b_sz):
+        n = int(count[b]) if count is not None else c
+        idx = index[b, :n].long() if index is not None else None
+        s = scale[b : b + 1, :n] if scale is not None else None
+        out[b, :n] = gather_depthwise_conv2d(x[b : b + 1, :n], weight, bias, idx, stride, padding, act, s)[0]
+    return out
+
+
 def build_keep_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image kept-channel lists without a host sync: ``(index (B, C) int32, count (B,) int32)``.
 

@@ -1,0 +1,231 @@
+"""Triton gather convolutions: implicit GEMM over the kept channels only.
+
+Structure after PyTorch Inductor's Triton convolution template (torch/_inductor/kernel/
+conv.py): one program computes a BLOCK_M (output pixels) x BLOCK_N (output channels) tile,
+looping over the kernel window and the input channels. Here the input-channel range is a
+*loaded index list*: the loop runs over the ``in_count[b]`` kept channels of image ``b``
+only, reading their compact planes and the matching columns of the full weight tensor
+(never copied per frame). Output tiles past ``out_count[b]`` return at once, so the grid
+is sized for the full width and no count ever travels to the host: the whole dynamic
+forward captures into one CUDA graph.
+
+Epilogue: folded-BN bias, SiLU, the gate's saliency scale, and (for a block's output
+projection) the residual add into the full-width stream.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _gather_conv_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, scale_ptr, res_ptr,
+    in_idx_ptr, in_cnt_ptr, out_idx_ptr, out_cnt_ptr,
+    C_IN_FULL, C_OUT_FULL, H, W, HO, WO,
+    sxb, sxc, sxh, sxw,
+    swo, swi, swh, sww,
+    sob, soc, soh, sow,
+    srb, src, srh, srw,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, K: tl.constexpr,
+    IN_DENSE: tl.constexpr, OUT_DENSE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    b = tl.program_id(2)
+    if OUT_DENSE:
+        n_out = C_OUT_FULL
+    else:
+        n_out = tl.load(out_cnt_ptr + b)
+    if pid_n * BLOCK_N >= n_out:
+        return  # a tile past the kept count: nothing to do, no host ever needed to know
+    if IN_DENSE:
+        n_in = C_IN_FULL
+    else:
+        n_in = tl.load(in_cnt_ptr + b)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output slots
+    m_ok = offs_m < HO * WO
+    n_ok = offs_n < n_out
+    oh = offs_m // WO
+    ow = offs_m % WO
+    if OUT_DENSE:
+        oc = offs_n
+    else:
+        oc = tl.load(out_idx_ptr + b * C_OUT_FULL + offs_n, mask=n_ok, other=0)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kh in tl.static_range(K):
+        for kw in tl.static_range(K):
+            ih = oh * STRIDE - PAD + kh
+            iw = ow * STRIDE - PAD + kw
+            pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            for k0 in range(0, n_in, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)  # input slots
+                k_ok = offs_k < n_in
+                if IN_DENSE:
+                    ic = offs_k
+                else:
+                    ic = tl.load(in_idx_ptr + b * C_IN_FULL + offs_k, mask=k_ok, other=0)
+                a = tl.load(x_ptr + b * sxb + offs_k[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
+                            mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+                wt = tl.load(w_ptr + oc[None, :] * swo + ic[:, None] * swi + kh * swh + kw * sww,
+                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                acc += tl.dot(a, wt)
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + oc, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if ACT == 1:
+        acc = acc * tl.sigmoid(acc)  # SiLU
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + b * C_OUT_FULL + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if HAS_RES:
+        acc += tl.load(res_ptr + b * srb + oc[None, :] * src + oh[:, None] * srh + ow[:, None] * srw,
+                       mask=mask, other=0.0).to(tl.float32)
+    if OUT_DENSE:
+        out_c = oc
+    else:
+        out_c = offs_n  # compact output: kept channels packed in slot order
+    tl.store(out_ptr + b * sob + out_c[None, :] * soc + oh[:, None] * soh + ow[:, None] * sow,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gather_dwconv_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, scale_ptr, idx_ptr, cnt_ptr,
+    C_FULL, H, W, HO, WO,
+    sxb, sxc, sxh, sxw, sob, soc, soh, sow,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, K: tl.constexpr, DENSE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b = tl.program_id(2)
+    if DENSE:
+        n = C_FULL
+    else:
+        n = tl.load(cnt_ptr + b)
+    if pid_c * BLOCK_C >= n:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    m_ok = offs_m < HO * WO
+    c_ok = offs_c < n
+    oh = offs_m // WO
+    ow = offs_m % WO
+    if DENSE:
+        ch = offs_c
+    else:
+        ch = tl.load(idx_ptr + b * C_FULL + offs_c, mask=c_ok, other=0)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for kh in tl.static_range(K):
+        for kw in tl.static_range(K):
+            ih = oh * STRIDE - PAD + kh
+            iw = ow * STRIDE - PAD + kw
+            pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a = tl.load(x_ptr + b * sxb + offs_c[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
+                        mask=pix_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            wt = tl.load(w_ptr + ch * (K * K) + kh * K + kw, mask=c_ok, other=0.0).to(tl.float32)
+            acc += a * wt[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + ch, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    if ACT == 1:
+        acc = acc * tl.sigmoid(acc)
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + b * C_FULL + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + b * sob + offs_c[None, :] * soc + oh[:, None] * soh + ow[:, None] * sow,
+             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
+
+
+_ACTS = {None: 0, "silu": 1}
+
+
+def _check_act(act: Optional[str]) -> int:
+    if act not in _ACTS:
+        raise ValueError(f"Triton gather conv supports activations {list(_ACTS)}, got {act!r}")
+    return _ACTS[act]
+
+
+def gather_conv2d_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    in_index: Optional[torch.Tensor],
+    in_count: Optional[torch.Tensor],
+    out_index: Optional[torch.Tensor],
+    out_count: Optional[torch.Tensor],
+    stride: int = 1,
+    padding: int = 0,
+    act: Optional[str] = None,
+    scale: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    block_m: int = 64,
+    block_n: int = 32,
+    block_k: int = 32,
+) -> torch.Tensor:
+    """Same contract as :func:`dynprune.kernels.reference.gather_conv2d_padded`, in one launch."""
+    b_sz, c_in_full, h, w = x.shape
+    c_out, _, k, _ = weight.shape
+    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    if out is None:
+        out = torch.empty(b_sz, c_out, ho, wo, device=x.device, dtype=x.dtype)
+    if residual is not None and out_index is not None:
+        raise ValueError("the residual epilogue writes full width: pass out_index=None")
+    in_dense, out_dense = in_index is None, out_index is None
+    dummy = weight  # any tensor, for pointer arguments a constexpr flag disables
+    res = residual if residual is not None else out
+    grid = (triton.cdiv(ho * wo, block_m), triton.cdiv(c_out, block_n), b_sz)
+    _gather_conv_kernel[grid](
+        x, weight, bias if bias is not None else dummy, out, scale if scale is not None else dummy, res,
+        in_index if not in_dense else dummy, in_count if not in_dense else dummy,
+        out_index if not out_dense else dummy, out_count if not out_dense else dummy,
+        c_in_full if not in_dense else weight.shape[1], c_out, h, w, ho, wo,
+        *x.stride(), *weight.stride(), *out.stride(), *res.stride(),
+        STRIDE=stride, PAD=padding, K=k, IN_DENSE=in_dense, OUT_DENSE=out_dense,
+        HAS_BIAS=bias is not None, ACT=_check_act(act), HAS_SCALE=scale is not None,
+        HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+    )
+    return out
+
+
+def gather_depthwise_conv2d_triton(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    index: Optional[torch.Tensor],
+    count: Optional[torch.Tensor],
+    stride: int = 1,
+    padding: int = 1,
+    act: Optional[str] = None,
+    scale: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+    block_m: int = 64,
+    block_c: int = 32,
+) -> torch.Tensor:
+    """Depthwise convolution over the kept channels (compact in, compact out, same index list)."""
+    b_sz, c_full, h, w = x.shape
+    k = weight.shape[-1]
+    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    if out is None:
+        out = torch.empty(b_sz, c_full, ho, wo, device=x.device, dtype=x.dtype)
+    dense = index is None
+    dummy = weight
+    grid = (triton.cdiv(ho * wo, block_m), triton.cdiv(c_full, block_c), b_sz)
+    _gather_dwconv_kernel[grid](
+        x, weight, bias if bias is not None else dummy, out, scale if scale is not None else dummy,
+        index if not dense else dummy, count if not dense else dummy,
+        c_full, h, w, ho, wo, *x.stride(), *out.stride(),
+        STRIDE=stride, PAD=padding, K=k, DENSE=dense, HAS_BIAS=bias is not None, ACT=_check_act(act),
+        HAS_SCALE=scale is not None, BLOCK_M=block_m, BLOCK_C=block_c,
+    )
+    return out

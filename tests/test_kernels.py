@@ -1,0 +1,187 @@
+"""Triton gather convolutions against their PyTorch references (TRITON_INTERPRET=1 on the CPU)."""
+
+import os
+
+import pytest
+import torch
+
+from dynprune.kernels.reference import (
+    build_keep_index,
+    gather_conv2d,
+    gather_conv2d_padded,
+    gather_depthwise_conv2d_padded,
+)
+
+triton = pytest.importorskip("triton", reason="Triton is not installed")
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
+
+from dynprune.kernels.gather_conv import gather_conv2d_triton, gather_depthwise_conv2d_triton  # noqa: E402
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def masks_with_counts(b, c, counts, gen):
+    """Boolean masks of width ``c`` with exactly ``counts[i]`` kept channels, at random places."""
+    m = torch.zeros(b, c, dtype=torch.bool)
+    for i, n in enumerate(counts):
+        m[i, torch.randperm(c, generator=gen)[:n]] = True
+    return m
+
+
+def check(out, ref, counts, atol, rtol=0.0):
+    for i, n in enumerate(counts):
+        assert not torch.isnan(out[i, :n]).any(), "an element that must be written was not"
+        torch.testing.assert_close(out[i, :n].float().cpu(), ref[i, :n].float().cpu(), atol=atol, rtol=rtol)
+
+
+CASES = [
+    # (C_in, C_out, H, W, k, stride, pad, in_counts, out_counts)
+    (12, 10, 7, 9, 3, 1, 1, [5, 12], [9, 1]),
+    (12, 10, 7, 9, 3, 2, 1, [0, 3], [10, 4]),  # stride 2, an image with no input channel
+    (33, 17, 5, 6, 1, 1, 0, [33, 1], [0, 17]),  # odd sizes, an image with no output channel
+    (8, 40, 11, 3, 3, 2, 1, [8, 7], [40, 39]),  # more than one output tile
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("act,with_scale", [("silu", True), (None, False)])
+def test_gather_conv_matches_reference(case, act, with_scale):
+    c_in, c_out, h, w, k, stride, pad, in_counts, out_counts = case
+    g = torch.Generator().manual_seed(sum(case[:5]))
+    b = len(in_counts)
+    x = torch.randn(b, c_in, h, w, generator=g)
+    weight = torch.randn(c_out, c_in, k, k, generator=g)
+    bias = torch.randn(c_out, generator=g)
+    ii, ic = build_keep_index(masks_with_counts(b, c_in, in_counts, g).float())
+    oi, oc = build_keep_index(masks_with_counts(b, c_out, out_counts, g).float())
+    scale = torch.rand(b, c_out, generator=g) if with_scale else None
+    ref = gather_conv2d_padded(x, weight, bias, ii, ic, oi, oc, stride, pad, act, scale)
+    out = torch.full_like(ref, float("nan"), device=DEVICE)
+    args = [t.to(DEVICE) if t is not None else None for t in (x, weight, bias, ii, ic, oi, oc)]
+    gather_conv2d_triton(*args, stride, pad, act, scale.to(DEVICE) if scale is not None else None, out=out)
+    check(out, ref, out_counts, atol=1e-4, rtol=1e-4)
+    for i, n in enumerate(out_counts):  # the padding tail is never touched
+        assert torch.isnan(out[i, n:]).all()
+
+
+def test_dense_output_with_residual_epilogue():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 16, 6, 6, generator=g)
+    weight = torch.randn(24, 16, 1, 1, generator=g)
+    bias = torch.randn(24, generator=g)
+    res = torch.randn(2, 24, 6, 6, generator=g)
+    ii, ic = build_keep_index(masks_with_counts(2, 16, [4, 0], g).float())
+    ref = gather_conv2d_padded(x, weight, bias, ii, ic, None, None, residual=res)
+    out = torch.full((2, 24, 6, 6), float("nan"), device=DEVICE)
+    gather_conv2d_triton(x.to(DEVICE), weight.to(DEVICE), bias.to(DEVICE), ii.to(DEVICE), ic.to(DEVICE), None,
+                         None, residual=res.to(DEVICE), out=out)
+    check(out, ref, [24, 24], atol=1e-4, rtol=1e-4)
+    # An image that keeps nothing reduces the block to its shortcut plus the bias.
+    torch.testing.assert_close(out[1].cpu(), res[1] + bias.view(-1, 1, 1))
+
+
+def test_dense_input_compact_output_matches_index_select_path():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 8, 5, 5, generator=g)
+    weight = torch.randn(12, 8, 3, 3, generator=g)
+    oi, oc = build_keep_index(masks_with_counts(1, 12, [5], g).float())
+    out = torch.full((1, 12, 5, 5), float("nan"), device=DEVICE)
+    gather_conv2d_triton(x.to(DEVICE), weight.to(DEVICE), None, None, None, oi.to(DEVICE), oc.to(DEVICE),
+                         padding=1, out=out)
+    ref = gather_conv2d(x, weight, None, None, oi[0, :5].long(), padding=1)
+    torch.testing.assert_close(out[0, :5].cpu(), ref[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="fp16 tensor-core path needs a GPU (the interpreter computes in fp32)")
+def test_fp16_relative_error():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 64, 40, 40, generator=g)
+    weight = torch.randn(64, 64, 3, 3, generator=g) / 24
+    ii, ic = build_keep_index(masks_with_counts(2, 64, [32, 64], g).float())
+    oi, oc = build_keep_index(masks_with_counts(2, 64, [32, 17], g).float())
+    ref = gather_conv2d_padded(x.double(), weight.double(), None, ii, ic, oi, oc, padding=1)
+    out = gather_conv2d_triton(x.half().cuda(), weight.half().cuda(), None, ii.cuda(), ic.cuda(), oi.cuda(),
+                               oc.cuda(), padding=1)
+    for i, n in enumerate([32, 17]):
+        err = (out[i, :n].double().cpu() - ref[i, :n]).norm() / ref[i, :n].norm()
+        assert err < 1e-3
+
+
+@pytest.mark.parametrize("counts,stride", [([0, 5, 16], 1), ([16, 1, 9], 2)])
+def test_depthwise_matches_reference(counts, stride):
+    g = torch.Generator().manual_seed(6)
+    b = len(counts)
+    x = torch.randn(b, 16, 7, 9, generator=g)
+    weight = torch.randn(16, 1, 3, 3, generator=g)
+    bias = torch.randn(16, generator=g)
+    idx, cnt = build_keep_index(masks_with_counts(b, 16, counts, g).float())
+    scale = torch.rand(b, 16, generator=g)
+    ref = gather_depthwise_conv2d_padded(x, weight, bias, idx, cnt, stride, 1, "silu", scale)
+    out = torch.full_like(ref, float("nan"), device=DEVICE)
+    gather_depthwise_conv2d_triton(x.to(DEVICE), weight.to(DEVICE), bias.to(DEVICE), idx.to(DEVICE),
+                                   cnt.to(DEVICE), stride, 1, "silu", scale.to(DEVICE), out=out)
+    check(out, ref, counts, atol=1e-4, rtol=1e-4)
+
+
+def test_build_keep_index_without_host_sync():
+    mask = torch.tensor([[0.0, 0.5, 0.0, 2.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    index, count = build_keep_index(mask)
+    assert count.tolist() == [2, 0, 4] and index.dtype == torch.int32
+    assert index[0, :2].tolist() == [1, 3] and index[2].tolist() == [0, 1, 2, 3]
+
+
+def test_triton_engine_equals_the_pytorch_engine():
+    """The whole dynamic detector through the Triton blocks equals the PyTorch gather path."""
+    from dynprune.compact import CompactDetector
+    from dynprune.model import build_detector
+    from tests.conftest import randomize_bn, tiny_config
+    from tests.test_gates import _random_gates
+
+    torch.manual_seed(0)
+    model = build_detector(tiny_config(widths=(8, 16, 24, 16)))
+    randomize_bn(model)
+    model.add_gates()
+    model.eval()
+    _random_gates(model, 0)
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = CompactDetector(model, backend="torch")(x)
+        tri = CompactDetector(model, backend="triton", device=DEVICE)
+        assert tri.backend == "triton", tri.backend_reason
+        out = tri.to(DEVICE)(x.to(DEVICE))
+    torch.testing.assert_close(out[0].cpu(), ref[0], atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(out[1].cpu(), ref[1], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
+def test_dynamic_forward_captures_in_one_cuda_graph_and_replays_new_kept_sets():
+    from dynprune.compact import CompactDetector
+    from dynprune.model import build_detector
+    from tests.conftest import tiny_config
+    from tests.test_gates import _random_gates
+
+    torch.manual_seed(0)
+    model = build_detector(tiny_config(widths=(8, 16, 24, 16)))
+    model.add_gates()
+    model.eval()
+    _random_gates(model, 1, empty_every=100)
+    eng = CompactDetector(model, backend="triton", device="cuda").cuda()
+    static_x = torch.rand(1, 3, 64, 64, device="cuda")
+    with torch.no_grad():
+        for _ in range(3):
+            eng(static_x)  # warm-up compiles the kernels
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = eng(static_x)
+            static_kept = eng.kept_counts()
+        kept_sets = set()
+        for seed in range(4):
+            frame = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * (seed + 1) / 4
+            static_x.copy_(frame.cuda())
+            graph.replay()
+            ref = CompactDetector(model, backend="torch")(frame)
+            torch.testing.assert_close(static_out[1].cpu(), ref[1], atol=1e-3, rtol=1e-3)
+            kept_sets.add(tuple(static_kept.flatten().tolist()))
+        assert len(kept_sets) > 1  # different frames, different kept sets, same graph
