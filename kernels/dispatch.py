@@ -24,7 +24,7 @@ def select_backend(device: torch.device | str, requested: str = "auto") -> Tuple
         import triton  # noqa: F401
     except ImportError:
         if requested == "triton":
-            raise RuntimeError("backend 'triton' requested but Triton is not installed (pip install triton)")
+            raise RuntimeError("backend 'triton' requested but Triton is not installed (pip install triton)") from None
         return "torch", "PyTorch gather path: Triton is not installed"
     if device.type != "cuda":
         if requested == "triton" and interpret:
