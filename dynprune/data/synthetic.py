@@ -15,7 +15,7 @@ from typing import List, Tuple
 import numpy as np
 
 CLASS_NAME = "ring"
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 
 def _color(rng: np.random.Generator) -> Tuple[int, int, int]:
@@ -81,7 +81,7 @@ def render_scene(
     boxes: List[List[float]] = []
     f = height / 320  # radii are designed for 320-pixel scenes
     max_r = min((20 + 80 * (1 - d)) * f, min(width, height) / 2 - 1)
-    min_r = min((8 + 17 * (1 - d)) * f, max_r)  # >= 16 px across: a nano model at 256-320 px sees it
+    min_r = min((12 + 13 * (1 - d)) * f, max_r)  # >= 24 px across at 320: >= 15 px after a 256 letterbox
     for _ in range(n):
         for _attempt in range(10):
             r = float(rng.uniform(min_r, max_r))
