@@ -104,6 +104,48 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from dynprune.serve.bundle import export_bundle
+
+    meta = export_bundle(args.o, dynamic=args.dynamic, static=args.static, dense=args.dense, conf=args.conf,
+                         iou=args.iou)
+    print(f"bundle {args.o}: engines {sorted(meta['engines'])}, classes {meta['names']}, {meta['imgsz']} px")
+    for name, e in meta["engines"].items():
+        ap = f"AP50-95 {e['ap50_95']:.4f}" if "ap50_95" in e else "AP unknown"
+        print(f"  {name:<8} {e['file']:<12} {e['gflops']:.3f} GFLOPs dense-equivalent, {ap}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from dynprune.serve.bench import run_bench
+
+    if not (args.source or args.data):
+        raise SystemExit("dynprune bench: give --source (video, camera, images) or --data (labelled, adds AP)")
+    res = run_bench(args.bundle, args.source, args.data, args.frames, args.engines, args.out, args.device,
+                    args.backend)
+    print(f"written: {args.out}/bench.json, bench.csv, latency_vs_keep.png")
+    return 0 if res["rows"] else 1
+
+
+def cmd_serve(args) -> int:
+    import logging
+
+    from dynprune.serve.app import ServeOptions, serve
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    opts = ServeOptions(engine=args.engine, device=args.device, backend=args.backend, precision=args.precision,
+                        max_frames=args.frames, loop=args.loop, json=args.json, save=args.save, show=args.show,
+                        http=args.http, host=args.host, route_by_keep=args.route_by_keep)
+    res = serve(args.bundle, args.source, opts)
+    import sys as _sys
+
+    out = _sys.stderr if args.json == "-" else _sys.stdout
+    print(f"served {res['frames']} frames in {res['wall_s']:.1f}s ({res['fps']:.1f} FPS); engines used "
+          f"{res['frames_by_engine']}; switches {len(res['switches'])}; reconnects {res['reconnects']}", file=out)
+    return 0
+
+
 def validate_checkpoint(weights: str, data: Optional[str] = None, imgsz: Optional[int] = None, batch: int = 8,
                         device: str = "auto", classes=None, single_class: bool = False,
                         report_dir: Optional[str] = None) -> dict:
@@ -224,6 +266,46 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p, epochs=20, lr=1e-3)
     p.set_defaults(func=cmd_prune)
 
+    p = sub.add_parser("export", help="a deployable bundle: dynamic, static (ONNX) and dense engines + metadata")
+    p.add_argument("--dynamic", help="gated checkpoint (dynprune gate)")
+    p.add_argument("--static", help="pruned checkpoint (dynprune prune)")
+    p.add_argument("--dense", help="dense checkpoint (default: the one the gates were trained into)")
+    p.add_argument("-o", required=True, metavar="DIR", help="bundle folder to write")
+    p.add_argument("--conf", type=float, default=0.25, help="score threshold recorded for serving")
+    p.add_argument("--iou", type=float, default=0.6, help="NMS IoU threshold recorded for serving")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("bench", help="dense vs static vs dynamic FPS, latency, keep ratio and AP on the same frames")
+    p.add_argument("bundle", help="a bundle folder (dynprune export)")
+    p.add_argument("--source", help="frames: video file, camera, folder or glob of images, stream URI")
+    p.add_argument("--data", help="a labelled dataset: its val images are the frames, and AP is reported")
+    p.add_argument("--frames", type=int, default=200)
+    p.add_argument("--engines", nargs="+", choices=["dense", "static", "dynamic"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="dynamic engine kernels")
+    p.add_argument("--out", default="runs/bench")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="run a camera or stream through the fastest engine that holds the AP bar")
+    p.add_argument("bundle", help="a bundle folder (dynprune export)")
+    p.add_argument("--source", required=True,
+                   help="csi://0, /dev/video0, 0, file.mp4, folder/, 'imgs/*.jpg', rtsp://..., or a GStreamer pipeline")
+    p.add_argument("--engine", default="auto", choices=["auto", "dense", "static", "dynamic"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--precision", default="fp16", choices=["fp16", "int8", "fp32"], help="TensorRT plan precision")
+    p.add_argument("--frames", type=int, help="stop after N frames")
+    p.add_argument("--loop", action="store_true", help="loop a file or folder source")
+    p.add_argument("--json", metavar="FILE", help="detections as JSON lines ('-' for stdout)")
+    p.add_argument("--save", metavar="OUT.mp4", help="annotated video (finalised on Ctrl-C)")
+    p.add_argument("--show", action="store_true", help="a window (needs a display and OpenCV with GUI)")
+    p.add_argument("--http", type=int, metavar="PORT", help="live preview, /stats and /metrics on this port")
+    p.add_argument("--host", default="127.0.0.1", help="address the preview binds to")
+    p.add_argument("--route-by-keep", action="store_true",
+                   help="send a frame to the static engine when the gates' keep ratio is above break-even")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("val", help="AP50, AP50-95, precision/recall, params, GFLOPs, latency of a checkpoint")
     p.add_argument("--weights", required=True, help="a checkpoint (best.pt, last.pt)")
     _add_data_args(p, required=False)
@@ -245,10 +327,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 0
     from dynprune.data import DatasetError
+    from dynprune.serve.sources import SourceError
 
     try:
         return int(args.func(args) or 0)
-    except (DatasetError, FileNotFoundError, ValueError) as e:
+    except (DatasetError, SourceError, FileNotFoundError, ValueError) as e:
         print(f"dynprune {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

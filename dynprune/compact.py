@@ -16,6 +16,7 @@ rounding; the tests check it.
 from __future__ import annotations
 
 import copy
+import time
 from typing import List, Optional
 
 import torch
@@ -44,11 +45,16 @@ class CompactBottleneck(nn.Module):
             self.register_buffer(f"b{name}", b)
         # (B, 2) kept counts of the last forward pass, for per-frame accounting.
         self.last_kept: Optional[torch.Tensor] = None
+        self.profile = False  # time the gates (serving reports them apart from the network)
+        self.gate_ms = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter() if self.profile else 0.0
         pooled = x.mean((2, 3))
         _, m1 = self.gate1(pooled)
         _, m2 = self.gate2(pooled)
+        if self.profile:
+            self.gate_ms += (time.perf_counter() - t0) * 1e3
         outs: List[torch.Tensor] = []
         kept = []
         for i in range(x.shape[0]):  # each image keeps its own channel set

@@ -1,0 +1,1 @@
+"""The runtime: frame sources, engines (dense, static, dynamic), the fallback policy, outputs."""

@@ -1,0 +1,165 @@
+"""``dynprune bench``: dense, static and dynamic engines on the same frames, side by side.
+
+For each engine: FPS, p50/p95 latency (pre-process to post-process), mean and p95 keep ratio,
+GFLOPs per frame, and AP when the frames come from a labelled dataset. Writes
+``bench.json``, ``bench.csv`` and ``latency_vs_keep.png`` (per-frame latency against keep
+ratio, with the dynamic/static break-even point marked).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from dynprune.serve.bundle import load_bundle
+from dynprune.serve.engines import load_engines, pick_device
+
+COLUMNS = ["engine", "fps", "p50_ms", "p95_ms", "keep_mean", "keep_p95", "gflops", "ap50", "ap50_95"]
+
+
+def load_frames(source: Optional[str], data: Optional[str], frames: int):
+    """``(images, records or None, names)``: a labelled dataset's val split, or frames of a source."""
+    if data:
+        from dynprune.data import load_dataset
+        from dynprune.data.transforms import read_image
+
+        spec = load_dataset(data)
+        records = spec.val[:frames] if frames else spec.val
+        return [read_image(r.path) for r in records], records, spec.names
+    from dynprune.serve.sources import iterate, open_source
+
+    src = open_source(source)
+    try:
+        images = [f.image for f in iterate(src, frames or None)]
+    finally:
+        src.close()
+    if not images:
+        raise ValueError(f"{source}: gave no frames")
+    return images, None, None
+
+
+def break_even(keep: np.ndarray, ms: np.ndarray, static_ms: float) -> Optional[float]:
+    """Keep ratio where the dynamic engine's fitted latency equals the static engine's median."""
+    if len(keep) < 3 or np.ptp(keep) < 1e-3:
+        return None
+    slope, intercept = np.polyfit(keep, ms, 1)
+    if slope <= 0:
+        return None
+    return float((static_ms - intercept) / slope)
+
+
+def run_bench(bundle_dir: str, source: Optional[str] = None, data: Optional[str] = None, frames: int = 200,
+              engines: Optional[List[str]] = None, out: str = "runs/bench", device: str = "auto",
+              backend: str = "auto", warmup: int = 5, log=print) -> Dict[str, Any]:
+    bundle = load_bundle(bundle_dir)
+    dev = pick_device(device)
+    which = engines or list(bundle["engines"])
+    loaded = load_engines(bundle, which, dev, backend)
+    images, records, names = load_frames(source, data, frames)
+    rows, per_frame = [], {}
+    for name, eng in loaded.items():
+        with torch.inference_mode():
+            for img in images[:warmup]:
+                eng(img)
+            lat, keep, gflops, preds, stages = [], [], [], [], []
+            t0 = time.perf_counter()
+            for img in images:
+                r = eng(img)
+                lat.append(r.total_ms)
+                stages.append(r.timings)
+                if r.keep_ratio is not None:
+                    keep.append(r.keep_ratio)
+                if r.gflops is not None:
+                    gflops.append(r.gflops)
+                preds.append({"boxes": r.boxes, "scores": r.scores, "labels": r.labels})
+            wall = time.perf_counter() - t0
+        row: Dict[str, Any] = {
+            "engine": name, "fps": len(images) / wall, "p50_ms": float(np.median(lat)),
+            "p95_ms": float(np.percentile(lat, 95)),
+            "keep_mean": float(np.mean(keep)) if keep else None,
+            "keep_p95": float(np.percentile(keep, 95)) if keep else None,
+            "gflops": float(np.mean(gflops)) if gflops else None, "ap50": None, "ap50_95": None,
+            "stages_ms": {k: float(np.mean([s[k] for s in stages])) for k in stages[0]},
+            "description": eng.description,
+        }
+        if records is not None:
+            from dynprune.metrics import evaluate_detections
+
+            # AP needs low-score detections too: re-run NMS output at conf 0.001 for the metric.
+            eng_conf = eng.conf
+            eng.conf = 0.001
+            with torch.inference_mode():
+                low = [eng(img) for img in images]
+            eng.conf = eng_conf
+            m = evaluate_detections([{"boxes": r.boxes, "scores": r.scores, "labels": r.labels} for r in low],
+                                    records, names)
+            row["ap50"], row["ap50_95"] = m["ap50"], m["ap50_95"]
+        rows.append(row)
+        per_frame[name] = {"latency_ms": lat, "keep": keep}
+    be = None
+    if "dynamic" in per_frame and "static" in per_frame:
+        static_p50 = next(r["p50_ms"] for r in rows if r["engine"] == "static")
+        be = break_even(np.array(per_frame["dynamic"]["keep"]), np.array(per_frame["dynamic"]["latency_ms"]),
+                        static_p50)
+    out_p = Path(out)
+    out_p.mkdir(parents=True, exist_ok=True)
+    result = {"bundle": bundle_dir, "source": source or data, "frames": len(images), "device": str(dev),
+              "threads": torch.get_num_threads(), "imgsz": bundle["imgsz"], "rows": rows, "break_even_keep": be,
+              "per_frame": per_frame}
+    (out_p / "bench.json").write_text(json.dumps(result, indent=2))
+    with open(out_p / "bench.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+    plot_latency_vs_keep(per_frame, rows, be, str(out_p / "latency_vs_keep.png"))
+    log(format_table(result))
+    return result
+
+
+def format_table(result: Dict[str, Any]) -> str:
+    def f(v, fmt):
+        return format(v, fmt) if v is not None else "-"
+
+    lines = [f"{result['frames']} frames from {result['source']}, {result['imgsz']} px, batch 1, "
+             f"{result['device']} ({result['threads']} threads)",
+             f"{'engine':<9}{'FPS':>8}{'p50 ms':>9}{'p95 ms':>9}{'keep':>7}{'keep95':>8}{'GFLOPs':>8}"
+             f"{'AP50':>8}{'AP50-95':>9}"]
+    for r in result["rows"]:
+        lines.append(f"{r['engine']:<9}{r['fps']:>8.1f}{r['p50_ms']:>9.2f}{r['p95_ms']:>9.2f}"
+                     f"{f(r['keep_mean'], '.3f'):>7}{f(r['keep_p95'], '.3f'):>8}{f(r['gflops'], '.3f'):>8}"
+                     f"{f(r['ap50'], '.4f'):>8}{f(r['ap50_95'], '.4f'):>9}")
+    if result.get("break_even_keep") is not None:
+        lines.append(f"break-even keep ratio (dynamic as fast as static): {result['break_even_keep']:.3f}")
+    return "\n".join(lines)
+
+
+def plot_latency_vs_keep(per_frame, rows, be, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
+    colors = {"dense": "#888888", "static": "#d95f02", "dynamic": "#1b9e77"}
+    for name, d in per_frame.items():
+        p50 = next(r["p50_ms"] for r in rows if r["engine"] == name)
+        if d["keep"]:
+            ax.scatter(d["keep"], d["latency_ms"], s=8, alpha=0.6, color=colors.get(name), label=f"{name} (per frame)")
+        else:
+            ax.axhline(p50, color=colors.get(name), ls="--", label=f"{name} p50 {p50:.1f} ms")
+    if be is not None:
+        ax.axvline(be, color="k", lw=1, label=f"break-even keep {be:.2f}")
+    ax.set_xlabel("keep ratio of the frame (mean over gated layers)")
+    ax.set_ylabel("latency per frame (ms)")
+    ax.set_title("Per-frame latency against keep ratio")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

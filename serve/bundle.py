@@ -1,0 +1,89 @@
+"""Deployable bundles (``dynprune export``): one folder a user copies to the board.
+
+    metadata.json    class names, input size and normalisation, thresholds, each engine's AP
+    dynamic.pt       the gated model (dynamic engine)
+    static.pt        the statically pruned model, and static.onnx its ONNX (static engine)
+    dense.pt         the dense model, for reference
+    static-trt<version>-<precision>-<gpu>.plan   TensorRT plans, built and cached on the board
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from dynprune import __version__
+from dynprune.checkpoint import load_checkpoint, model_from_checkpoint
+from dynprune.export import export_onnx
+from dynprune.flops import CostModel
+
+BUNDLE_FORMAT = "dynprune-bundle-1"
+
+
+class BundleError(ValueError):
+    pass
+
+
+def _engine_entry(ckpt: Dict[str, Any], file: str, imgsz: int) -> Dict[str, Any]:
+    model, _ = model_from_checkpoint(ckpt)
+    metrics = ckpt.get("metrics") or {}
+    entry = {"file": file, "kind": ckpt.get("kind"), "gflops": CostModel(model, imgsz).dense / 1e9}
+    for k in ("ap50", "ap50_95", "flops_mean", "flops_p95"):
+        if k in metrics:
+            entry[k] = metrics[k]
+    return entry
+
+
+def export_bundle(out: str, dynamic: Optional[str] = None, static: Optional[str] = None,
+                  dense: Optional[str] = None, conf: float = 0.25, iou: float = 0.6) -> Dict[str, Any]:
+    """Write a bundle folder from checkpoints; at least one engine is required."""
+    if not (dynamic or static or dense):
+        raise BundleError("nothing to export: give --dynamic, --static and/or --dense checkpoints")
+    out_p = Path(out)
+    out_p.mkdir(parents=True, exist_ok=True)
+    engines: Dict[str, Any] = {}
+    names, imgsz = None, None
+    if dynamic and not dense:  # the dense model the gates were trained into
+        dense = (load_checkpoint(dynamic).get("train_config") or {}).get("extra", {}).get("dense")
+    for role, path in (("dynamic", dynamic), ("static", static), ("dense", dense)):
+        if not path:
+            continue
+        ckpt = load_checkpoint(path)
+        if role == "dynamic" and not ckpt.get("gated"):
+            raise BundleError(f"{path}: --dynamic needs a gated checkpoint (from dynprune gate)")
+        if role != "dynamic" and ckpt.get("gated"):
+            raise BundleError(f"{path}: --{role} needs a dense or pruned checkpoint, not a gated one")
+        if names is None:
+            names, imgsz = ckpt["names"], ckpt["imgsz"]
+        elif ckpt["names"] != names or ckpt["imgsz"] != imgsz:
+            raise BundleError(f"{path}: classes {ckpt['names']} / size {ckpt['imgsz']} differ from "
+                              f"{names} / {imgsz} of the other checkpoints")
+        shutil.copyfile(path, out_p / f"{role}.pt")
+        engines[role] = _engine_entry(ckpt, f"{role}.pt", imgsz)
+        if role == "static":
+            model, _ = model_from_checkpoint(ckpt)
+            export_onnx(model, str(out_p / "static.onnx"), imgsz)
+            engines[role]["onnx"] = "static.onnx"
+    meta = {
+        "format": BUNDLE_FORMAT, "dynprune_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "names": names, "imgsz": imgsz,
+        "input": {"layout": "NCHW", "color": "RGB", "scale": 1 / 255, "letterbox": 114},
+        "conf": conf, "iou": iou, "engines": engines,
+    }
+    (out_p / "metadata.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+def load_bundle(path: str) -> Dict[str, Any]:
+    p = Path(path)
+    meta_path = p / "metadata.json"
+    if not meta_path.is_file():
+        raise BundleError(f"{p}: not a dynprune bundle (no metadata.json); make one with dynprune export")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise BundleError(f"{meta_path}: unknown bundle format {meta.get('format')!r}")
+    meta["root"] = str(p)
+    return meta

@@ -1,0 +1,207 @@
+"""Engines behind one interface: dense (PyTorch), static (TensorRT, else ONNX Runtime) and
+dynamic (Triton gather kernels on CUDA, PyTorch gather path on the CPU).
+
+``engine(frame_bgr)`` returns a :class:`Result`: boxes in image pixels, scores, labels, the
+latency split into pre-process / gates / network / post-process, and for the dynamic engine
+the frame's keep ratio and FLOPs.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from dynprune.boxes import letterbox, postprocess
+from dynprune.checkpoint import model_from_checkpoint
+from dynprune.data.dataset import to_tensor
+
+log = logging.getLogger("dynprune.serve")
+
+
+@dataclass
+class Result:
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    timings: Dict[str, float] = field(default_factory=dict)  # milliseconds
+    keep_ratio: Optional[float] = None
+    gflops: Optional[float] = None
+    engine: str = ""
+
+    @property
+    def total_ms(self) -> float:
+        return sum(self.timings.values())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Engine:
+    """Common pipeline: letterbox -> network -> NMS -> boxes back in image pixels."""
+
+    name = "engine"
+
+    def __init__(self, imgsz: int, conf: float, iou: float, device: torch.device) -> None:
+        self.imgsz, self.conf, self.iou, self.device = imgsz, conf, iou, device
+        self.description = ""
+
+    def network(self, x: torch.Tensor):
+        raise NotImplementedError
+
+    def __call__(self, image: np.ndarray) -> Result:
+        t0 = time.perf_counter()
+        boxed, lb = letterbox(image, self.imgsz)
+        x = to_tensor(boxed).to(self.device)
+        _sync(self.device)
+        t1 = time.perf_counter()
+        boxes, scores, extra = self.network(x)
+        _sync(self.device)
+        t2 = time.perf_counter()
+        det = postprocess(boxes, scores, self.conf, self.iou)[0]
+        out_boxes = lb.to_image(det["boxes"].float().cpu().numpy())
+        t3 = time.perf_counter()
+        gates_ms = extra.pop("gates_ms", 0.0)
+        timings = {"preprocess_ms": (t1 - t0) * 1e3, "gates_ms": gates_ms,
+                   "network_ms": (t2 - t1) * 1e3 - gates_ms, "postprocess_ms": (t3 - t2) * 1e3}
+        return Result(out_boxes, det["scores"].float().cpu().numpy(), det["labels"].cpu().numpy(), timings,
+                      engine=self.name, **extra)
+
+
+class DenseEngine(Engine):
+    """A dense or statically pruned PyTorch model, BatchNorm folded."""
+
+    name = "dense"
+
+    def __init__(self, checkpoint: str, device: torch.device, conf: float = 0.25, iou: float = 0.6,
+                 name: str = "dense") -> None:
+        from dynprune.compact import dense_inference_model
+        from dynprune.flops import count_flops
+
+        model, ckpt = model_from_checkpoint(checkpoint)
+        super().__init__(ckpt["imgsz"], conf, iou, device)
+        self.name = name
+        self.model = dense_inference_model(model).to(device)
+        self.flops = count_flops(self.model, self.imgsz) / 1e9
+        self.description = f"PyTorch on {device}"
+
+    @torch.no_grad()
+    def network(self, x: torch.Tensor):
+        boxes, logits = self.model(x)
+        return boxes, logits.sigmoid(), {"gflops": self.flops}
+
+
+class OnnxEngine(Engine):
+    """The static model through ONNX Runtime (CUDA provider where available, else CPU)."""
+
+    name = "static"
+
+    def __init__(self, onnx_path: str, imgsz: int, conf: float = 0.25, iou: float = 0.6,
+                 gflops: Optional[float] = None, threads: Optional[int] = None) -> None:
+        import onnxruntime as ort
+
+        super().__init__(imgsz, conf, iou, torch.device("cpu"))
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        self.session = ort.InferenceSession(onnx_path, opts, providers=providers)
+        self.flops = gflops
+        self.description = f"ONNX Runtime ({self.session.get_providers()[0]})"
+
+    def network(self, x: torch.Tensor):
+        boxes, scores = self.session.run(None, {"images": x.numpy()})
+        return torch.from_numpy(boxes), torch.from_numpy(scores), {"gflops": self.flops}
+
+
+class TensorRTEngine(Engine):
+    name = "static"
+
+    def __init__(self, plan: str, imgsz: int, conf: float = 0.25, iou: float = 0.6,
+                 gflops: Optional[float] = None) -> None:
+        from dynprune.serve.tensorrt_engine import TensorRTRunner
+
+        super().__init__(imgsz, conf, iou, torch.device("cuda"))
+        self.runner = TensorRTRunner(plan)
+        self.flops = gflops
+        self.description = f"TensorRT ({Path(plan).name})"
+
+    @torch.no_grad()
+    def network(self, x: torch.Tensor):
+        boxes, scores = self.runner(x)
+        return boxes, scores, {"gflops": self.flops}
+
+
+class DynamicEngine(Engine):
+    """The gated model on compact activations; reports each frame's keep ratio and FLOPs."""
+
+    name = "dynamic"
+
+    def __init__(self, checkpoint: str, device: torch.device, conf: float = 0.25, iou: float = 0.6,
+                 backend: str = "auto", profile_gates: bool = True) -> None:
+        from dynprune.compact import CompactDetector
+        from dynprune.flops import CostModel
+
+        model, ckpt = model_from_checkpoint(checkpoint)
+        super().__init__(ckpt["imgsz"], conf, iou, device)
+        self.cost = CostModel(model, self.imgsz)
+        self.widths = torch.tensor([[b.h1, b.h2] for b in model.blocks], dtype=torch.float64)
+        self.net = CompactDetector(model.to(device), backend=backend, device=device).to(device)
+        # Timing the gates alone needs a host clock around them: cheap on the CPU, a sync on CUDA.
+        self.profile_gates = profile_gates and device.type == "cpu"
+        for b in self.net.blocks:
+            b.profile = self.profile_gates
+        self.description = self.net.backend_reason
+
+    @torch.no_grad()
+    def network(self, x: torch.Tensor):
+        for b in self.net.blocks:
+            b.gate_ms = 0.0
+        boxes, logits = self.net(x)
+        kept = self.net.kept_counts()[0].cpu()  # one small copy after the frame, never inside it
+        keep_ratio = float((kept / self.widths).mean())
+        gflops = self.cost.frame_flops(kept.tolist()) / 1e9
+        gates_ms = sum(b.gate_ms for b in self.net.blocks) if self.profile_gates else 0.0
+        return boxes, logits.sigmoid(), {"keep_ratio": keep_ratio, "gflops": gflops, "gates_ms": gates_ms}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_engines(bundle: Dict[str, Any], which: List[str], device: torch.device, backend: str = "auto",
+                 precision: str = "fp16") -> Dict[str, Engine]:
+    """Build the requested engines of a loaded bundle (see :func:`dynprune.serve.bundle.load_bundle`)."""
+    root = Path(bundle["root"])
+    conf, iou = bundle["conf"], bundle["iou"]
+    engines: Dict[str, Engine] = {}
+    for name in which:
+        entry = bundle["engines"].get(name)
+        if entry is None:
+            raise ValueError(f"{root}: the bundle has no {name} engine (it has {sorted(bundle['engines'])})")
+        if name == "dense":
+            engines[name] = DenseEngine(str(root / entry["file"]), device, conf, iou)
+        elif name == "dynamic":
+            engines[name] = DynamicEngine(str(root / entry["file"]), device, conf, iou, backend)
+        else:
+            from dynprune.serve.tensorrt_engine import ensure_plan, tensorrt_status
+
+            ok, reason = tensorrt_status()
+            plan = ensure_plan(str(root), entry["onnx"], precision, imgsz=bundle["imgsz"]) if ok else None
+            if plan:
+                engines[name] = TensorRTEngine(plan, bundle["imgsz"], conf, iou, entry.get("gflops"))
+            else:
+                engines[name] = OnnxEngine(str(root / entry["onnx"]), bundle["imgsz"], conf, iou, entry.get("gflops"),
+                                           threads=torch.get_num_threads())
+                engines[name].description += f"; TensorRT not used: {reason}"
+        log.info("engine %s: %s", name, engines[name].description)
+    return engines

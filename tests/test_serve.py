@@ -1,0 +1,265 @@
+import json
+import re
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+
+from dynprune.checkpoint import make_checkpoint, save_atomic
+from dynprune.data.synthetic import write_synthetic_video
+from dynprune.flops import CostModel
+from dynprune.gates import set_gate_mode
+from dynprune.model import build_detector
+from dynprune.pruning.importance import l1_norm
+from dynprune.pruning.select import select_widths
+from dynprune.pruning.surgery import slim_model
+from dynprune.serve.app import ServeOptions, serve
+from dynprune.serve.bundle import export_bundle
+from dynprune.serve.engines import DynamicEngine
+from dynprune.serve.policy import FallbackPolicy
+from dynprune.serve.sources import CaptureSource, SourceError, open_source
+from tests.conftest import randomize_bn, tiny_config
+
+IMGSZ = 64
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundle")
+    torch.manual_seed(0)
+    dense = build_detector(tiny_config()).eval()
+    randomize_bn(dense)
+    for p in dense.pred:  # confident enough to produce boxes on random weights
+        p.bias.data[:1] = 0.5
+    gated = build_detector(tiny_config()).eval()
+    gated.load_state_dict(dense.state_dict())
+    gated.add_gates()
+    set_gate_mode(gated, "threshold")
+    for b in gated.blocks:
+        for g in (b.gate1, b.gate2):
+            g.threshold.fill_(1.0)
+    keep = select_widths(CostModel(dense, IMGSZ), l1_norm(dense), 0.6, round_to=4)
+    static = slim_model(dense, keep)
+    paths = {}
+    for name, model, kind, ap in (("dense", dense, "dense", 0.50), ("gated", gated, "gated", 0.50),
+                                  ("static", static, "pruned", 0.495)):
+        paths[name] = str(root / f"{name}.pt")
+        save_atomic(make_checkpoint(model, ["ring"], IMGSZ, kind, gate={"mode": "threshold"} if kind == "gated"
+                                    else None, metrics={"ap50": ap + 0.3, "ap50_95": ap}), paths[name])
+    export_bundle(str(root / "b"), dynamic=paths["gated"], static=paths["static"], dense=paths["dense"])
+    return str(root / "b")
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    return write_synthetic_video(str(tmp_path_factory.mktemp("v") / "v.mp4"), frames=24, size=96)
+
+
+def test_bundle_has_every_engine_and_metadata(bundle):
+    meta = json.loads(open(f"{bundle}/metadata.json").read())
+    assert set(meta["engines"]) == {"dense", "static", "dynamic"}
+    assert meta["names"] == ["ring"] and meta["imgsz"] == IMGSZ and meta["engines"]["static"]["onnx"] == "static.onnx"
+    assert meta["engines"]["static"]["gflops"] < meta["engines"]["dense"]["gflops"]
+
+
+@pytest.mark.parametrize("engine", ["dense", "static", "dynamic"])
+def test_serve_video_json_frame_by_frame(bundle, video, tmp_path, engine):
+    out = tmp_path / "det.jsonl"
+    res = serve(bundle, video, ServeOptions(engine=engine, json=str(out), device="cpu"))
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert res["frames"] == 24 and len(lines) == 24
+    assert [r["frame"] for r in lines] == list(range(24))
+    # Frame by frame, the JSON holds exactly what the engine returns for that frame.
+    import cv2
+
+    from dynprune.serve.bundle import load_bundle
+    from dynprune.serve.engines import load_engines
+
+    eng = load_engines(load_bundle(bundle), [engine], torch.device("cpu"))[engine]
+    cap = cv2.VideoCapture(video)
+    for rec in lines:
+        ok, img = cap.read()
+        assert ok
+        direct = eng(img)
+        assert rec["engine"] == engine and len(rec["detections"]) == len(direct.boxes)
+        for d, box, score in zip(rec["detections"], direct.boxes, direct.scores):
+            np.testing.assert_allclose(d["box"], box, atol=0.02)
+            assert abs(d["score"] - score) < 1e-3 and d["class"] == "ring"
+            assert 0 <= d["box"][0] <= d["box"][2] <= img.shape[1]
+        if engine == "dynamic":
+            assert 0 <= rec["keep_ratio"] <= 1
+        assert set(rec["timings_ms"]) == {"preprocess_ms", "gates_ms", "network_ms", "postprocess_ms"}
+
+
+def test_folder_of_images_source(bundle, tmp_path):
+    import cv2
+
+    for i in range(5):
+        cv2.imwrite(str(tmp_path / f"{i:02d}.jpg"), np.full((50, 70, 3), i * 40, np.uint8))
+    (tmp_path / "notes.txt").write_text("not an image")
+    out = tmp_path / "d.jsonl"
+    res = serve(bundle, str(tmp_path), ServeOptions(engine="dense", json=str(out), device="cpu"))
+    names = [json.loads(x)["name"] for x in out.read_text().splitlines()]
+    assert res["frames"] == 5 and names == [f"{i:02d}.jpg" for i in range(5)]
+    assert open_source(str(tmp_path / "*.jpg")).read().name == "00.jpg"
+
+
+class FlakyCapture:
+    """A camera that delivers some frames, then dies; the next open works again."""
+
+    def __init__(self, frames: int) -> None:
+        self.left = frames
+
+    def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
+        return True
+
+    def read(self):
+        if self.left <= 0:
+            return False, None
+        self.left -= 1
+        time.sleep(0.002)
+        return True, np.full((48, 64, 3), 100, np.uint8)
+
+    def release(self) -> None:
+        pass
+
+
+def test_source_that_fails_mid_stream_recovers_and_serving_goes_on(bundle):
+    opens = []
+
+    def opener():
+        opens.append(1)
+        return FlakyCapture(5)
+
+    src = CaptureSource("fake://camera", opener, live=True, backoff=0.01)
+    res = serve(bundle, "fake://camera", ServeOptions(engine="dense", max_frames=12, device="cpu"), source=src)
+    assert res["frames"] == 12
+    assert res["reconnects"] >= 2 and len(opens) >= 3
+
+
+def test_bad_uri_fails_fast_and_names_it():
+    t = time.time()
+    with pytest.raises(SourceError, match="no/such/video.mp4"):
+        open_source("no/such/video.mp4")
+    with pytest.raises(SourceError, match="csi://0.*GStreamer"):
+        from dynprune.serve.sources import gstreamer_available
+
+        if gstreamer_available():
+            pytest.skip("this OpenCV has GStreamer")
+        open_source("csi://0")
+    assert time.time() - t < 5
+
+
+def test_http_endpoints_answer_a_real_client(bundle, video):
+    stop = threading.Event()
+    port = _free_port()
+    result = {}
+    th = threading.Thread(target=lambda: result.update(serve(
+        bundle, video, ServeOptions(engine="dynamic", http=port, loop=True, device="cpu"), stop=stop)))
+    th.start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 30
+        stats = None
+        while time.time() < deadline:
+            try:
+                stats = json.loads(urllib.request.urlopen(base + "/stats", timeout=2).read())
+                if stats["frames"] > 2:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        assert stats and stats["engine"] == "dynamic" and stats["fps"] > 0
+        page = urllib.request.urlopen(base + "/", timeout=5).read().decode()
+        assert "/stream.mjpg" in page
+        metrics = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+        assert_prometheus_text(metrics)
+        assert 'dynprune_frames_total{engine="dynamic"}' in metrics
+        with urllib.request.urlopen(base + "/stream.mjpg", timeout=5) as r:
+            assert r.headers["Content-Type"].startswith("multipart/x-mixed-replace")
+            chunk = r.read(2048)
+            assert b"--frame" in chunk and b"\xff\xd8" in chunk  # a JPEG starts
+    finally:
+        stop.set()
+        th.join(timeout=30)
+    assert result["frames"] > 2
+
+
+def assert_prometheus_text(text: str) -> None:
+    """Exposition format 0.0.4: HELP/TYPE comments, then `name{labels} value` samples."""
+    label = r'[a-zA-Z_][a-zA-Z0-9_]*="[^"]*"'
+    sample = re.compile(rf"^[a-zA-Z_:][a-zA-Z0-9_:]*(\{{{label}(,{label})*\}})? (NaN|[+-]?Inf|[+-]?[0-9.eE+-]+)$")
+    typed = set()
+    for line in text.strip().splitlines():
+        if line.startswith("# TYPE "):
+            name, kind = line.split()[2:4]
+            assert kind in ("counter", "gauge", "histogram", "summary", "untyped")
+            typed.add(name)
+        elif line.startswith("# HELP "):
+            continue
+        else:
+            assert sample.match(line), line
+            assert line.split("{")[0].split(" ")[0] in typed
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_policy_picks_the_faster_engine_and_switches_with_hysteresis():
+    pol = FallbackPolicy(["dense", "static", "dynamic"], {"dense": 0.5, "static": 0.495, "dynamic": 0.49},
+                         warmup=3, probe_every=10)
+    speed = {"dense": 30.0, "static": 20.0, "dynamic": 12.0}
+    for _ in range(40):
+        e = pol.choose()
+        pol.record(e, speed[e], 0.5 if e == "dynamic" else None)
+    assert pol.active == "dynamic"
+    speed["dynamic"] = 60.0  # the dynamic engine becomes artificially slow
+    for _ in range(200):
+        e = pol.choose()
+        pol.record(e, speed[e], 0.5 if e == "dynamic" else None)
+    assert pol.active == "static"
+    assert pol.switches[-1]["to"] == "static" and "static" in pol.switches[-1]["why"]
+
+
+def test_policy_respects_the_accuracy_bar():
+    pol = FallbackPolicy(["dense", "static"], {"dense": 0.50, "static": 0.40}, ap_margin=0.02, warmup=2)
+    assert pol.eligible == ["dense"]
+
+
+def test_serve_auto_policy_with_an_artificially_slow_engine(bundle, video, monkeypatch):
+    orig = DynamicEngine.network
+
+    def slow(self, x):
+        time.sleep(0.05)
+        return orig(self, x)
+
+    monkeypatch.setattr(DynamicEngine, "network", slow)
+    res = serve(bundle, video, ServeOptions(engine="auto", device="cpu", loop=True, max_frames=40, probe_every=10))
+    assert res["active"] != "dynamic"
+    assert res["frames_by_engine"].get("dynamic", 0) < 15
+
+
+def test_bench_files_agree_with_the_table(bundle, video, tmp_path):
+    import csv
+
+    from dynprune.serve.bench import run_bench
+
+    lines = []
+    res = run_bench(bundle, source=video, frames=12, out=str(tmp_path), device="cpu", warmup=1, log=lines.append)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    assert [r["engine"] for r in rows] == [r["engine"] for r in data["rows"]] == ["dynamic", "static", "dense"]
+    table = lines[-1]
+    for r_csv, r_json in zip(rows, data["rows"]):
+        assert abs(float(r_csv["fps"]) - r_json["fps"]) < 1e-6
+        assert f"{r_json['p50_ms']:.2f}" in table
+    assert (tmp_path / "latency_vs_keep.png").stat().st_size > 1000
+    assert res["frames"] == 12 and data["rows"][0]["keep_mean"] is not None
