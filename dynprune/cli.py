@@ -53,32 +53,33 @@ def _check_imgsz(imgsz: int) -> int:
     return imgsz
 
 
-def cmd_train(args) -> int:
-    from dynprune.train.dense import train_dense
+def _train_config(args, imgsz: int, **overrides):
+    """The TrainConfig every training command builds from its shared flags."""
     from dynprune.train.engine import TrainConfig
 
+    return TrainConfig(epochs=args.epochs, batch=args.batch, imgsz=_check_imgsz(imgsz), lr=args.lr,
+                       workers=args.workers, device=args.device, seed=args.seed, mosaic=args.mosaic,
+                       val_every=args.val_every, out=args.out, **overrides)
+
+
+def cmd_train(args) -> int:
+    from dynprune.train.dense import train_dense
+
     spec = _load_spec(args)
-    cfg = TrainConfig(epochs=args.epochs, batch=args.batch, imgsz=_check_imgsz(args.imgsz or 320), lr=args.lr,
-                      workers=args.workers, device=args.device, seed=args.seed, mosaic=args.mosaic,
-                      val_every=args.val_every, out=args.out,
-                      extra={"classes": args.classes, "single_class": args.single_class})
+    cfg = _train_config(args, args.imgsz or 320, extra={"classes": args.classes, "single_class": args.single_class})
     result = train_dense(spec, cfg, size=args.size, pretrained=args.pretrained, resume=args.resume)
     print(f"done: best AP50-95 {result['best_ap50_95']:.4f}; weights in {args.out}/best.pt")
     return 0
 
 
 def cmd_gate(args) -> int:
-    from dynprune.train.engine import TrainConfig
+    from dynprune.checkpoint import load_checkpoint
     from dynprune.train.gate import train_gates
 
     spec = _load_spec(args)
-    from dynprune.checkpoint import load_checkpoint
-
     dense = load_checkpoint(args.weights)
-    cfg = TrainConfig(epochs=args.epochs, batch=args.batch, imgsz=_check_imgsz(args.imgsz or dense["imgsz"]),
-                      lr=args.lr, workers=args.workers, device=args.device, seed=args.seed, mosaic=args.mosaic,
-                      val_every=args.val_every, out=args.out, warmup_epochs=0.5,
-                      extra={"classes": args.classes, "single_class": args.single_class, "dense": args.weights})
+    cfg = _train_config(args, args.imgsz or dense["imgsz"], warmup_epochs=0.5,
+                        extra={"classes": args.classes, "single_class": args.single_class, "dense": args.weights})
     result = train_gates(args.weights, spec, cfg, keep=args.keep, method=args.gate, group=args.group,
                          resume=args.resume, sparsity=args.sparsity, similarity=args.similarity, beta=args.beta,
                          complexity=not args.no_complexity)
@@ -89,14 +90,11 @@ def cmd_gate(args) -> int:
 
 def cmd_prune(args) -> int:
     from dynprune.checkpoint import load_checkpoint
-    from dynprune.train.engine import TrainConfig
     from dynprune.train.prune import prune_checkpoint
 
     spec = _load_spec(args)
     dense = load_checkpoint(args.weights)
-    cfg = TrainConfig(epochs=args.epochs, batch=args.batch, imgsz=_check_imgsz(args.imgsz or dense["imgsz"]),
-                      lr=args.lr, workers=args.workers, device=args.device, seed=args.seed, mosaic=args.mosaic,
-                      val_every=args.val_every, out=args.out, warmup_epochs=0.5)
+    cfg = _train_config(args, args.imgsz or dense["imgsz"], warmup_epochs=0.5)
     res = prune_checkpoint(args.weights, spec, cfg, method=args.method, flops=args.flops, params=args.params,
                            round_to=args.round_to, scope=args.scope)
     print(json.dumps({k: v for k, v in res.items() if k != "hidden"}, indent=2) if args.json else
