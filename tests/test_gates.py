@@ -191,3 +191,27 @@ def test_thresholds_keep_the_intended_fraction_on_the_training_set(remain):
         for m in blk.last["mask"]:
             fractions.append(float((m > 0).float().mean()))
     assert abs(sum(fractions) / len(fractions) - remain) < 0.15
+
+
+def test_gate_training_saves_the_model_it_validated(synthetic_yaml, tmp_path):
+    """best.pt is validated with its gates thresholded (not open), at the target keep ratio,
+    and re-validating the saved file reproduces the recorded AP exactly."""
+    from dynprune.checkpoint import make_checkpoint, model_from_checkpoint, save_atomic
+    from dynprune.data import load_dataset
+    from dynprune.train.engine import TrainConfig
+    from dynprune.train.gate import train_gates
+    from dynprune.validate import run_validation
+
+    spec = load_dataset(synthetic_yaml)
+    dense = build_detector(tiny_config()).eval()
+    randomize_bn(dense)
+    save_atomic(make_checkpoint(dense, spec.names, 64, "dense"), tmp_path / "dense.pt")
+    cfg = TrainConfig(epochs=3, batch=8, imgsz=64, lr=1e-3, workers=0, out=str(tmp_path / "gate"), mosaic=0.0)
+    res = train_gates(str(tmp_path / "dense.pt"), spec, cfg, keep=0.5, log=lambda *_: None)
+    last = res["history"][-1]
+    assert last["flops_mean"] < 0.95  # the validated network really was gated
+    model, ckpt = model_from_checkpoint(str(tmp_path / "gate" / "best.pt"))
+    assert ckpt["epoch"] == 2  # only the epoch at the target thresholds may be best
+    again = run_validation(model, spec.val, spec.names, 64)
+    assert again["ap50_95"] == pytest.approx(ckpt["metrics"]["ap50_95"], abs=1e-9)
+    assert again["flops_mean"] == pytest.approx(ckpt["metrics"]["flops_mean"], abs=1e-9)

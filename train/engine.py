@@ -94,6 +94,7 @@ class Trainer:
         self.model = model.to(self.device, memory_format=torch.channels_last)
         self.loss_fn = DetectionLoss(model.cfg.num_classes)
         self.start_epoch = 0
+        self.min_best_epoch = 0  # epochs before this one never become best.pt
         self.best = -1.0
         self.history: List[Dict[str, Any]] = []
         self._seed(cfg.seed)
@@ -267,7 +268,7 @@ class Trainer:
                 record.update({k: v for k, v in metrics.items() if not isinstance(v, list)})
             self.history.append(record)
             if main:
-                is_best = "ap50_95" in record and fitness(record) > self.best
+                is_best = "ap50_95" in record and epoch >= self.min_best_epoch and fitness(record) > self.best
                 if is_best:
                     self.best = fitness(record)
                 self._save(epoch, record, is_best or not (self.out / "best.pt").exists())

@@ -53,12 +53,21 @@ class GateTrainer(Trainer):
         self.sparsity_w, self.similarity_w, self.beta, self.complexity = sparsity, similarity, beta, complexity
         self.c_value: Optional[float] = None  # 0.5 * mean per-image loss of the previous epoch
         self._running: Tuple[float, int] = (0.0, 0)
-        super().__init__(model, spec, cfg, log)
+        # The mode is set before the base trainer copies the model (its EMA copy included).
         if method == "fbs":
-            set_gate_mode(self.model, "topk", keep)
+            set_gate_mode(model, "topk", keep)
         else:
-            set_gate_mode(self.model, "threshold")
+            set_gate_mode(model, "threshold")
+        super().__init__(model, spec, cfg, log)
         self.stats = SaliencyStats(self.model.blocks)
+        # ManiDP's thresholds reach the target at the last epoch; an earlier epoch keeps more
+        # channels and must not become best.pt (FBS keeps the target from the start).
+        self.min_best_epoch = cfg.epochs - 1 if method == "manidp" else 0
+
+    def export_model(self) -> Detector:
+        """The trained gated model itself, not an EMA: the thresholds are quantiles of *its*
+        saliencies, and an averaged copy's saliencies drift from them (ManiDP keeps no EMA)."""
+        return self.model
 
     def gate_info(self) -> Dict[str, Any]:
         mode = "topk" if self.method == "fbs" else "threshold"
@@ -95,10 +104,6 @@ class GateTrainer(Trainer):
             self.stats.all_reduce()
             remain = remain_rate(epoch + 1, self.cfg.epochs, self.keep) if epoch + 1 < self.cfg.epochs else self.keep
             self.stats.apply_thresholds(remain)
-            # The EMA copy carries the thresholds into best.pt/last.pt.
-            for g_ema, g in zip(self.ema.ema.modules(), self.model.modules()):
-                if hasattr(g, "threshold") and hasattr(g_ema, "threshold"):
-                    g_ema.threshold.copy_(g.threshold)
 
     def checkpoint_extra(self) -> Dict[str, Any]:
         return {"gate_state": {"c_value": self.c_value}}
