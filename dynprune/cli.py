@@ -82,7 +82,8 @@ def cmd_gate(args) -> int:
                         extra={"classes": args.classes, "single_class": args.single_class, "dense": args.weights})
     result = train_gates(args.weights, spec, cfg, keep=args.keep, method=args.gate, group=args.group,
                          resume=args.resume, sparsity=args.sparsity, similarity=args.similarity, beta=args.beta,
-                         complexity=not args.no_complexity)
+                         complexity=not args.no_complexity, threshold_every=args.threshold_every,
+                         gate_lr_mult=args.gate_lr_mult)
     print(f"done: best AP50-95 {result['best_ap50_95']:.4f}; gated weights in {args.out}/best.pt "
           f"(dynprune val --weights {args.out}/best.pt --report {args.out}/report)")
     return 0
@@ -246,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--similarity", type=float, default=0.1, help="similarity loss weight gamma (ManiDP code: 0.1)")
     p.add_argument("--beta", type=float, default=1.0, help="complexity weight exponent (ManiDP code: 1.0)")
     p.add_argument("--no-complexity", action="store_true", help="ablation: weight every image equally")
+    p.add_argument("--gate-lr-mult", type=float, default=10.0, help="learning-rate multiplier of the new gates")
+    p.add_argument("--threshold-every", type=int, default=0, metavar="N",
+                   help="reset thresholds every N steps instead of every epoch (smoother on short schedules)")
     p.add_argument("--out", default="runs/gate")
     _add_train_args(p, epochs=20, lr=5e-4)
     p.set_defaults(func=cmd_gate)

@@ -160,6 +160,20 @@ def test_gradients_reach_the_gates():
     assert live >= 0.75 * len(gates)
 
 
+def test_stepwise_remain_schedule_reaches_the_target_at_three_quarters(synthetic_yaml, tmp_path):
+    from dynprune.data import load_dataset
+    from dynprune.train.engine import TrainConfig
+    from dynprune.train.gate import GateTrainer
+
+    model, _ = gated_model()
+    cfg = TrainConfig(epochs=4, batch=8, imgsz=64, workers=0, out=str(tmp_path))
+    t = GateTrainer(model.train(), load_dataset(synthetic_yaml), cfg, keep=0.3, threshold_every=5,
+                    log=lambda *_: None)
+    rates = [t.remain_at(s) for s in range(t.total_iters)]
+    assert rates[0] < 1.0 and all(a >= b - 1e-12 for a, b in zip(rates, rates[1:]))
+    assert rates[int(0.75 * t.total_iters)] == pytest.approx(0.3) and rates[-1] == pytest.approx(0.3)
+
+
 def test_remain_rate_schedule():
     assert remain_rate(-1, 10, 0.5) == pytest.approx(1.0)
     assert remain_rate(9, 10, 0.5) == pytest.approx(0.5)
@@ -193,7 +207,8 @@ def test_thresholds_keep_the_intended_fraction_on_the_training_set(remain):
     assert abs(sum(fractions) / len(fractions) - remain) < 0.15
 
 
-def test_gate_training_saves_the_model_it_validated(synthetic_yaml, tmp_path):
+@pytest.mark.parametrize("threshold_every", [0, 2])
+def test_gate_training_saves_the_model_it_validated(synthetic_yaml, tmp_path, threshold_every):
     """best.pt is validated with its gates thresholded (not open), at the target keep ratio,
     and re-validating the saved file reproduces the recorded AP exactly."""
     from dynprune.checkpoint import make_checkpoint, model_from_checkpoint, save_atomic
@@ -207,11 +222,13 @@ def test_gate_training_saves_the_model_it_validated(synthetic_yaml, tmp_path):
     randomize_bn(dense)
     save_atomic(make_checkpoint(dense, spec.names, 64, "dense"), tmp_path / "dense.pt")
     cfg = TrainConfig(epochs=3, batch=8, imgsz=64, lr=1e-3, workers=0, out=str(tmp_path / "gate"), mosaic=0.0)
-    res = train_gates(str(tmp_path / "dense.pt"), spec, cfg, keep=0.5, log=lambda *_: None)
+    res = train_gates(str(tmp_path / "dense.pt"), spec, cfg, keep=0.5, log=lambda *_: None,
+                      threshold_every=threshold_every)
     last = res["history"][-1]
     assert last["flops_mean"] < 0.95  # the validated network really was gated
     model, ckpt = model_from_checkpoint(str(tmp_path / "gate" / "best.pt"))
-    assert ckpt["epoch"] == 2  # only the epoch at the target thresholds may be best
+    if threshold_every == 0:
+        assert ckpt["epoch"] == 2  # only the epoch at the target thresholds may be best
     again = run_validation(model, spec.val, spec.names, 64)
     assert again["ap50_95"] == pytest.approx(ckpt["metrics"]["ap50_95"], abs=1e-9)
     assert again["flops_mean"] == pytest.approx(ckpt["metrics"]["flops_mean"], abs=1e-9)

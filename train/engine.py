@@ -237,7 +237,7 @@ class Trainer:
             for i, (images, targets, _) in enumerate(bar):
                 step = epoch * self.iters_per_epoch + i
                 for g in self.optimizer.param_groups:
-                    g["lr"] = self.lr_at(step)
+                    g["lr"] = self.lr_at(step) * g.get("lr_mult", 1.0)
                 images = images.to(self.device, non_blocking=True, memory_format=torch.channels_last)
                 with self.autocast:
                     boxes, logits = self.ddp_model(images)

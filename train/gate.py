@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from dynprune.checkpoint import model_from_checkpoint
 from dynprune.data.formats import DatasetSpec
-from dynprune.gates import set_gate_mode
+from dynprune.gates import init_from_importance, set_gate_mode
 from dynprune.manidp import (
     BETA,
     COMPLEXITY_FACTOR,
@@ -43,6 +44,8 @@ class GateTrainer(Trainer):
         similarity: float = SIMILARITY_WEIGHT,
         beta: float = BETA,
         complexity: bool = True,
+        threshold_every: int = 0,
+        gate_lr_mult: float = 10.0,
         log=print,
     ) -> None:
         if not 0 < keep <= 1:
@@ -50,6 +53,12 @@ class GateTrainer(Trainer):
         if method not in ("manidp", "fbs"):
             raise ValueError(f"unknown gate method {method!r}; choose manidp or fbs")
         self.keep, self.method = keep, method
+        # 0: thresholds reset once per epoch (ManiDP's --thre_freq 1). N > 0: every N steps from the
+        # last N steps' saliencies, the remain rate annealed over the first 75% of training; smoother
+        # for short schedules, where a per-epoch jump drops many channels at once (measured: AP50
+        # 0.88 -> 0.01 after the first jump of a 4-epoch run).
+        self.threshold_every = threshold_every
+        self.gate_lr_mult = gate_lr_mult
         self.sparsity_w, self.similarity_w, self.beta, self.complexity = sparsity, similarity, beta, complexity
         self.c_value: Optional[float] = None  # 0.5 * mean per-image loss of the previous epoch
         self._running: Tuple[float, int] = (0.0, 0)
@@ -63,6 +72,16 @@ class GateTrainer(Trainer):
         # ManiDP's thresholds reach the target at the last epoch; an earlier epoch keeps more
         # channels and must not become best.pt (FBS keeps the target from the start).
         self.min_best_epoch = cfg.epochs - 1 if method == "manidp" else 0
+        if method == "manidp" and threshold_every:
+            reach = 0.75 * self.total_iters
+            self.min_best_epoch = min(cfg.epochs - 1, int(reach // self.iters_per_epoch))
+
+    def param_groups(self):
+        """The base groups, with the freshly added gates at ``gate_lr_mult`` times the learning rate."""
+        groups = super().param_groups()
+        if len(groups) == 3:
+            groups[2]["lr_mult"] = self.gate_lr_mult
+        return groups
 
     def export_model(self) -> Detector:
         """The trained gated model itself, not an EMA: the thresholds are quantiles of *its*
@@ -72,11 +91,24 @@ class GateTrainer(Trainer):
     def gate_info(self) -> Dict[str, Any]:
         mode = "topk" if self.method == "fbs" else "threshold"
         return {"mode": mode, "keep": self.keep, "method": self.method, "complexity": self.complexity,
-                "sparsity": self.sparsity_w, "similarity": self.similarity_w, "beta": self.beta}
+                "sparsity": self.sparsity_w, "similarity": self.similarity_w, "beta": self.beta,
+                "threshold_every": self.threshold_every}
 
     def epoch_start(self, epoch: int) -> None:
-        self.stats.reset()
+        if not self.threshold_every:
+            self.stats.reset()
         self._running = (0.0, 0)
+
+    def remain_at(self, step: int) -> float:
+        """Step-wise schedule: ManiDP's cosine from 1 to the target over 75% of the steps."""
+        p = min(1.0, (step + 1) / max(1.0, 0.75 * self.total_iters))
+        return (1.0 - self.keep) / 2.0 * math.cos(math.pi * p) + (1.0 + self.keep) / 2.0
+
+    def after_step(self, step: int) -> None:
+        if self.method == "manidp" and self.threshold_every and (step + 1) % self.threshold_every == 0:
+            self.stats.all_reduce()
+            self.stats.apply_thresholds(self.remain_at(step))
+            self.stats.reset()
 
     def extra_loss(self, per_image: torch.Tensor, step: int):
         sal, feats = collect(self.model.blocks)
@@ -100,7 +132,7 @@ class GateTrainer(Trainer):
 
     def epoch_end(self, epoch: int, per_image_losses: torch.Tensor) -> None:
         self.c_value = COMPLEXITY_FACTOR * float(per_image_losses.mean())
-        if self.method == "manidp":
+        if self.method == "manidp" and not self.threshold_every:
             self.stats.all_reduce()
             remain = remain_rate(epoch + 1, self.cfg.epochs, self.keep) if epoch + 1 < self.cfg.epochs else self.keep
             self.stats.apply_thresholds(remain)
@@ -130,6 +162,9 @@ def train_gates(
     if list(ckpt["names"]) != list(spec.names):
         raise ValueError(f"{weights}: trained on classes {ckpt['names']}, dataset has {spec.names}")
     model.add_gates(group=group)
+    for b in model.blocks:  # saliency ordered by BN |gamma| at the start (see init_from_importance)
+        init_from_importance(b.gate1, b.cv1.bn.weight.abs())
+        init_from_importance(b.gate2, b.cv2.bn.weight.abs())
     trainer = GateTrainer(model, spec, cfg, keep=keep, method=method, log=log, **loss_options)
     if resume:
         trainer.resume(resume)
