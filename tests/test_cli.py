@@ -1,0 +1,48 @@
+import json
+
+import pytest
+
+from dynprune.checkpoint import make_checkpoint, save_atomic
+from dynprune.cli import build_parser, main
+from dynprune.model import build_detector
+from tests.conftest import tiny_config
+
+
+def test_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for cmd in ("demo", "train", "gate", "prune", "export", "bench", "serve", "val"):
+        assert cmd in out
+
+
+def test_val_json_on_a_checkpoint(synthetic_yaml, tmp_path, capsys):
+    path = tmp_path / "m.pt"
+    save_atomic(make_checkpoint(build_detector(tiny_config()).eval(), ["ring"], 64, "dense", data=synthetic_yaml), path)
+    assert main(["val", "--weights", str(path), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    for key in ("ap50", "ap50_95", "precision", "recall", "params_m", "gflops", "latency_ms_b1"):
+        assert key in res
+    assert res["imgsz"] == 64 and res["images"] == 8
+
+
+def test_bad_inputs_give_a_clear_error_and_exit_code_2(tmp_path, capsys):
+    assert main(["val", "--weights", str(tmp_path / "missing.pt")]) == 2
+    assert "missing.pt: checkpoint not found" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    assert main(["val", "--weights", str(tmp_path / "junk.pt")]) == 2
+    assert "junk.pt" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--epochs", "1"]) == 2
+    assert "nowhere: no such file or folder" in capsys.readouterr().err
+
+
+def test_imgsz_must_be_a_multiple_of_32(synthetic_yaml):
+    with pytest.raises(SystemExit, match="multiple of 32"):
+        main(["train", "--data", synthetic_yaml, "--imgsz", "100", "--epochs", "1"])
+
+
+def test_serve_and_bench_flags_parse():
+    args = build_parser().parse_args(["serve", "bundle/", "--source", "csi://0", "--http", "8080", "--json", "-"])
+    assert args.source == "csi://0" and args.http == 8080 and args.host == "127.0.0.1"
+    args = build_parser().parse_args(["bench", "bundle/", "--source", "v.mp4", "--frames", "50"])
+    assert args.frames == 50
