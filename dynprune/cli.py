@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -37,13 +38,19 @@ def _add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
     p.add_argument("--resume", metavar="LAST_PT", help="continue a killed run from its last.pt")
 
 
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun (or a plain run): the only process that talks to the user."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _load_spec(args):
     from dynprune.data import load_dataset
 
     spec = load_dataset(args.data, classes=args.classes, single_class=args.single_class)
-    print(f"{spec.source}: {len(spec.train)} train / {len(spec.val)} val images, classes {spec.names}")
-    if spec.issues:
-        print(spec.issues.summary("dataset"))
+    if _is_main_process():
+        print(f"{spec.source}: {len(spec.train)} train / {len(spec.val)} val images, classes {spec.names}")
+        if spec.issues:
+            print(spec.issues.summary("dataset"))
     return spec
 
 
@@ -68,7 +75,8 @@ def cmd_train(args) -> int:
     spec = _load_spec(args)
     cfg = _train_config(args, args.imgsz or 320, extra={"classes": args.classes, "single_class": args.single_class})
     result = train_dense(spec, cfg, size=args.size, pretrained=args.pretrained, resume=args.resume)
-    print(f"done: best AP50-95 {result['best_ap50_95']:.4f}; weights in {args.out}/best.pt")
+    if _is_main_process():
+        print(f"done: best AP50-95 {result['best_ap50_95']:.4f}; weights in {args.out}/best.pt")
     return 0
 
 

@@ -9,6 +9,8 @@ without its hole), rectangles, triangles and lines over textured backgrounds.
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import List, Tuple
 
@@ -125,6 +127,12 @@ def ensure_synthetic(cache_dir: str, n_train: int = 800, n_val: int = 200, seed:
     marker = root / "params.json"
     if marker.is_file() and json.loads(marker.read_text()) == params:
         return str(root / "data.yaml")
+    if int(os.environ.get("RANK", "0")) > 0:  # under torchrun, rank 0 writes it; the others wait
+        for _ in range(1200):
+            time.sleep(0.5)
+            if marker.is_file() and json.loads(marker.read_text()) == params:
+                return str(root / "data.yaml")
+        raise RuntimeError(f"{root}: rank 0 did not finish writing the synthetic dataset in 10 minutes")
     path = write_synthetic(str(root), n_train, n_val, seed, size)
     marker.write_text(json.dumps(params))  # written last: a half-written set is regenerated
     return path
