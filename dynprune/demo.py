@@ -22,7 +22,7 @@ class DemoPlan:
 
     n_train: int = 480
     imgsz: int = 256
-    dense_epochs: int = 12
+    dense_epochs: int = 14
     gate_epochs: int = 4
     prune_epochs: int = 3
     keep: float = 0.5
@@ -68,7 +68,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False) -> int:
     stage("2/7 dense nano detector")
     t = time.time()
     dense_cfg = TrainConfig(epochs=plan.dense_epochs, batch=plan.batch, imgsz=plan.imgsz, lr=4e-3, workers=1,
-                            out=str(root / "dense"), val_every=max(1, plan.dense_epochs // 3))
+                            out=str(root / "dense"), val_every=max(1, plan.dense_epochs // 7))
     train_dense(spec, dense_cfg, size="nano")
     timings["dense_train_s"] = time.time() - t
     dense_w = str(root / "dense" / "best.pt")

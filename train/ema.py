@@ -33,3 +33,13 @@ class ModelEMA:
                 v.mul_(d).add_(msd[k].detach(), alpha=1 - d)
             else:
                 v.copy_(msd[k])
+
+    @torch.no_grad()
+    def restart(self, model: nn.Module) -> None:
+        """Start averaging again from ``model``'s weights (after its structure changed).
+
+        An average over steps in which different filters were alive is no network at all:
+        EFFP's pruning steps restart it so that it only ever averages one sub-network.
+        """
+        self.ema.load_state_dict(model.state_dict())
+        self.updates = 0

@@ -124,6 +124,7 @@ class EffpTrainer(StaticMaskMixin, Trainer):
         for bi, li, c in prunable:
             if (bi, li, c) in regrow:
                 masks[bi][li][c] = True
+        changed = False
         for bi, b in enumerate(self.model.blocks):
             for li, layer in enumerate((b.cv1, b.cv2)):
                 want_zero = ~masks[bi][li]
@@ -143,8 +144,13 @@ class EffpTrainer(StaticMaskMixin, Trainer):
                         target.conv.weight[back] = w["weight"][back]
                         target.bn.weight[back] = w["gamma"][back]
                         target.bn.bias[back] = w["beta"][back]
+                changed |= bool(newly.any() or back.any())
                 self.zeroed[bi][li] = want_zero
         self.masks = masks
+        if changed:
+            # Measured on the demo: averaging across pruning steps gave AP50 0.81 where the raw
+            # weights had 0.91, so the EMA restarts whenever the set of live filters changes.
+            self.ema.restart(self.model)
         self.apply_masks()
 
     def _ema_layer(self, bi: int, li: int):
