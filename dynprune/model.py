@@ -104,7 +104,8 @@ class Detector(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         h, w = x.shape[-2:]
-        if h % 32 or w % 32:
+        # The export traces a fixed, already checked size; the check would only warn there.
+        if not torch.jit.is_tracing() and (h % 32 or w % 32):
             raise ValueError(f"input size {h}x{w} is not a multiple of 32")
         return self.head(self.features(x), (h, w))
 

@@ -128,7 +128,7 @@ class GateTrainer(Trainer):
             for s, f in zip(sal, feats):
                 l_sim = l_sim + similarity_loss(f, s)
             l_sim = self.similarity_w * l_sim
-        return l_sparse + l_sim, {"sp": float(l_sparse), "sim": float(l_sim)}
+        return l_sparse + l_sim, {"sp": float(l_sparse.detach()), "sim": float(l_sim.detach())}
 
     def epoch_end(self, epoch: int, per_image_losses: torch.Tensor) -> None:
         self.c_value = COMPLEXITY_FACTOR * float(per_image_losses.mean())

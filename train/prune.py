@@ -95,7 +95,7 @@ class EffpTrainer(StaticMaskMixin, Trainer):
         loss = torch.relu(f - self.flops_target)
         if self.params_target is not None:
             loss = loss + torch.relu(p - self.params_target)
-        return self.alpha * loss, {"F": float(f)}
+        return self.alpha * loss, {"F": float(f.detach())}
 
     def regrow_count(self, step: int, prunable: int) -> int:
         """How many prunable filters are given back: falls linearly to 0 at ``regrow_end``."""
