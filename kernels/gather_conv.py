@@ -23,6 +23,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _bias_act_scale(acc, b_ptr, channel, slot, ok, scale_row_ptr,
+                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_SCALE: tl.constexpr):
+    """The epilogue both kernels share: folded-BN bias (by channel), SiLU, saliency scale (by slot)."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + channel, mask=ok, other=0.0).to(tl.float32)[None, :]
+    if ACT == 1:
+        acc = acc * tl.sigmoid(acc)  # SiLU
+    if HAS_SCALE:
+        acc *= tl.load(scale_row_ptr + slot, mask=ok, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _gather_conv_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, scale_ptr, res_ptr,
     in_idx_ptr, in_cnt_ptr, out_idx_ptr, out_cnt_ptr,
@@ -80,12 +93,7 @@ def _gather_conv_kernel(
                              mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc += tl.dot(a, wt)
 
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + oc, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if ACT == 1:
-        acc = acc * tl.sigmoid(acc)  # SiLU
-    if HAS_SCALE:
-        acc *= tl.load(scale_ptr + b * C_OUT_FULL + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    acc = _bias_act_scale(acc, b_ptr, oc, offs_n, n_ok, scale_ptr + b * C_OUT_FULL, HAS_BIAS, ACT, HAS_SCALE)
     mask = m_ok[:, None] & n_ok[None, :]
     if HAS_RES:
         acc += tl.load(res_ptr + b * srb + oc[None, :] * src + oh[:, None] * srh + ow[:, None] * srw,
@@ -136,12 +144,7 @@ def _gather_dwconv_kernel(
                         mask=pix_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
             wt = tl.load(w_ptr + ch * (K * K) + kh * K + kw, mask=c_ok, other=0.0).to(tl.float32)
             acc += a * wt[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + ch, mask=c_ok, other=0.0).to(tl.float32)[None, :]
-    if ACT == 1:
-        acc = acc * tl.sigmoid(acc)
-    if HAS_SCALE:
-        acc *= tl.load(scale_ptr + b * C_FULL + offs_c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    acc = _bias_act_scale(acc, b_ptr, ch, offs_c, c_ok, scale_ptr + b * C_FULL, HAS_BIAS, ACT, HAS_SCALE)
     tl.store(out_ptr + b * sob + offs_c[None, :] * soc + oh[:, None] * soh + ow[:, None] * sow,
              acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
 
