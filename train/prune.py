@@ -138,12 +138,11 @@ class EffpTrainer(StaticMaskMixin, Trainer):
                     w["weight"][newly] = layer.conv.weight[newly]
                     w["gamma"][newly] = layer.bn.weight[newly]
                     w["beta"][newly] = layer.bn.bias[newly]
-                if back.any():  # regrow: restore the saved weights, not fresh ones
+                if back.any():  # regrow: restore the saved weights, not fresh ones (the EMA follows below)
                     w = self.saved[key]
-                    for target in (layer, self._ema_layer(bi, li)):
-                        target.conv.weight[back] = w["weight"][back]
-                        target.bn.weight[back] = w["gamma"][back]
-                        target.bn.bias[back] = w["beta"][back]
+                    layer.conv.weight[back] = w["weight"][back]
+                    layer.bn.weight[back] = w["gamma"][back]
+                    layer.bn.bias[back] = w["beta"][back]
                 changed |= bool(newly.any() or back.any())
                 self.zeroed[bi][li] = want_zero
         self.masks = masks
@@ -152,10 +151,6 @@ class EffpTrainer(StaticMaskMixin, Trainer):
             # weights had 0.91, so the EMA restarts whenever the set of live filters changes.
             self.ema.restart(self.model)
         self.apply_masks()
-
-    def _ema_layer(self, bi: int, li: int):
-        b = self.ema.ema.blocks[bi]
-        return (b.cv1, b.cv2)[li]
 
     def after_step(self, step: int) -> None:
         if step % self.interval == 0 or step == self.total_iters - 1:
