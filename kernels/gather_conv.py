@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dynprune.kernels.reference import conv_output_hw
+
 
 @triton.jit
 def _bias_act_scale(acc, b_ptr, channel, slot, ok, scale_row_ptr,
@@ -179,7 +181,7 @@ def gather_conv2d_triton(
     """Same contract as :func:`dynprune.kernels.reference.gather_conv2d_padded`, in one launch."""
     b_sz, c_in_full, h, w = x.shape
     c_out, _, k, _ = weight.shape
-    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    ho, wo = conv_output_hw(h, w, k, stride, padding)
     if out is None:
         out = torch.empty(b_sz, c_out, ho, wo, device=x.device, dtype=x.dtype)
     if residual is not None and out_index is not None:
@@ -218,7 +220,7 @@ def gather_depthwise_conv2d_triton(
     """Depthwise convolution over the kept channels (compact in, compact out, same index list)."""
     b_sz, c_full, h, w = x.shape
     k = weight.shape[-1]
-    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    ho, wo = conv_output_hw(h, w, k, stride, padding)
     if out is None:
         out = torch.empty(b_sz, c_full, ho, wo, device=x.device, dtype=x.dtype)
     dense = index is None

@@ -18,6 +18,11 @@ import torch.nn.functional as F
 ACTIVATIONS = (None, "silu", "relu")
 
 
+def conv_output_hw(h: int, w: int, k: int, stride: int, padding: int) -> tuple[int, int]:
+    """Output height and width of a ``k x k`` convolution with zero padding (as ``F.conv2d``)."""
+    return (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+
+
 def _act(y: torch.Tensor, act: Optional[str]) -> torch.Tensor:
     if act is None:
         return y
@@ -50,7 +55,7 @@ def gather_conv2d(
     k = weight.shape[-1]
     w_sel = weight if out_index is None else weight.index_select(0, out_index)
     b_sel = None if bias is None else (bias if out_index is None else bias.index_select(0, out_index))
-    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    ho, wo = conv_output_hw(h, w, k, stride, padding)
     if in_index is not None and in_index.numel() == 0:
         # No input channel kept: the convolution of zeros is its bias everywhere.
         base = b_sel if b_sel is not None else w_sel.new_zeros(w_sel.shape[0])
@@ -84,7 +89,7 @@ def gather_depthwise_conv2d(
         weight = weight.index_select(0, index)
         bias = None if bias is None else bias.index_select(0, index)
     if weight.shape[0] == 0:
-        ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+        ho, wo = conv_output_hw(h, w, k, stride, padding)
         return x.new_zeros(n, 0, ho, wo)
     y = _act(F.conv2d(x, weight, bias, stride, padding, groups=weight.shape[0]), act)
     if scale is not None:
@@ -118,7 +123,7 @@ def gather_conv2d_padded(
     """
     b_sz, _, h, w = x.shape
     k = weight.shape[-1]
-    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    ho, wo = conv_output_hw(h, w, k, stride, padding)
     if out is None:
         out = x.new_zeros(b_sz, weight.shape[0], ho, wo)
     for b in range(b_sz):
@@ -152,7 +157,7 @@ def gather_depthwise_conv2d_padded(
     """Fixed-shape contract of the Triton depthwise kernel (compact in and out, one index list)."""
     b_sz, c, h, w = x.shape
     k = weight.shape[-1]
-    ho, wo = (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+    ho, wo = conv_output_hw(h, w, k, stride, padding)
     if out is None:
         out = x.new_zeros(b_sz, c, ho, wo)
     for b in range(b_sz):
