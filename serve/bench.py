@@ -136,12 +136,13 @@ def format_table(result: Dict[str, Any]) -> str:
                      f"{f(r['keep_mean'], '.3f'):>7}{f(r['keep_p95'], '.3f'):>8}{f(r['gflops'], '.3f'):>8}"
                      f"{f(r['ap50'], '.4f'):>8}{f(r['ap50_95'], '.4f'):>9}")
     be = result.get("break_even_keep")
-    if be is not None and be <= 0:  # the fitted line crosses outside [0, 1]: say what it means
-        lines.append(f"break-even keep ratio: none, static is faster at every keep ratio (fit crosses at {be:.3f})")
-    elif be is not None and be >= 1:
-        lines.append(f"break-even keep ratio: none, dynamic is faster at every keep ratio (fit crosses at {be:.3f})")
-    elif be is not None:
-        lines.append(f"break-even keep ratio (dynamic as fast as static): {be:.3f}")
+    if be is not None:
+        if 0 < be < 1:
+            lines.append(f"break-even keep ratio (dynamic as fast as static): {be:.3f}")
+        else:  # the fitted line crosses outside [0, 1]: say what that means
+            faster = "static" if be <= 0 else "dynamic"
+            lines.append(f"break-even keep ratio: none, {faster} is faster at every keep ratio "
+                         f"(fit crosses at {be:.3f})")
     return "\n".join(lines)
 
 
