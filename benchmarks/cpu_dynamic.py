@@ -11,7 +11,6 @@ Prints a table and writes JSON (--json).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import platform
 import time
@@ -59,17 +58,22 @@ def frames_from(data: str | None, imgsz: int, n: int):
     return [torch.rand(1, 3, imgsz, imgsz, generator=g) * (i % 4 + 1) / 4 for i in range(n)]
 
 
-def time_model(fn, frames, repeats: int = 3):
-    it = itertools.cycle(frames)
+def time_interleaved(fns, frames, repeats: int = 3):
+    """``[(p50_ms, p95_ms)]`` per function, timed frame by frame in alternation, so that a
+    slow spell of the machine (another process, clock changes) hits every model alike."""
+    times = [[] for _ in fns]
     with torch.no_grad():
-        for _ in range(min(len(frames), 10)):
-            fn(next(it))
-        times = []
-        for _ in range(repeats * len(frames)):
-            t0 = time.perf_counter()
-            fn(next(it))
-            times.append((time.perf_counter() - t0) * 1e3)
-    return float(np.median(times)), float(np.percentile(times, 95))
+        for f in frames[:10]:
+            for fn in fns:
+                fn(f)
+        for r in range(repeats):
+            for f in frames:
+                order = range(len(fns)) if r % 2 == 0 else reversed(range(len(fns)))
+                for j in order:
+                    t0 = time.perf_counter()
+                    fns[j](f)
+                    times[j].append((time.perf_counter() - t0) * 1e3)
+    return [(float(np.median(t)), float(np.percentile(t, 95))) for t in times]
 
 
 def main() -> None:
@@ -104,8 +108,7 @@ def main() -> None:
             k = compact.kept_counts()[0]
             keeps.append(float((k / widths).mean()))
             flops.append(cost.frame_flops(k.tolist()) / cost.dense)
-    d50, d95 = time_model(fast_dense, frames)
-    y50, y95 = time_model(compact, frames)
+    (d50, d95), (y50, y95) = time_interleaved([fast_dense, compact], frames)
     res = {"imgsz": args.imgsz, "threads": args.threads, "frames": len(frames), "torch": torch.__version__,
            "cpu": platform.processor() or platform.machine(), "keep_mean": float(np.mean(keeps)),
            "flops_fraction_mean": float(np.mean(flops)), "dense_p50_ms": d50, "dense_p95_ms": d95,

@@ -73,6 +73,26 @@ def test_compact_execution_equals_masked_dense(group, seed):
                 assert torch.all((k % group == 0) | (k == width) | (k % group == width % group))
 
 
+@pytest.mark.parametrize("group", [1, 8])
+@pytest.mark.parametrize("keep", [0.3, 1.0])
+def test_compact_fbs_topk_equals_masked_dense(group, keep):
+    """FBS's k-winners-take-all gates: the CPU path's NumPy decision equals Gate.group_keep."""
+    model, _ = gated_model(group, seed=3)
+    for gate in (m for m in model.modules() if isinstance(m, Gate)):
+        gate.fc1.weight.data.normal_(0, 2.0)
+        gate.fc2.weight.data.normal_(0, 1.0)
+    set_gate_mode(model, "topk", keep)
+    x = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        kept_ref = [[int((m[i] > 0).sum()) for b in model.blocks for m in b.last["mask"]] for i in range(3)]
+        compact = CompactDetector(model)
+        out = compact(x)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert compact.kept_counts().flatten(1).tolist() == kept_ref
+
+
 def test_batch_images_keep_different_channel_sets():
     model, _ = gated_model()
     set_gate_mode(model, "threshold")
@@ -112,8 +132,13 @@ def test_compact_block_really_skips_work():
     x = torch.rand(1, 16, 8, 8)
     with FlopCounterMode(display=False) as fc:
         compact(x)
-    gate_flops = 2 * (compact.fc1_t.numel() + compact.fc2_t.numel())
-    assert fc.get_total_flops() <= gate_flops + 2 * 64 * 16 * 32  # no 3x3 at all, at most the 1x1 out
+    # The gates run in NumPy (uncounted); no 3x3 at all, at most the constant through the 1x1 out.
+    assert fc.get_total_flops() <= 2 * 16 * 32
+    block.gate1.threshold.fill_(0.0)
+    block.gate2.threshold.fill_(1e9)
+    with FlopCounterMode(display=False) as fc:
+        CompactBottleneck(block)(x)
+    assert fc.get_total_flops() == 0  # nothing reaches the output projection: shortcut plus bias
 
 
 def test_complexity_weights_by_hand():
