@@ -97,6 +97,52 @@ def cmd_gate(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    import numpy as np
+
+    from dynprune.calibration import calibrate
+    from dynprune.checkpoint import model_from_checkpoint, save_atomic
+    from dynprune.data import load_dataset
+    from dynprune.data.dataset import DetectionDataset
+
+    if (args.keep is None) == (args.flops is None):
+        raise ValueError("give exactly one target, --keep (mean kept fraction) or --flops (fraction of dense)")
+    measure, target = ("keep", args.keep) if args.keep is not None else ("flops", args.flops)
+    model, ckpt = model_from_checkpoint(args.weights)
+    if not model.gated:
+        raise ValueError(f"{args.weights}: a dense or statically pruned checkpoint; calibrate a gated one "
+                         "(from dynprune gate)")
+    imgsz = _check_imgsz(args.imgsz or ckpt["imgsz"])
+    data = args.data or ckpt.get("data")
+    if not data:
+        raise SystemExit(f"{args.weights}: records no dataset; pass --data")
+    trained = (ckpt.get("train_config") or {}).get("extra", {})
+    spec = load_dataset(data, classes=args.classes or trained.get("classes"),
+                        single_class=args.single_class or bool(trained.get("single_class")))
+    # Thresholds are a property of the training distribution (ManiDP computes them on the
+    # training set); a fixed random subset keeps the run short and repeatable.
+    pick = np.random.default_rng(0).permutation(len(spec.train))[: args.images]
+    ds = DetectionDataset([spec.train[i] for i in sorted(pick)], imgsz)
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    before = ckpt.get("gate") or {}
+    print(f"{args.weights}: calibrating {before.get('method', 'manidp')} gates to mean {measure} {target} "
+          f"on {len(images)} training images of {data} ({imgsz} px)")
+    torch.set_grad_enabled(False)
+    result = calibrate(model, images, target, measure, log=print if args.verbose else (lambda s: None))
+    out = args.out or os.path.join(os.path.dirname(args.weights) or ".",
+                                   f"{os.path.splitext(os.path.basename(args.weights))[0]}_{measure}{target:g}.pt")
+    gate = dict(before)
+    if gate.get("mode") == "topk":
+        gate["keep"] = result.knob
+    ckpt.update(gate=gate, model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+                calibration={**vars(result), "images": len(images), "data": data, "from": args.weights})
+    save_atomic(ckpt, out)
+    print(f"realised on those images: mean keep {result.keep_mean:.3f}, mean FLOPs {result.flops_mean:.3f} of dense "
+          f"({'remain rate' if gate.get('mode') != 'topk' else 'top-k ratio'} {result.knob:.4f}, "
+          f"{result.steps} steps)\nwrote {out}  (dynprune val --weights {out})")
+    return 0
+
+
 def cmd_prune(args) -> int:
     from dynprune.checkpoint import load_checkpoint
     from dynprune.train.prune import prune_checkpoint
@@ -261,6 +307,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/gate")
     _add_train_args(p, epochs=20, lr=5e-4)
     p.set_defaults(func=cmd_gate)
+
+    p = sub.add_parser("calibrate", help="move a gated checkpoint's thresholds so that the mean per-frame keep "
+                                         "ratio or FLOPs hits a target (no retraining)")
+    p.add_argument("--weights", required=True, help="a gated checkpoint (from dynprune gate)")
+    _add_data_args(p, required=False)
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--keep", type=float, help="target mean fraction of hidden channels kept per frame")
+    target.add_argument("--flops", type=float, help="target mean FLOPs per frame, as a fraction of dense")
+    p.add_argument("--images", type=int, default=128, help="training images to calibrate on")
+    p.add_argument("--imgsz", type=int, default=None, help="input size (default: the checkpoint's)")
+    p.add_argument("--out", help="output checkpoint (default: next to --weights, e.g. best_keep0.5.pt)")
+    p.add_argument("--verbose", action="store_true", help="print every bisection step")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("prune", help="static pruning (EFFP or a baseline) to a FLOPs/parameter target")
     p.add_argument("--weights", required=True, help="the dense checkpoint (from dynprune train)")

@@ -13,7 +13,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dynprune.gates import set_gate_mode
+from dynprune.gates import Gate, set_gate_mode
 from dynprune.layers import Bottleneck
 from dynprune.model import Detector
 
@@ -58,7 +58,8 @@ class CostModel:
         self.blocks = model.blocks
         self.hw: List[int] = []
         hooks = [b.register_forward_hook(self._record) for b in self.blocks]
-        modes = {id(m): m.mode for m in model.modules() if hasattr(m, "mode") and hasattr(m, "threshold")}
+        # Counted with every gate open; each gate's mode and FBS top-k ratio are put back after.
+        modes = {id(m): (m.mode, m.keep_ratio) for m in model.modules() if isinstance(m, Gate)}
         set_gate_mode(model, "open")
         try:
             self.dense = count_flops(model, imgsz)
@@ -67,7 +68,7 @@ class CostModel:
                 h.remove()
             for m in model.modules():
                 if id(m) in modes:
-                    m.mode = modes[id(m)]
+                    m.mode, m.keep_ratio = modes[id(m)]
         self.hw = self.hw[: len(self.blocks)]
         self.gates = sum(gate_flops(b) for b in self.blocks)
         self.params = count_parameters(model)

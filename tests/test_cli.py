@@ -12,7 +12,7 @@ def test_help_lists_every_command(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for cmd in ("demo", "train", "gate", "prune", "export", "bench", "serve", "val"):
+    for cmd in ("demo", "train", "gate", "calibrate", "prune", "export", "bench", "serve", "val"):
         assert cmd in out
 
 
