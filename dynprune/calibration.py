@@ -8,10 +8,16 @@ measured keep ratios land well under the target (0.34 for ``--keep 0.5`` on the 
 set, 0.46 on raccoon). Users who ask for 50% expect 50%, and a fair comparison of gating
 methods needs them at *matched* mean FLOPs.
 
-:func:`calibrate` searches, by bisection, the one scalar that each method's thresholds hang
-on (ManiDP's remain rate, FBS's top-k ratio) until the mean per-frame keep ratio or FLOPs
-fraction over a set of training images equals the target. No weight changes; only the
-thresholds (or FBS's k) move.
+:func:`calibrate` searches, by bisection, one scalar per method until the mean per-frame
+keep ratio or FLOPs fraction over a set of training images equals the target: for ManiDP a
+common factor on every layer's trained threshold (factor 1 is the trained model, so the
+per-layer balance that training settled on is kept; re-deriving the thresholds from fresh
+eval-mode saliency means instead moved them enough to cost 6 AP50 points on raccoon at the
+same FLOPs), for FBS the top-k ratio. No weight changes.
+
+A target can be out of reach: a channel whose saliency is exactly 0 (the gates' last ReLU)
+is never kept, whatever the threshold, so gates trained to silence most channels cannot be
+calibrated up to a high keep ratio. :class:`Calibration` says so (``reachable``).
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ import torch
 
 from dynprune.flops import CostModel
 from dynprune.gates import Gate
-from dynprune.manidp import SaliencyStats
 from dynprune.model import Detector
 
 #: What a target can be: the mean kept fraction of hidden channels, or the FLOPs per frame as
@@ -38,10 +43,11 @@ class Calibration:
     measure: str
     target: float
     achieved: float
-    knob: float  # ManiDP: the remain rate the thresholds came from; FBS: the top-k ratio
+    knob: float  # ManiDP: the factor on the trained thresholds; FBS: the top-k ratio
     keep_mean: float
     flops_mean: float
     steps: int
+    reachable: bool = True
 
 
 @torch.no_grad()
@@ -108,17 +114,24 @@ def calibrate(model: Detector, images: torch.Tensor, target: float, measure: str
         return value
 
     if modes == {"threshold"}:
-        # The mean saliencies the thresholds are quantiles of, with the model as it stands.
-        stats = SaliencyStats(model.blocks)
-        for chunk in images.split(batch):
-            model(chunk)
-            stats.update(model.blocks)
-        knob, achieved, n = _bisect(stats.apply_thresholds, measured, target, 0.0, 1.0, steps, tol)
-    else:
-        def set_k(ratio: float) -> None:
-            for g in gates:
-                g.keep_ratio = max(ratio, 1e-6)
+        trained = [g.threshold.clone() for g in gates]
 
-        knob, achieved, n = _bisect(set_k, measured, target, 0.0, 1.0, steps, tol)
+        def apply(v: float) -> None:  # factor 2**(8 - 16 v) on every trained threshold; v = 0.5: as trained
+            for g, t in zip(gates, trained):
+                g.threshold.copy_(t * 2.0 ** (8 - 16 * v))
+
+        def to_knob(v: float) -> float:
+            return 2.0 ** (8 - 16 * v)
+    else:
+        def apply(v: float) -> None:
+            for g in gates:
+                g.keep_ratio = max(v, 1e-6)
+
+        def to_knob(v: float) -> float:
+            return v
+
+    v, achieved, n = _bisect(apply, measured, target, 0.0, 1.0, steps, tol)
+    # Further off than the discreteness of channels explains: out of the gates' reach (see above).
+    reachable = abs(achieved - target) <= max(4 * tol, 0.02)
     keep, flops = realised_cost(model, images, cost, batch)
-    return Calibration(measure, target, achieved, knob, keep, flops, n)
+    return Calibration(measure, target, achieved, to_knob(v), keep, flops, n, reachable)

@@ -137,8 +137,12 @@ def cmd_calibrate(args) -> int:
     ckpt.update(gate=gate, model={k: v.detach().cpu() for k, v in model.state_dict().items()},
                 calibration={**vars(result), "images": len(images), "data": data, "from": args.weights})
     save_atomic(ckpt, out)
+    if not result.reachable:
+        print(f"warning: {measure} {target} is out of these gates' reach; the closest is {result.achieved:.3f}. "
+              "Channels whose saliency is exactly 0 are never kept: retrain the gates with a lower --sparsity "
+              "or a higher --keep to get more.")
     print(f"realised on those images: mean keep {result.keep_mean:.3f}, mean FLOPs {result.flops_mean:.3f} of dense "
-          f"({'remain rate' if gate.get('mode') != 'topk' else 'top-k ratio'} {result.knob:.4f}, "
+          f"({'threshold factor' if gate.get('mode') != 'topk' else 'top-k ratio'} {result.knob:.4f}, "
           f"{result.steps} steps)\nwrote {out}  (dynprune val --weights {out})")
     return 0
 

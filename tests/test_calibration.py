@@ -58,6 +58,28 @@ def test_thresholds_move_but_weights_do_not():
             assert torch.equal(v, weights[k]), k
 
 
+def test_first_threshold_tried_is_the_trained_one():
+    """Factor 1 on the trained thresholds comes first: a target the model already meets leaves it as is."""
+    model, images = trained_like_gates()
+    trained = [g.threshold.clone() for g in model.modules() if isinstance(g, Gate)]
+    keep, _ = realised_cost(model, images, CostModel(model, 64))
+    result = calibrate(model, images, keep, "keep")
+    assert result.steps == 1 and result.knob == 1.0 and result.reachable
+    for g, t in zip((m for m in model.modules() if isinstance(m, Gate)), trained):
+        assert torch.equal(g.threshold, t)
+
+
+def test_gates_that_silence_channels_cannot_be_calibrated_up():
+    """A saliency of exactly 0 is never kept: the ceiling is below the target, and it is said."""
+    model, images = trained_like_gates()
+    for gate in (m for m in model.modules() if isinstance(m, Gate)):
+        half = gate.groups // 2
+        gate.fc2.weight.data[:half] = 0
+        gate.fc2.bias.data[:half] = -1.0  # ReLU(-1) = 0 for every frame
+    result = calibrate(model, images, 0.9, "keep")
+    assert not result.reachable and result.achieved <= 0.55
+
+
 def test_unreachable_or_invalid_targets_are_refused():
     model, images = trained_like_gates()
     with pytest.raises(ValueError, match="no gate can remove"):
