@@ -142,7 +142,7 @@ def cmd_calibrate(args) -> int:
               "Channels whose saliency is exactly 0 are never kept: retrain the gates with a lower --sparsity "
               "or a higher --keep to get more.")
     print(f"realised on those images: mean keep {result.keep_mean:.3f}, mean FLOPs {result.flops_mean:.3f} of dense "
-          f"({'threshold factor' if gate.get('mode') != 'topk' else 'top-k ratio'} {result.knob:.4f}, "
+          f"({'keep factor' if gate.get('mode') != 'topk' else 'top-k ratio'} {result.knob:.4f}, "
           f"{result.steps} steps)\nwrote {out}  (dynprune val --weights {out})")
     return 0
 

@@ -69,6 +69,24 @@ def test_first_threshold_tried_is_the_trained_one():
         assert torch.equal(g.threshold, t)
 
 
+def test_layers_move_in_proportion_and_none_is_shut():
+    """Calibrating down scales every layer's kept fraction alike: no layer drops to zero channels."""
+    model, images = trained_like_gates()
+
+    def layer_keep():
+        with torch.no_grad():
+            model(images)
+        return torch.tensor([float((m > 0).float().mean()) for b in model.blocks for m in b.last["mask"]])
+
+    before = layer_keep()
+    result = calibrate(model, images, 0.5 * float(before.mean()), "keep")
+    after = layer_keep()
+    assert result.reachable and result.knob < 1
+    assert bool((after[before > 0] > 0).all())
+    ratio = after[before > 0] / before[before > 0]
+    assert float(ratio.max() - ratio.min()) < 0.5  # roughly the same factor everywhere
+
+
 def test_gates_that_silence_channels_cannot_be_calibrated_up():
     """A saliency of exactly 0 is never kept: the ceiling is below the target, and it is said."""
     model, images = trained_like_gates()
