@@ -36,6 +36,7 @@ import torch
 
 from dynprune.flops import CostModel
 from dynprune.gates import Gate
+from dynprune.manidp import quantile_threshold
 from dynprune.model import Detector
 
 #: What a target can be: the mean kept fraction of hidden channels, or the FLOPs per frame as
@@ -103,17 +104,6 @@ def saliency_pools(model: Detector, images: torch.Tensor, batch: int = 16) -> Li
             for j, (s, g) in enumerate(zip(b.last["saliency"], (b.gate1, b.gate2))):
                 pools[2 * i + j].append(s[:, :: g.group].flatten())  # channels of a group share a value
     return [torch.cat(p).sort(descending=True).values for p in pools]
-
-
-def quantile_threshold(pool: torch.Tensor, keep: float) -> float:
-    """The threshold that keeps a fraction ``keep`` of a descending-sorted saliency ``pool``
-    (``saliency >= threshold``); never 0, since a zero saliency is never kept."""
-    n = max(1, min(pool.numel(), round(keep * pool.numel())))
-    value = float(pool[n - 1])
-    if value <= 0:  # fewer positive saliencies than asked for: keep all of them
-        positive = pool[pool > 0]
-        value = float(positive[-1]) if positive.numel() else float("inf")
-    return value
 
 
 @torch.no_grad()

@@ -91,7 +91,7 @@ def cmd_gate(args) -> int:
     result = train_gates(args.weights, spec, cfg, keep=args.keep, method=args.gate, group=args.group,
                          resume=args.resume, sparsity=args.sparsity, similarity=args.similarity, beta=args.beta,
                          complexity=not args.no_complexity, threshold_every=args.threshold_every,
-                         gate_lr_mult=args.gate_lr_mult)
+                         gate_lr_mult=args.gate_lr_mult, keep_on=args.keep_on)
     print(f"done: best AP50-95 {result['best_ap50_95']:.4f}; gated weights in {args.out}/best.pt "
           f"(dynprune val --weights {args.out}/best.pt --report {args.out}/report)")
     return 0
@@ -306,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=1.0, help="complexity weight exponent (ManiDP code: 1.0)")
     p.add_argument("--no-complexity", action="store_true", help="ablation: weight every image equally")
     p.add_argument("--gate-lr-mult", type=float, default=10.0, help="learning-rate multiplier of the new gates")
+    p.add_argument("--keep-on", default="mean", choices=["mean", "frames"],
+                   help="mean: ManiDP's thresholds (k-th largest mean saliency; frames keep less than --keep); "
+                        "frames: thresholds at the saliency quantile, so the mean per-frame keep is --keep")
     p.add_argument("--threshold-every", type=int, default=0, metavar="N",
                    help="reset thresholds every N steps instead of every epoch (smoother on short schedules)")
     p.add_argument("--out", default="runs/gate")

@@ -232,6 +232,32 @@ def test_thresholds_keep_the_intended_fraction_on_the_training_set(remain):
     assert abs(sum(fractions) / len(fractions) - remain) < 0.15
 
 
+@pytest.mark.parametrize("remain", [0.25, 0.5, 0.75])
+def test_frame_thresholds_keep_the_fraction_of_each_frames_channels(remain):
+    """keep_on="frames": each layer keeps ``remain`` of the (frame, channel) saliencies it was
+    set on, so the mean per-frame keep is the target (ManiDP's mean rule keeps fewer)."""
+    model, _ = gated_model()
+    set_gate_mode(model, "threshold")
+    for gate in (m for m in model.modules() if isinstance(m, Gate)):
+        gate.fc1.weight.data.normal_(0, 1.0)
+        gate.fc2.weight.data.normal_(0, 0.5)
+        gate.fc2.bias.data.uniform_(0.5, 1.5)  # no ties between channels (ties are kept together)
+    images = torch.rand(16, 3, 64, 64) * torch.linspace(0.2, 1.0, 16).view(16, 1, 1, 1)
+    stats = SaliencyStats(model.blocks, keep_on="frames")
+    with torch.no_grad():
+        for chunk in images.split(4):
+            model(chunk)
+            stats.update(model.blocks)
+        stats.apply_thresholds(remain)
+    for gate, values in zip(stats.gates, stats.values):
+        pool = torch.cat(values)
+        kept = float(((pool >= gate.threshold) & (pool > 0)).float().mean())
+        positive = float((pool > 0).float().mean())
+        assert kept == pytest.approx(min(remain, positive), abs=1.0 / pool.numel() + 1e-6)
+    with pytest.raises(ValueError, match="keep_on"):
+        SaliencyStats(model.blocks, keep_on="median")
+
+
 @pytest.mark.parametrize("threshold_every", [0, 2])
 def test_gate_training_saves_the_model_it_validated(synthetic_yaml, tmp_path, threshold_every):
     """best.pt is validated with its gates thresholded (not open), at the target keep ratio,

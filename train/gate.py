@@ -46,6 +46,7 @@ class GateTrainer(Trainer):
         complexity: bool = True,
         threshold_every: int = 0,
         gate_lr_mult: float = 10.0,
+        keep_on: str = "mean",
         log=print,
     ) -> None:
         if not 0 < keep <= 1:
@@ -68,7 +69,9 @@ class GateTrainer(Trainer):
         else:
             set_gate_mode(model, "threshold")
         super().__init__(model, spec, cfg, log)
-        self.stats = SaliencyStats(self.model.blocks)
+        # "mean": ManiDP's k-th largest mean saliency; "frames": the mean per-frame keep is --keep.
+        self.keep_on = keep_on
+        self.stats = SaliencyStats(self.model.blocks, keep_on=keep_on)
         # ManiDP's thresholds reach the target at the last epoch; an earlier epoch keeps more
         # channels and must not become best.pt (FBS keeps the target from the start).
         self.min_best_epoch = cfg.epochs - 1 if method == "manidp" else 0
@@ -92,7 +95,7 @@ class GateTrainer(Trainer):
         mode = "topk" if self.method == "fbs" else "threshold"
         return {"mode": mode, "keep": self.keep, "method": self.method, "complexity": self.complexity,
                 "sparsity": self.sparsity_w, "similarity": self.similarity_w, "beta": self.beta,
-                "threshold_every": self.threshold_every}
+                "threshold_every": self.threshold_every, "keep_on": self.keep_on}
 
     def epoch_start(self, epoch: int) -> None:
         if not self.threshold_every:
