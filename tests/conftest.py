@@ -18,6 +18,16 @@ from dynprune.config import DetectorConfig
 torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def grad_mode_is_not_leaked():
+    """A test (or the CLI it drives in-process) that switches autograd off globally breaks every
+    training test after it; fail the culprit instead."""
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("autograd was left disabled globally (use a scoped torch.no_grad())")
+
+
 def tiny_config(num_classes: int = 1, **kw) -> DetectorConfig:
     """A model small enough for CI: same structure as nano, a few thousand parameters."""
     d = dict(num_classes=num_classes, stem=8, widths=(8, 16, 16, 16), depths=(1, 1, 1, 1), neck=16)
