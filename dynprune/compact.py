@@ -68,14 +68,15 @@ class CompactBottleneck(nn.Module):
             self.register_buffer(f"b{name}", b)
         self.n_groups1 = self.gate1.groups
         self.lean = self.gate1.mode == self.gate2.mode == "threshold"
-        self._np: Optional[Dict[str, np.ndarray]] = None
+        self._np: Optional[Dict[str, np.ndarray | torch.Tensor]] = None
+        self._pool_rows: Dict[int, torch.Tensor] = {}
         # (B, 2) kept counts of the last forward pass, for per-frame accounting.
         self.last_kept: Optional[torch.Tensor] = None
         self.profile = False  # time the gates (serving reports them apart from the network)
         self.gate_ms = 0.0
 
     @property
-    def np(self) -> Dict[str, np.ndarray]:
+    def np(self) -> Dict[str, np.ndarray | torch.Tensor]:
         """NumPy copies of the gates' MLP and the folded weights, built on the first CPU call
         (a Triton instance lives on the GPU and never needs them)."""
         if self._np is None:
@@ -97,7 +98,9 @@ class CompactBottleneck(nn.Module):
                 "fc2_b": arr(torch.cat([g1.fc2.bias, g2.fc2.bias])),
                 "w1_t": arr(self.w1.flatten(1).t()),
                 "b1": arr(self.b1),
-                "w2": arr(self.w2),
+                # (torch: index_select on it runs 2-3x faster than NumPy's fancy indexing over
+                # two axes; measured 0.15 vs 0.41 ms for 256x256x3x3 keeping 121x98)
+                "w2": self.w2.detach().cpu().float().contiguous(),
                 "b2": arr(self.b2),
                 "w3_t": arr(self.w3.flatten(1).t()),
             }
@@ -105,6 +108,13 @@ class CompactBottleneck(nn.Module):
                 self._np["thresholds"] = arr(torch.cat([g1.threshold.expand(g1.groups),
                                                         g2.threshold.expand(g2.groups)]))
         return self._np
+
+    def _pool_row(self, pixels: int) -> torch.Tensor:
+        """``(1, pixels)`` row of ``1 / pixels``, cached per input size."""
+        row = self._pool_rows.get(pixels)
+        if row is None:
+            row = self._pool_rows[pixels] = torch.full((1, pixels), 1.0 / pixels)
+        return row
 
     def saliency(self, pooled: np.ndarray):
         """Per-group saliency and keep decision of both gates from the pooled block input
@@ -141,7 +151,9 @@ class CompactBottleneck(nn.Module):
         t0 = time.perf_counter() if self.profile else 0.0
         b, c, h, w = x.shape
         pixels = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view when x is channels_last
-        (s1, k1), (s2, k2) = self.saliency(pixels.mean(1).numpy())
+        # Global average pool as a (1, H*W) @ (H*W, C) product: one BLAS call, 2-4x faster than
+        # mean() on these shapes (measured 27 vs 95 us at 80x80x32, inside the block).
+        (s1, k1), (s2, k2) = self.saliency(torch.matmul(self._pool_row(h * w), pixels).squeeze(1).numpy())
         if self.profile:
             self.gate_ms += (time.perf_counter() - t0) * 1e3
         p = self.np
@@ -163,8 +175,9 @@ class CompactBottleneck(nn.Module):
                 continue
             y = torch.addmm(torch.from_numpy(p["b1"][idx1]), xi, torch.from_numpy(p["w1_t"][:, idx1]))
             y = F.silu(y, inplace=True).view(1, h, w, -1).permute(0, 3, 1, 2)  # channels-last map
-            w2 = p["w2"][np.ix_(idx2, idx1)] * scale1[None, :, None, None]  # scale 1 folded into W2
-            y = F.silu(F.conv2d(y, torch.from_numpy(w2), torch.from_numpy(b2), padding=1), inplace=True)
+            w2 = p["w2"].index_select(0, torch.from_numpy(idx2)).index_select(1, torch.from_numpy(idx1))
+            w2.mul_(torch.from_numpy(scale1)[None, :, None, None])  # scale 1 folded into W2
+            y = F.silu(F.conv2d(y, w2, torch.from_numpy(b2), padding=1), inplace=True)
             y = y.permute(0, 2, 3, 1).reshape(h * w, -1)
             outs.append(torch.addmm(self.b3, y, w3).add_(xi))
         self.last_kept = torch.tensor(kept)
