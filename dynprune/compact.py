@@ -69,7 +69,6 @@ class CompactBottleneck(nn.Module):
         self.n_groups1 = self.gate1.groups
         self.lean = self.gate1.mode == self.gate2.mode == "threshold"
         self._np: Optional[Dict[str, np.ndarray | torch.Tensor]] = None
-        self._pool_rows: Dict[int, torch.Tensor] = {}
         # (B, 2) kept counts of the last forward pass, for per-frame accounting.
         self.last_kept: Optional[torch.Tensor] = None
         self.profile = False  # time the gates (serving reports them apart from the network)
@@ -109,13 +108,6 @@ class CompactBottleneck(nn.Module):
                                                         g2.threshold.expand(g2.groups)]))
         return self._np
 
-    def _pool_row(self, pixels: int) -> torch.Tensor:
-        """``(1, pixels)`` row of ``1 / pixels``, cached per input size."""
-        row = self._pool_rows.get(pixels)
-        if row is None:
-            row = self._pool_rows[pixels] = torch.full((1, pixels), 1.0 / pixels)
-        return row
-
     def saliency(self, pooled: np.ndarray):
         """Per-group saliency and keep decision of both gates from the pooled block input
         ``(B, C)``: ``((s1, keep1), (s2, keep2))``, NumPy arrays ``(B, groups)``."""
@@ -151,9 +143,7 @@ class CompactBottleneck(nn.Module):
         t0 = time.perf_counter() if self.profile else 0.0
         b, c, h, w = x.shape
         pixels = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view when x is channels_last
-        # Global average pool as a (1, H*W) @ (H*W, C) product: one BLAS call, 2-4x faster than
-        # mean() on these shapes (measured 27 vs 95 us at 80x80x32, inside the block).
-        (s1, k1), (s2, k2) = self.saliency(torch.matmul(self._pool_row(h * w), pixels).squeeze(1).numpy())
+        (s1, k1), (s2, k2) = self.saliency(pixels.mean(1).numpy())
         if self.profile:
             self.gate_ms += (time.perf_counter() - t0) * 1e3
         p = self.np
