@@ -121,9 +121,12 @@ def build_plan(onnx_path: str, plan_path: str, precision: str = "fp16", calibrat
 
 
 class TensorRTRunner:
-    """Runs a plan on torch CUDA buffers; returns ``(boxes, scores)`` as torch tensors."""
+    """Runs a plan on torch CUDA buffers; returns ``(boxes, scores)`` as torch tensors.
 
-    def __init__(self, plan_path: str) -> None:
+    ``device`` is where the I/O buffers live: CUDA for a real engine (the tests pass "cpu" to
+    check the API selection against stand-ins of both TensorRT versions)."""
+
+    def __init__(self, plan_path: str, device: str = "cuda") -> None:
         import tensorrt as trt
 
         self.trt = trt
@@ -142,7 +145,7 @@ class TensorRTRunner:
                 name = self.engine.get_tensor_name(i)
                 shape = tuple(self.engine.get_tensor_shape(name))
                 dtype = dtype_map[self.engine.get_tensor_dtype(name)]
-                self.buffers[name] = torch.empty(shape, dtype=dtype, device="cuda")
+                self.buffers[name] = torch.empty(shape, dtype=dtype, device=device)
                 self.context.set_tensor_address(name, self.buffers[name].data_ptr())
                 is_input = self.engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT
                 (self.inputs if is_input else self.outputs).append(name)
@@ -152,13 +155,13 @@ class TensorRTRunner:
                 name = self.engine.get_binding_name(i)
                 shape = tuple(self.engine.get_binding_shape(i))
                 dtype = dtype_map[self.engine.get_binding_dtype(i)]
-                self.buffers[name] = torch.empty(shape, dtype=dtype, device="cuda")
+                self.buffers[name] = torch.empty(shape, dtype=dtype, device=device)
                 self.bindings.append(self.buffers[name].data_ptr())
                 (self.inputs if self.engine.binding_is_input(i) else self.outputs).append(name)
 
     def __call__(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         self.buffers[self.inputs[0]].copy_(images)
-        stream = torch.cuda.current_stream().cuda_stream
+        stream = torch.cuda.current_stream().cuda_stream if self.buffers[self.inputs[0]].is_cuda else 0
         if self.named_api:
             ok = self.context.execute_async_v3(stream)
         else:
