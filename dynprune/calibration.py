@@ -36,7 +36,7 @@ import torch
 
 from dynprune.flops import CostModel
 from dynprune.gates import Gate
-from dynprune.manidp import quantile_threshold
+from dynprune.manidp import SaliencyStats, quantile_threshold
 from dynprune.model import Detector
 
 #: What a target can be: the mean kept fraction of hidden channels, or the FLOPs per frame as
@@ -97,13 +97,11 @@ def _bisect(apply: Callable[[float], None], measure: Callable[[], float], target
 @torch.no_grad()
 def saliency_pools(model: Detector, images: torch.Tensor, batch: int = 16) -> List[torch.Tensor]:
     """Per gate, every (frame, group) saliency over ``images``, sorted in descending order."""
-    pools: List[List[torch.Tensor]] = [[] for _ in range(2 * len(model.blocks))]
+    stats = SaliencyStats(model.blocks, keep_on="frames")
     for chunk in images.split(batch):
         model(chunk)
-        for i, b in enumerate(model.blocks):
-            for j, (s, g) in enumerate(zip(b.last["saliency"], (b.gate1, b.gate2))):
-                pools[2 * i + j].append(s[:, :: g.group].flatten())  # channels of a group share a value
-    return [torch.cat(p).sort(descending=True).values for p in pools]
+        stats.update(model.blocks)
+    return stats.pools()
 
 
 @torch.no_grad()
@@ -138,13 +136,13 @@ def calibrate(model: Detector, images: torch.Tensor, target: float, measure: str
         pools = saliency_pools(model, images, batch)
         kept = [float(((pool >= float(t)) & (pool > 0)).float().mean()) for pool, t in zip(pools, trained)]
 
-        def apply(v: float) -> None:  # factor m = 2**(8 v - 4) on each layer's kept fraction; v = 0.5: as trained
-            m = 2.0 ** (8 * v - 4)
+        def to_knob(v: float) -> float:  # factor m = 2**(8 v - 4) on each layer's kept fraction; v = 0.5: as trained
+            return 2.0 ** (8 * v - 4)
+
+        def apply(v: float) -> None:
+            m = to_knob(v)
             for g, t, pool, k in zip(gates, trained, pools, kept):
                 g.threshold.copy_(t if m == 1.0 or k == 0 else quantile_threshold(pool, min(1.0, m * k)))
-
-        def to_knob(v: float) -> float:
-            return 2.0 ** (8 * v - 4)
     else:
         def apply(v: float) -> None:
             for g in gates:

@@ -76,8 +76,9 @@ class CompactBottleneck(nn.Module):
 
     @property
     def np(self) -> Dict[str, np.ndarray | torch.Tensor]:
-        """NumPy copies of the gates' MLP and the folded weights, built on the first CPU call
-        (a Triton instance lives on the GPU and never needs them)."""
+        """NumPy copies of the gates' MLP and the folded weights (W2 stays a torch tensor, for
+        ``index_select``), built on the first CPU call (a Triton instance lives on the GPU and
+        never needs them)."""
         if self._np is None:
             g1, g2 = self.gate1, self.gate2
             hid1 = g1.fc1.out_features

@@ -126,15 +126,22 @@ class SaliencyStats:
                 dist.all_gather_object(gathered, [torch.cat(v) if v else torch.zeros(0) for v in self.values])
                 self.values = [[rank[i] for rank in gathered] for i in range(len(self.gates))]
 
+    def pools(self) -> List[torch.Tensor]:
+        """Per gate, every (frame, group) saliency collected (``keep_on="frames"``), sorted in
+        descending order: what :func:`quantile_threshold` reads."""
+        if self.keep_on != "frames":
+            raise ValueError("per-frame saliencies are kept only with keep_on='frames'")
+        return [torch.cat(v).sort(descending=True).values if v else torch.zeros(0) for v in self.values]
+
     @torch.no_grad()
     def apply_thresholds(self, remain: float) -> List[float]:
         """Set each layer's threshold for a kept fraction ``remain`` (see the class docstring)."""
         out = []
-        for i, (s, g) in enumerate(zip(self.sums, self.gates)):
+        pools = self.pools() if self.keep_on == "frames" and remain < 1.0 else [None] * len(self.gates)
+        for s, g, pool in zip(self.sums, self.gates, pools):
             if remain >= 1.0:
                 thr = 0.0
-            elif self.keep_on == "frames" and self.values[i]:
-                pool = torch.cat(self.values[i]).sort(descending=True).values
+            elif pool is not None and pool.numel():
                 thr = quantile_threshold(pool, remain)
             else:
                 mean = s / max(self.count, 1)

@@ -70,7 +70,6 @@ class GateTrainer(Trainer):
             set_gate_mode(model, "threshold")
         super().__init__(model, spec, cfg, log)
         # "mean": ManiDP's k-th largest mean saliency; "frames": the mean per-frame keep is --keep.
-        self.keep_on = keep_on
         self.stats = SaliencyStats(self.model.blocks, keep_on=keep_on)
         # ManiDP's thresholds reach the target at the last epoch; an earlier epoch keeps more
         # channels and must not become best.pt (FBS keeps the target from the start).
@@ -95,7 +94,7 @@ class GateTrainer(Trainer):
         mode = "topk" if self.method == "fbs" else "threshold"
         return {"mode": mode, "keep": self.keep, "method": self.method, "complexity": self.complexity,
                 "sparsity": self.sparsity_w, "similarity": self.similarity_w, "beta": self.beta,
-                "threshold_every": self.threshold_every, "keep_on": self.keep_on}
+                "threshold_every": self.threshold_every, "keep_on": self.stats.keep_on}
 
     def epoch_start(self, epoch: int) -> None:
         if not self.threshold_every:
