@@ -127,8 +127,7 @@ def cmd_calibrate(args) -> int:
     before = ckpt.get("gate") or {}
     print(f"{args.weights}: calibrating {before.get('method', 'manidp')} gates to mean {measure} {target} "
           f"on {len(images)} training images of {data} ({imgsz} px)")
-    with torch.no_grad():  # scoped: a global switch would leak into whatever runs next in this process
-        result = calibrate(model, images, target, measure, log=print if args.verbose else (lambda s: None))
+    result = calibrate(model, images, target, measure, log=print if args.verbose else (lambda s: None))
     out = args.out or os.path.join(os.path.dirname(args.weights) or ".",
                                    f"{os.path.splitext(os.path.basename(args.weights))[0]}_{measure}{target:g}.pt")
     gate = dict(before)
