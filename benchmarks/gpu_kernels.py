@@ -120,6 +120,22 @@ def bench_network(imgsz: int, keep: float, group: int, dtype):
     return row
 
 
+def ceilings() -> dict:
+    """The device's two ceilings, measured once (device METHOD): copy bandwidth and fp16 matmul rate."""
+    import triton.testing
+
+    src = torch.randn(256 * 2**20, device="cuda", dtype=torch.float16)  # 512 MiB
+    dst = torch.empty_like(src)
+    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.float16)
+    mm_ms = triton.testing.do_bench(lambda: a @ b, return_mode="median")
+    empty = torch.empty(1, device="cuda")
+    launch_ms = triton.testing.do_bench(lambda: empty.add_(1), return_mode="median")
+    return {"copy_TBps": 2 * src.numel() * 2 / copy_ms / 1e9, "fp16_matmul_TFLOPs": 2 * 8192**3 / mm_ms / 1e9,
+            "tiny_kernel_us": launch_ms * 1e3}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--keep", type=float, default=0.5)
@@ -133,6 +149,8 @@ def main() -> None:
     keeps = (1.0, 0.75, 0.5, 0.25)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
               "layers": [], "network": []}
+    result["ceilings"] = ceilings()
+    print("ceilings:", {k: round(v, 2) for k, v in result["ceilings"].items()})
     for imgsz in (320, 640):
         result["layers"] += bench_layers(imgsz, keeps, dtype)
         result["network"].append(bench_network(imgsz, args.keep, args.group, dtype))

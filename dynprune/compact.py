@@ -193,20 +193,16 @@ class TritonCompactBottleneck(CompactBottleneck):
     launch with BN bias, SiLU, the saliency scale and (last) the residual add fused in."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from dynprune.kernels.gate_index import block_gates_triton
         from dynprune.kernels.gather_conv import gather_conv2d_triton
-        from dynprune.kernels.reference import build_keep_index
 
-        pooled = x.mean((2, 3))
-        _, m1 = self.gate1(pooled)
-        _, m2 = self.gate2(pooled)
-        i1, c1 = build_keep_index(m1)
-        i2, c2 = build_keep_index(m2)
-        s1 = torch.gather(m1, 1, i1.long()).to(x.dtype)  # saliency scale in slot order
-        s2 = torch.gather(m2, 1, i2.long()).to(x.dtype)
+        # Five launches a block: the pool, both gates with their index lists, three convolutions.
+        i1, s1, i2, s2, counts = block_gates_triton(x.mean((2, 3)), self.gate1, self.gate2, x.dtype)
+        c1, c2 = counts[0], counts[1]
         y = gather_conv2d_triton(x, self.w1, self.b1, None, None, i1, c1, act="silu", scale=s1)
         y = gather_conv2d_triton(y, self.w2, self.b2, i1, c1, i2, c2, padding=1, act="silu", scale=s2)
         out = gather_conv2d_triton(y, self.w3, self.b3, i2, c2, None, None, residual=x)
-        self.last_kept = torch.stack((c1, c2), 1)  # stays on the device
+        self.last_kept = counts.t()  # (B, 2), a view: stays on the device, no launch
         return out
 
 

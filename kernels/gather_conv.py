@@ -49,6 +49,7 @@ def _gather_conv_kernel(
     STRIDE: tl.constexpr, PAD: tl.constexpr, K: tl.constexpr,
     IN_DENSE: tl.constexpr, OUT_DENSE: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -93,7 +94,7 @@ def _gather_conv_kernel(
                             mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
                 wt = tl.load(w_ptr + oc[None, :] * swo + ic[:, None] * swi + kh * swh + kw * sww,
                              mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                acc += tl.dot(a, wt)
+                acc += tl.dot(a, wt, input_precision=DOT_PRECISION)
 
     acc = _bias_act_scale(acc, b_ptr, oc, offs_n, n_ok, scale_ptr + b * C_OUT_FULL, HAS_BIAS, ACT, HAS_SCALE)
     mask = m_ok[:, None] & n_ok[None, :]
@@ -198,7 +199,11 @@ def gather_conv2d_triton(
         *x.stride(), *weight.stride(), *out.stride(), *res.stride(),
         STRIDE=stride, PAD=padding, K=k, IN_DENSE=in_dense, OUT_DENSE=out_dense,
         HAS_BIAS=bias is not None, ACT=_check_act(act), HAS_SCALE=scale is not None,
-        HAS_RES=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        HAS_RES=residual is not None,
+        # fp32 in, fp32 arithmetic: Triton's default for an fp32 dot is TF32 (~3e-4 relative
+        # error), and the fp32 path promises 1e-5. fp16 operands ignore it.
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
     )
     return out
 

@@ -178,3 +178,14 @@ def build_keep_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     order = torch.sort(dropped, dim=1, stable=True).indices
     count = (mask > 0).sum(1)
     return order.to(torch.int32), count.to(torch.int32)
+
+
+def gate_keep_index(pooled: torch.Tensor, gate: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A gate's decision as a slot order: ``(index (B, C) int32, count (B,) int32, scale (B, C))``.
+
+    ``scale[b, s]`` is the mask value (the kept channel's saliency, or 0) of channel
+    ``index[b, s]``. The reference for :func:`dynprune.kernels.gate_index.block_gates_triton`.
+    """
+    _, mask = gate(pooled)
+    index, count = build_keep_index(mask)
+    return index, count, torch.gather(mask, 1, index.long())

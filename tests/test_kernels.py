@@ -109,6 +109,20 @@ def test_fp16_relative_error():
         assert err < 1e-3
 
 
+@pytest.mark.skipif(not ON_GPU, reason="fp32 on the GPU's matrix units (the interpreter is always fp32)")
+def test_fp32_relative_error_is_ieee_level():
+    """fp32 must not silently run as TF32 (~3e-4): the fp32 path promises 1e-5."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, 96, 20, 20, generator=g)
+    weight = torch.randn(80, 96, 3, 3, generator=g) / 30
+    ii, ic = build_keep_index(masks_with_counts(1, 96, [71], g).float())
+    oi, oc = build_keep_index(masks_with_counts(1, 80, [45], g).float())
+    ref = gather_conv2d_padded(x.double(), weight.double(), None, ii, ic, oi, oc, padding=1)
+    out = gather_conv2d_triton(x.cuda(), weight.cuda(), None, ii.cuda(), ic.cuda(), oi.cuda(), oc.cuda(), padding=1)
+    err = (out[0, :45].double().cpu() - ref[0, :45]).norm() / ref[0, :45].norm()
+    assert err < 1e-5
+
+
 @pytest.mark.parametrize("counts,stride", [([0, 5, 16], 1), ([16, 1, 9], 2)])
 def test_depthwise_matches_reference(counts, stride):
     g = torch.Generator().manual_seed(6)
@@ -159,14 +173,19 @@ def test_triton_engine_equals_the_pytorch_engine():
 def test_dynamic_forward_captures_in_one_cuda_graph_and_replays_new_kept_sets():
     from dynprune.compact import CompactDetector
     from dynprune.model import build_detector
-    from tests.conftest import tiny_config
+    from dynprune.gates import Gate
+    from tests.conftest import randomize_bn, tiny_config
     from tests.test_gates import _random_gates
 
     torch.manual_seed(0)
     model = build_detector(tiny_config(widths=(8, 16, 24, 16)))
+    randomize_bn(model)
     model.add_gates()
     model.eval()
     _random_gates(model, 1, empty_every=100)
+    for gate in model.modules():  # gates that react strongly to the frame (checked on the CPU path:
+        if isinstance(gate, Gate):  # these four frames give two different kept sets)
+            gate.fc1.weight.data.normal_(0, 1.0)
     eng = CompactDetector(model, backend="triton", device="cuda").cuda()
     static_x = torch.rand(1, 3, 64, 64, device="cuda")
     with torch.no_grad():
@@ -185,3 +204,56 @@ def test_dynamic_forward_captures_in_one_cuda_graph_and_replays_new_kept_sets():
             torch.testing.assert_close(static_out[1].cpu(), ref[1], atol=1e-3, rtol=1e-3)
             kept_sets.add(tuple(static_kept.flatten().tolist()))
         assert len(kept_sets) > 1  # different frames, different kept sets, same graph
+
+
+def _gate_pair(c_in, ch1, ch2, group, mode, seed):
+    from dynprune.gates import Gate
+
+    torch.manual_seed(seed)
+    gates = [Gate(c_in, ch1, group=group), Gate(c_in, ch2, group=group)]
+    for g in gates:
+        torch.nn.init.normal_(g.fc1.weight, std=0.5)
+        torch.nn.init.normal_(g.fc2.weight, std=0.5)
+        torch.nn.init.normal_(g.fc2.bias, std=0.5)  # some saliencies ReLU to exactly 0
+        g.mode, g.keep_ratio = mode, 0.4
+    return gates
+
+
+@pytest.mark.parametrize("mode", ["threshold", "topk", "open"])
+@pytest.mark.parametrize("group", [1, 8])
+def test_block_gates_kernel_matches_the_pytorch_gates(mode, group):
+    from dynprune.kernels.gate_index import block_gates_triton
+    from dynprune.kernels.reference import gate_keep_index
+
+    gates = _gate_pair(c_in=19, ch1=21, ch2=40, group=group, mode=mode, seed=group)
+    pooled = torch.rand(3, 19)
+    pooled[2] *= 4  # a different frame statistic, a different kept set
+    with torch.no_grad():
+        for g in gates:  # a threshold halfway between two saliencies actually produced, so that
+            # rounding differences of the two MLPs (well below the gap) cannot flip a decision
+            values = g.group_saliency(pooled).flatten().unique()
+            mid = len(values) // 2
+            g.threshold.fill_(float(values[mid - 1] + values[mid]) / 2)
+        dev = [g.to(DEVICE) for g in gates]
+        i1, s1, i2, s2, counts = block_gates_triton(pooled.to(DEVICE), *dev, torch.float32)
+        for gate, index, scale, count in ((gates[0], i1, s1, counts[0]), (gates[1], i2, s2, counts[1])):
+            ref_index, ref_count, ref_scale = gate_keep_index(pooled, gate.cpu())
+            assert count.cpu().tolist() == ref_count.tolist()
+            assert torch.equal(index.cpu(), ref_index)  # kept first, then dropped, each ascending
+            torch.testing.assert_close(scale.cpu(), ref_scale, atol=1e-6, rtol=1e-5)
+    if mode != "open":
+        assert 0 < int(counts.sum()) < 3 * (21 + 40)
+
+
+def test_block_gates_kernel_with_no_kept_channel():
+    from dynprune.kernels.gate_index import block_gates_triton
+
+    gates = _gate_pair(c_in=8, ch1=16, ch2=12, group=1, mode="threshold", seed=0)
+    for g in gates:
+        g.threshold.fill_(1e9)
+    with torch.no_grad():
+        i1, s1, i2, s2, counts = block_gates_triton(torch.rand(2, 8, device=DEVICE), *[g.to(DEVICE) for g in gates],
+                                                    torch.float32)
+    assert counts.cpu().tolist() == [[0, 0], [0, 0]]
+    assert torch.equal(i1.cpu(), torch.arange(16, dtype=torch.int32).expand(2, 16))
+    assert not s1.any() and not s2.any()
