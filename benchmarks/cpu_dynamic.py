@@ -22,8 +22,9 @@ from dynprune.compact import CompactDetector, dense_inference_model
 from dynprune.flops import CostModel
 
 
-def synthetic_gated(keep: float, imgsz: int, group: int):
-    """An untrained nano model with gates whose thresholds keep about ``keep`` of each layer."""
+def synthetic_gated(keep: float, imgsz: int, group: int, keep_on: str = "mean"):
+    """An untrained nano model with gates whose thresholds keep about ``keep`` of each layer
+    (of the mean saliency with ``keep_on="mean"``, ManiDP's rule; of each frame with "frames")."""
     from dynprune.config import config_for
     from dynprune.gates import Gate, set_gate_mode
     from dynprune.manidp import SaliencyStats
@@ -37,7 +38,7 @@ def synthetic_gated(keep: float, imgsz: int, group: int):
     for g in (m for m in gated.modules() if isinstance(m, Gate)):
         g.fc2.weight.data.normal_(0, 0.3)
     set_gate_mode(gated, "threshold")
-    stats = SaliencyStats(gated.blocks)
+    stats = SaliencyStats(gated.blocks, keep_on=keep_on)
     with torch.no_grad():
         for _ in range(4):
             gated(torch.rand(4, 3, imgsz, imgsz))

@@ -155,6 +155,16 @@ def _gather_dwconv_kernel(
 _ACTS = {None: 0, "silu": 1}
 
 
+def conv_config(c_out: int, c_in: int, k: int, pixels: int) -> dict:
+    """Tile sizes for a layer shape (chosen from ``benchmarks/gpu_kernels.py --sweep``)."""
+    return {"block_m": 64, "block_n": 32, "block_k": 32, "num_warps": 4, "num_stages": 3}
+
+
+def weight_layout_for(k: int) -> str:
+    """How the runtime stores a ``k x k`` layer's weights: ``"oihw"`` or ``"hwio"``."""
+    return "oihw"
+
+
 def _check_act(act: Optional[str]) -> int:
     if act not in _ACTS:
         raise ValueError(f"Triton gather conv supports activations {list(_ACTS)}, got {act!r}")
@@ -175,11 +185,18 @@ def gather_conv2d_triton(
     scale: Optional[torch.Tensor] = None,
     residual: Optional[torch.Tensor] = None,
     out: Optional[torch.Tensor] = None,
-    block_m: int = 64,
-    block_n: int = 32,
-    block_k: int = 32,
+    block_m: Optional[int] = None,
+    block_n: Optional[int] = None,
+    block_k: Optional[int] = None,
+    num_warps: Optional[int] = None,
+    num_stages: Optional[int] = None,
 ) -> torch.Tensor:
-    """Same contract as :func:`dynprune.kernels.reference.gather_conv2d_padded`, in one launch."""
+    """Same contract as :func:`dynprune.kernels.reference.gather_conv2d_padded`, in one launch.
+
+    ``weight`` may have any strides: the kernel indexes it through them, so a weight stored
+    (KH, KW, C_in, C_out)-major (:func:`hwio_weight`) loads a tile's output channels as
+    contiguous runs.
+    """
     b_sz, c_in_full, h, w = x.shape
     c_out, _, k, _ = weight.shape
     ho, wo = conv_output_hw(h, w, k, stride, padding)
@@ -188,6 +205,9 @@ def gather_conv2d_triton(
     if residual is not None and out_index is not None:
         raise ValueError("the residual epilogue writes full width: pass out_index=None")
     in_dense, out_dense = in_index is None, out_index is None
+    cfg = conv_config(c_out, weight.shape[1], k, ho * wo)
+    block_m, block_n, block_k = block_m or cfg["block_m"], block_n or cfg["block_n"], block_k or cfg["block_k"]
+    num_warps, num_stages = num_warps or cfg["num_warps"], num_stages or cfg["num_stages"]
     dummy = weight  # any tensor, for pointer arguments a constexpr flag disables
     res = residual if residual is not None else out
     grid = (triton.cdiv(ho * wo, block_m), triton.cdiv(c_out, block_n), b_sz)
@@ -203,9 +223,14 @@ def gather_conv2d_triton(
         # fp32 in, fp32 arithmetic: Triton's default for an fp32 dot is TF32 (~3e-4 relative
         # error), and the fp32 path promises 1e-5. fp16 operands ignore it.
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )
     return out
+
+
+def hwio_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The same (C_out, C_in, KH, KW) tensor, stored (KH, KW, C_in, C_out)-major (done once at load)."""
+    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
 
 
 def gather_depthwise_conv2d_triton(

@@ -172,8 +172,8 @@ def test_triton_engine_equals_the_pytorch_engine():
 @pytest.mark.skipif(not ON_GPU, reason="CUDA graphs need a GPU")
 def test_dynamic_forward_captures_in_one_cuda_graph_and_replays_new_kept_sets():
     from dynprune.compact import CompactDetector
-    from dynprune.model import build_detector
     from dynprune.gates import Gate
+    from dynprune.model import build_detector
     from tests.conftest import randomize_bn, tiny_config
     from tests.test_gates import _random_gates
 
