@@ -68,14 +68,14 @@ def layer_name(s):
     return f"{s['k']}x{s['k']} {s['cin']}->{s['cout']} @{s['H']}x{s['W']}"
 
 
-def layer_inputs(s, keep, dtype, hwio):
-    from dynprune.kernels.gather_conv import hwio_weight
+def layer_inputs(s, keep, dtype, layout="oihw", nhwc=True):
+    from dynprune.kernels.gather_conv import with_layout
 
     cin, cout, k, h, w = s["cin"], s["cout"], s["k"], s["H"], s["W"]
     x = torch.randn(1, cin, h, w, device="cuda", dtype=dtype)
-    wt = (torch.randn(cout, cin, k, k, device="cuda") / (cin * k * k) ** 0.5).to(dtype)
-    if hwio:
-        wt = hwio_weight(wt)
+    if nhwc:
+        x = x.contiguous(memory_format=torch.channels_last)
+    wt = with_layout((torch.randn(cout, cin, k, k, device="cuda") / (cin * k * k) ** 0.5).to(dtype), layout)
     bias = torch.randn(cout, device="cuda", dtype=dtype)
     n_in, n_out = max(1, round(cin * keep)), max(1, round(cout * keep))
     ii = torch.randperm(cin, device="cuda").to(torch.int32)[None]
@@ -102,27 +102,30 @@ def reference_for(s, inputs):
 
 
 def check_and_time(s, inputs, ref, dtype, cfg):
-    from dynprune.kernels.gather_conv import gather_conv2d_triton
+    from dynprune.kernels.gather_conv import empty_like_layout, gather_conv2d_triton
 
     x, wt, bias, ii, ic, oi, oc, n_out = inputs
-    out = torch.full((1, s["cout"], s["H"], s["W"]), float("nan"), device="cuda", dtype=dtype)
+    out = empty_like_layout(x, (1, s["cout"], s["H"], s["W"])).fill_(float("nan"))
     run = partial(gather_conv2d_triton, x, wt, bias, ii, ic, oi, oc, padding=s["k"] // 2, out=out, **cfg)
     run()
     return graph_per_call_ms(run), rel_err(out[0, :n_out].cpu(), ref)
 
 
 def bench_layers(imgsz: int, keeps, dtype):
-    """cuDNN against the Triton kernel with its shape-chosen configuration (weights stored as
-    the runtime stores them)."""
+    """cuDNN (the faster of NCHW and NHWC) against the Triton kernel as the runtime runs it:
+    NHWC activations, weights in the runtime's layout, tiles from ``conv_config``."""
     from dynprune.kernels.gather_conv import weight_layout_for
 
     rows = []
     for s in conv_shapes(imgsz):
-        x, wt, bias, *_ = layer_inputs(s, 1.0, dtype, False)
-        row = {"imgsz": imgsz, "layer": layer_name(s),
-               "cudnn_ms": graph_per_call_ms(partial(torch.nn.functional.conv2d, x, wt, bias, padding=s["k"] // 2))}
+        cudnn = []
+        for nhwc in (False, True):
+            x, wt, bias, *_ = layer_inputs(s, 1.0, dtype, "ohwi" if nhwc else "oihw", nhwc)
+            cudnn.append(graph_per_call_ms(partial(torch.nn.functional.conv2d, x, wt, bias, padding=s["k"] // 2)))
+        row = {"imgsz": imgsz, "layer": layer_name(s), "cudnn_nchw_ms": cudnn[0], "cudnn_nhwc_ms": cudnn[1],
+               "cudnn_ms": min(cudnn)}
         for keep in keeps:
-            inputs = layer_inputs(s, keep, dtype, weight_layout_for(s["k"]) == "hwio")
+            inputs = layer_inputs(s, keep, dtype, weight_layout_for(s["k"]))
             row[f"triton_{keep}_ms"], row[f"triton_{keep}_relerr"] = check_and_time(
                 s, inputs, reference_for(s, inputs), dtype, {})
         rows.append(row)
@@ -131,27 +134,31 @@ def bench_layers(imgsz: int, keeps, dtype):
 
 SWEEP = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
          for bm, bn, bk, nw, ns in [(64, 32, 32, 4, 3), (32, 32, 32, 4, 3), (32, 32, 64, 4, 3), (64, 64, 32, 4, 3),
-                                    (64, 64, 64, 4, 3), (128, 64, 32, 4, 3), (128, 32, 32, 4, 3), (32, 64, 32, 4, 3),
-                                    (16, 32, 64, 4, 3), (128, 128, 32, 8, 3), (64, 32, 32, 4, 2)]]
+                                    (128, 32, 32, 4, 3), (16, 32, 64, 4, 3), (64, 32, 32, 4, 2), (16, 16, 64, 2, 3),
+                                    (32, 16, 64, 4, 3), (16, 64, 64, 4, 3), (32, 32, 128, 4, 3), (128, 64, 32, 4, 3)]]
 
 
 def sweep(imgsz: int, dtype, keeps=(1.0, 0.5)):
-    """Every block configuration and weight layout on every conv shape: what the defaults are chosen from."""
+    """Every block configuration and weight layout on every conv shape (NHWC activations, as the
+    runtime runs them): what the defaults are chosen from."""
+    from dynprune.kernels.gather_conv import WEIGHT_LAYOUTS
+
     rows = []
     for s in conv_shapes(imgsz):
         for keep in keeps:
             mine = []
-            for hwio in (False, True):
-                inputs = layer_inputs(s, keep, dtype, hwio)
+            for layout in WEIGHT_LAYOUTS:
+                inputs = layer_inputs(s, keep, dtype, layout)
                 ref = reference_for(s, inputs)
                 for cfg in SWEEP:
                     ms, err = check_and_time(s, inputs, ref, dtype, cfg)
-                    mine.append({"layer": layer_name(s), "keep": keep, "hwio": hwio, **cfg, "ms": ms, "relerr": err})
+                    mine.append({"layer": layer_name(s), "keep": keep, "layout": layout, **cfg, "ms": ms,
+                                 "relerr": err})
             best = min(mine, key=lambda r: r["ms"])
             worst_err = max(r["relerr"] for r in mine)
             print(f"sweep {layer_name(s):<24} keep {keep}: best {best['ms'] * 1e3:7.1f} us "
                   f"(default {mine[0]['ms'] * 1e3:7.1f}) with "
-                  f"{ {k: best[k] for k in ('block_m', 'block_n', 'block_k', 'num_warps', 'num_stages', 'hwio')} }"
+                  f"{ {k: best[k] for k in ('block_m', 'block_n', 'block_k', 'num_warps', 'num_stages', 'layout')} }"
                   f" worst err {worst_err:.1e}", flush=True)
             rows += mine
     return rows
@@ -238,11 +245,16 @@ def main() -> None:
               "layers": [], "network": []}
     result["ceilings"] = ceilings()
     print("ceilings:", {k: round(v, 2) for k, v in result["ceilings"].items()})
-    if args.sweep:
-        result["sweep"] = sweep(640, dtype)
+    for imgsz in (320, 640):
+        result["network"].append(bench_network(imgsz, args.keep, args.group, dtype))
+        print("network", result["network"][-1], flush=True)
     for imgsz in (320, 640):
         result["layers"] += bench_layers(imgsz, keeps, dtype)
-        result["network"].append(bench_network(imgsz, args.keep, args.group, dtype))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    if args.sweep:  # last: the longest part, and the tables above do not need it
+        result["sweep"] = sweep(640, dtype)
     print(f"{result['device']}, {args.dtype}, batch 1")
     print(f"{'size':>5} {'layer':<26}{'cuDNN':>8}" + "".join(f"{'k=' + str(k):>9}" for k in keeps) + "   max rel err")
     for r in result["layers"]:

@@ -12,5 +12,5 @@ unset TRITON_INTERPRET
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
 } 2>&1 | tee "$OUT/env.log"
-python3 -m pytest -p no:cacheprovider -q -rs tests/test_kernels.py tests/test_gates.py -k "not gate_training" 2>&1 | tee "$OUT/tests.log"
+python3 -m pytest -p no:cacheprovider -q -rs tests/test_kernels.py 2>&1 | tee "$OUT/tests.log"
 python3 benchmarks/gpu_kernels.py --json "$OUT/gpu.json" "$@" 2>&1 | tee "$OUT/bench.log"

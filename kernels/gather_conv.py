@@ -78,18 +78,20 @@ def _gather_conv_kernel(
         oc = tl.load(out_idx_ptr + b * C_OUT_FULL + offs_n, mask=n_ok, other=0)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in tl.static_range(K):
-        for kw in tl.static_range(K):
-            ih = oh * STRIDE - PAD + kh
-            iw = ow * STRIDE - PAD + kw
-            pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            for k0 in range(0, n_in, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)  # input slots
-                k_ok = offs_k < n_in
-                if IN_DENSE:
-                    ic = offs_k
-                else:
-                    ic = tl.load(in_idx_ptr + b * C_IN_FULL + offs_k, mask=k_ok, other=0)
+    # Input slots outside, the k x k taps inside: each slice of the index list is loaded once
+    # for all taps (v1 had the taps outside and reloaded it K*K times; GPU_NOTES.md, v2).
+    for k0 in range(0, n_in, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)  # input slots
+        k_ok = offs_k < n_in
+        if IN_DENSE:
+            ic = offs_k
+        else:
+            ic = tl.load(in_idx_ptr + b * C_IN_FULL + offs_k, mask=k_ok, other=0)
+        for kh in tl.static_range(K):
+            for kw in tl.static_range(K):
+                ih = oh * STRIDE - PAD + kh
+                iw = ow * STRIDE - PAD + kw
+                pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 a = tl.load(x_ptr + b * sxb + offs_k[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
                             mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
                 wt = tl.load(w_ptr + oc[None, :] * swo + ic[:, None] * swi + kh * swh + kw * sww,
@@ -160,9 +162,37 @@ def conv_config(c_out: int, c_in: int, k: int, pixels: int) -> dict:
     return {"block_m": 64, "block_n": 32, "block_k": 32, "num_warps": 4, "num_stages": 3}
 
 
+#: How the runtime stores a k x k layer's weights for the kernel (the kernel reads any strides):
+#: "oihw" (PyTorch's), "ohwi" (channels_last: a tile's input channels contiguous) or "hwio"
+#: (a tile's output channels contiguous).
+WEIGHT_LAYOUTS = ("oihw", "ohwi", "hwio")
+
+
 def weight_layout_for(k: int) -> str:
-    """How the runtime stores a ``k x k`` layer's weights: ``"oihw"`` or ``"hwio"``."""
+    """The layout :func:`with_layout` gives a ``k x k`` layer's weights in the runtime."""
     return "oihw"
+
+
+def with_layout(weight: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same (C_out, C_in, KH, KW) tensor with its elements stored in ``layout`` order."""
+    if layout == "oihw":
+        return weight.contiguous()
+    if layout == "ohwi":
+        return weight.contiguous(memory_format=torch.channels_last)
+    if layout == "hwio":
+        return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+    raise ValueError(f"unknown weight layout {layout!r}; choose one of {WEIGHT_LAYOUTS}")
+
+
+def is_channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1
+
+
+def empty_like_layout(x: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """An uninitialised activation of ``shape`` in ``x``'s memory layout (NCHW or NHWC): the
+    kernels index through strides, so a channels_last network stays channels_last."""
+    fmt = torch.channels_last if is_channels_last(x) else torch.contiguous_format
+    return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=fmt)
 
 
 def _check_act(act: Optional[str]) -> int:
@@ -193,15 +223,15 @@ def gather_conv2d_triton(
 ) -> torch.Tensor:
     """Same contract as :func:`dynprune.kernels.reference.gather_conv2d_padded`, in one launch.
 
-    ``weight`` may have any strides: the kernel indexes it through them, so a weight stored
-    (KH, KW, C_in, C_out)-major (:func:`hwio_weight`) loads a tile's output channels as
-    contiguous runs.
+    ``x``, ``out``, ``residual`` and ``weight`` may have any strides (NCHW or NHWC activations,
+    any of :data:`WEIGHT_LAYOUTS`): the kernel indexes through them. Tile sizes default to
+    :func:`conv_config` for the shape.
     """
     b_sz, c_in_full, h, w = x.shape
     c_out, _, k, _ = weight.shape
     ho, wo = conv_output_hw(h, w, k, stride, padding)
     if out is None:
-        out = torch.empty(b_sz, c_out, ho, wo, device=x.device, dtype=x.dtype)
+        out = empty_like_layout(x, (b_sz, c_out, ho, wo))
     if residual is not None and out_index is not None:
         raise ValueError("the residual epilogue writes full width: pass out_index=None")
     in_dense, out_dense = in_index is None, out_index is None
@@ -228,10 +258,6 @@ def gather_conv2d_triton(
     return out
 
 
-def hwio_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The same (C_out, C_in, KH, KW) tensor, stored (KH, KW, C_in, C_out)-major (done once at load)."""
-    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
-
 
 def gather_depthwise_conv2d_triton(
     x: torch.Tensor,
@@ -252,7 +278,7 @@ def gather_depthwise_conv2d_triton(
     k = weight.shape[-1]
     ho, wo = conv_output_hw(h, w, k, stride, padding)
     if out is None:
-        out = torch.empty(b_sz, c_full, ho, wo, device=x.device, dtype=x.dtype)
+        out = empty_like_layout(x, (b_sz, c_full, ho, wo))
     dense = index is None
     dummy = weight
     grid = (triton.cdiv(ho * wo, block_m), triton.cdiv(c_full, block_c), b_sz)

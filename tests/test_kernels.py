@@ -46,8 +46,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("act,with_scale", [("silu", True), (None, False)])
-def test_gather_conv_matches_reference(case, act, with_scale):
+@pytest.mark.parametrize("act,with_scale,layout", [("silu", True, "nchw"), (None, False, "nchw"),
+                                                   ("silu", True, "nhwc")])
+def test_gather_conv_matches_reference(case, act, with_scale, layout):
     c_in, c_out, h, w, k, stride, pad, in_counts, out_counts = case
     g = torch.Generator().manual_seed(sum(case[:5]))
     b = len(in_counts)
@@ -59,6 +60,11 @@ def test_gather_conv_matches_reference(case, act, with_scale):
     scale = torch.rand(b, c_out, generator=g) if with_scale else None
     ref = gather_conv2d_padded(x, weight, bias, ii, ic, oi, oc, stride, pad, act, scale)
     out = torch.full_like(ref, float("nan"), device=DEVICE)
+    if layout == "nhwc":  # activations channels_last, weights in each layout the runtime may use
+        from dynprune.kernels.gather_conv import with_layout
+
+        x, out = x.contiguous(memory_format=torch.channels_last), out.contiguous(memory_format=torch.channels_last)
+        weight = with_layout(weight, ("ohwi", "hwio")[k % 2])
     args = [t.to(DEVICE) if t is not None else None for t in (x, weight, bias, ii, ic, oi, oc)]
     gather_conv2d_triton(*args, stride, pad, act, scale.to(DEVICE) if scale is not None else None, out=out)
     check(out, ref, out_counts, atol=1e-4, rtol=1e-4)
