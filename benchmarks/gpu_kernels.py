@@ -188,7 +188,7 @@ def graph_ms(fn, x):
     return triton.testing.do_bench(g.replay, return_mode="median")
 
 
-def bench_network(imgsz: int, keep: float, group: int, dtype):
+def bench_network(imgsz: int, keep: float, group: int, dtype, batch: int = 1):
     import triton.testing
 
     from dynprune.compact import CompactDetector
@@ -198,12 +198,12 @@ def bench_network(imgsz: int, keep: float, group: int, dtype):
     dense = fuse_conv_bn(dense).cuda().to(dtype)
     dense_cl = copy.deepcopy(dense).to(memory_format=torch.channels_last)
     dyn = CompactDetector(gated.cuda(), backend="triton", device="cuda").to(dtype)
-    x = torch.rand(1, 3, imgsz, imgsz, device="cuda", dtype=dtype)
+    x = torch.rand(batch, 3, imgsz, imgsz, device="cuda", dtype=dtype)
     with torch.no_grad():
         dyn(x)
-        kept = dyn.kept_counts()[0].float().cpu()
+        kept = dyn.kept_counts().float().cpu()
         widths = torch.tensor([[b.h1, b.h2] for b in dyn.blocks], dtype=torch.float32)
-        row = {"imgsz": imgsz, "keep_mean": float((kept / widths).mean()),
+        row = {"imgsz": imgsz, "batch": batch, "keep_mean": float((kept / widths).mean()),
                "dense_eager_ms": triton.testing.do_bench(lambda: dense(x), return_mode="median"),
                "dense_graph_ms": graph_ms(dense, x),
                "dense_nhwc_graph_ms": graph_ms(dense_cl, x.contiguous(memory_format=torch.channels_last)),
@@ -234,6 +234,10 @@ def main() -> None:
     ap.add_argument("--keep", type=float, default=0.5)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--dtype", default="fp16", choices=["fp16", "fp32"])
+    ap.add_argument("--network-sizes", type=int, nargs="+", default=[320, 640],
+                    help="image sizes of the whole-network rows")
+    ap.add_argument("--batch", type=int, default=1, help="batch of the whole-network rows")
+    ap.add_argument("--skip-layers", action="store_true", help="whole-network rows only")
     ap.add_argument("--sweep", action="store_true", help="time every block configuration per layer first")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -245,17 +249,17 @@ def main() -> None:
               "layers": [], "network": []}
     result["ceilings"] = ceilings()
     print("ceilings:", {k: round(v, 2) for k, v in result["ceilings"].items()})
-    for imgsz in (320, 640):
-        result["network"].append(bench_network(imgsz, args.keep, args.group, dtype))
+    for imgsz in args.network_sizes:
+        result["network"].append(bench_network(imgsz, args.keep, args.group, dtype, args.batch))
         print("network", result["network"][-1], flush=True)
-    for imgsz in (320, 640):
+    for imgsz in () if args.skip_layers else (320, 640):
         result["layers"] += bench_layers(imgsz, keeps, dtype)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)
     if args.sweep:  # last: the longest part, and the tables above do not need it
         result["sweep"] = sweep(640, dtype)
-    print(f"{result['device']}, {args.dtype}, batch 1")
+    print(f"{result['device']}, {args.dtype}, layers at batch 1, network at batch {args.batch}")
     print(f"{'size':>5} {'layer':<26}{'cuDNN':>8}" + "".join(f"{'k=' + str(k):>9}" for k in keeps) + "   max rel err")
     for r in result["layers"]:
         errs = max(r[f"triton_{k}_relerr"] for k in keeps)

@@ -158,8 +158,19 @@ _ACTS = {None: 0, "silu": 1}
 
 
 def conv_config(c_out: int, c_in: int, k: int, pixels: int) -> dict:
-    """Tile sizes for a layer shape (chosen from ``benchmarks/gpu_kernels.py --sweep``)."""
-    return {"block_m": 64, "block_n": 32, "block_k": 32, "num_warps": 4, "num_stages": 3}
+    """Tile sizes for a layer shape.
+
+    From ``benchmarks/gpu_kernels.py --sweep`` on the H100 (NHWC fp16, the nano detector's
+    layers at 640, keep 1.0 and 0.5; GPU_NOTES.md, v3): large maps want long pixel tiles; the
+    small deep layers want short tiles and a deep input-channel step, so that enough programs
+    run (a 20x20 map has only 400 pixels) and each loads its index slice and weights once per
+    64 channels. Re-run the sweep on a new board.
+    """
+    if pixels >= 6400:  # 80x80 and larger
+        return {"block_m": 128 if c_out <= 32 else 64, "block_n": 32, "block_k": 32, "num_warps": 4, "num_stages": 3}
+    if k == 1:
+        return {"block_m": 16, "block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3}
+    return {"block_m": 32, "block_n": 16, "block_k": 64, "num_warps": 4, "num_stages": 3}
 
 
 #: How the runtime stores a k x k layer's weights for the kernel (the kernel reads any strides):
@@ -169,8 +180,9 @@ WEIGHT_LAYOUTS = ("oihw", "ohwi", "hwio")
 
 
 def weight_layout_for(k: int) -> str:
-    """The layout :func:`with_layout` gives a ``k x k`` layer's weights in the runtime."""
-    return "oihw"
+    """The layout :func:`with_layout` gives a ``k x k`` layer's weights in the runtime (the sweep:
+    "ohwi" won on the 128- and 256-channel 3x3 layers, where the time is; for 1x1 all coincide)."""
+    return "ohwi" if k > 1 else "oihw"
 
 
 def with_layout(weight: torch.Tensor, layout: str) -> torch.Tensor:
