@@ -188,7 +188,47 @@ def graph_ms(fn, x):
     return triton.testing.do_bench(g.replay, return_mode="median")
 
 
-def bench_network(imgsz: int, keep: float, group: int, dtype, batch: int = 1):
+def profile_graphs(named_fns, x_by_name, replays: int = 20) -> dict:
+    """GPU time per kernel name inside each model's CUDA graph (torch.profiler, CUPTI): where the
+    time of a network goes, launch by launch."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = {}
+    for name, fn in named_fns.items():
+        x = x_by_name[name]
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                fn(x)
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn(x)
+        g.replay()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(replays):
+                g.replay()
+            torch.cuda.synchronize()
+        per_kernel = {}
+        for ev in prof.events():
+            if ev.device_type.name == "CUDA":
+                k = ev.name[:60]
+                n, us = per_kernel.get(k, (0, 0.0))
+                per_kernel[k] = (n + 1, us + ev.device_time / replays if hasattr(ev, "device_time")
+                                 else us + ev.cuda_time / replays)
+        rows = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])
+        total = sum(us for _, (_, us) in rows)
+        launches = sum(n for _, (n, _) in rows) / replays
+        print(f"\n{name}: {launches:.0f} kernels per forward, {total:.1f} us of kernel time per forward")
+        for k, (n, us) in rows[:14]:
+            print(f"  {us:8.1f} us  {n / replays:5.0f}x  {k}")
+        tables[name] = {"kernels": launches, "kernel_us": total, "top": [(k, n / replays, us) for k, (n, us) in rows]}
+    return tables
+
+
+def bench_network(imgsz: int, keep: float, group: int, dtype, batch: int = 1, profile: bool = False):
     import triton.testing
 
     from dynprune.compact import CompactDetector
@@ -210,6 +250,10 @@ def bench_network(imgsz: int, keep: float, group: int, dtype, batch: int = 1):
                "dynamic_eager_ms": triton.testing.do_bench(lambda: dyn(x), return_mode="median"),
                "dynamic_graph_ms": graph_ms(dyn, x)}
     row["speedup_graph"] = min(row["dense_graph_ms"], row["dense_nhwc_graph_ms"]) / row["dynamic_graph_ms"]
+    if profile:
+        with torch.no_grad():
+            xcl = x.contiguous(memory_format=torch.channels_last)
+            row["profile"] = profile_graphs({"dense NHWC": dense_cl, "dynamic": dyn}, {"dense NHWC": xcl, "dynamic": x})
     return row
 
 
@@ -238,6 +282,7 @@ def main() -> None:
                     help="image sizes of the whole-network rows")
     ap.add_argument("--batch", type=int, default=1, help="batch of the whole-network rows")
     ap.add_argument("--skip-layers", action="store_true", help="whole-network rows only")
+    ap.add_argument("--profile", action="store_true", help="kernel-by-kernel GPU time of each network graph")
     ap.add_argument("--sweep", action="store_true", help="time every block configuration per layer first")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -250,7 +295,7 @@ def main() -> None:
     result["ceilings"] = ceilings()
     print("ceilings:", {k: round(v, 2) for k, v in result["ceilings"].items()})
     for imgsz in args.network_sizes:
-        result["network"].append(bench_network(imgsz, args.keep, args.group, dtype, args.batch))
+        result["network"].append(bench_network(imgsz, args.keep, args.group, dtype, args.batch, args.profile))
         print("network", result["network"][-1], flush=True)
     for imgsz in () if args.skip_layers else (320, 640):
         result["layers"] += bench_layers(imgsz, keeps, dtype)
