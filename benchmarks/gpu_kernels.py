@@ -216,8 +216,7 @@ def profile_graphs(named_fns, x_by_name, replays: int = 20) -> dict:
             if ev.device_type.name == "CUDA":
                 k = ev.name[:60]
                 n, us = per_kernel.get(k, (0, 0.0))
-                per_kernel[k] = (n + 1, us + ev.device_time / replays if hasattr(ev, "device_time")
-                                 else us + ev.cuda_time / replays)
+                per_kernel[k] = (n + 1, us + ev.time_range.elapsed_us() / replays)
         rows = sorted(per_kernel.items(), key=lambda kv: -kv[1][1])
         total = sum(us for _, (_, us) in rows)
         launches = sum(n for _, (n, _) in rows) / replays
