@@ -192,12 +192,34 @@ class TritonCompactBottleneck(CompactBottleneck):
     built and consumed on the device, buffers are full width, and each convolution is one Triton
     launch with BN bias, SiLU, the saliency scale and (last) the residual add fused in."""
 
+    #: averaging rows by (pixels, dtype, device), shared by every block of every engine
+    _averaging: Dict[tuple, torch.Tensor] = {}
+
+    @classmethod
+    def pool(cls, x: torch.Tensor) -> torch.Tensor:
+        """Global average pool ``(B, C)`` of a block input.
+
+        For NHWC input it is one batched matrix-vector product ``(1/HW, ..., 1/HW) @ (HW, C)``:
+        on the H100 PyTorch's reduction kernel took 8.2 us a block (nano at 640, 73 us of the
+        dynamic network's 391; GPU_NOTES.md, v3). The averaging row is made on the first call
+        (the warm-up before a CUDA-graph capture) and reused, so the captured graph makes none.
+        """
+        b, c, h, w = x.shape
+        if not (c > 1 and x.stride(1) == 1 and x.stride(3) == c):  # not NHWC-dense
+            return x.mean((2, 3))
+        key = (h * w, x.dtype, x.device)
+        row = cls._averaging.get(key)
+        if row is None:
+            row = cls._averaging[key] = torch.full((1, 1, h * w), 1.0 / (h * w), dtype=x.dtype, device=x.device)
+        pixels = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view of NHWC memory
+        return torch.matmul(row.expand(b, 1, h * w), pixels).view(b, c)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from dynprune.kernels.gate_index import block_gates_triton
         from dynprune.kernels.gather_conv import gather_conv2d_triton
 
         # Five launches a block: the pool, both gates with their index lists, three convolutions.
-        i1, s1, i2, s2, counts = block_gates_triton(x.mean((2, 3)), self.gate1, self.gate2, x.dtype)
+        i1, s1, i2, s2, counts = block_gates_triton(self.pool(x), self.gate1, self.gate2, x.dtype)
         c1, c2 = counts[0], counts[1]
         y = gather_conv2d_triton(x, self.w1, self.b1, None, None, i1, c1, act="silu", scale=s1)
         y = gather_conv2d_triton(y, self.w2, self.b2, i1, c1, i2, c2, padding=1, act="silu", scale=s2)

@@ -283,3 +283,15 @@ def test_gate_training_saves_the_model_it_validated(synthetic_yaml, tmp_path, th
     again = run_validation(model, spec.val, spec.names, 64)
     assert again["ap50_95"] == pytest.approx(ckpt["metrics"]["ap50_95"], abs=1e-9)
     assert again["flops_mean"] == pytest.approx(ckpt["metrics"]["flops_mean"], abs=1e-9)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_triton_block_pool_is_the_global_average(channels_last):
+    """The GPU engine's pool (a matrix-vector product on NHWC memory) is the plain mean."""
+    from dynprune.compact import TritonCompactBottleneck
+
+    x = torch.randn(3, 16, 5, 7)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(TritonCompactBottleneck.pool(x), x.mean((2, 3)))
+    torch.testing.assert_close(TritonCompactBottleneck.pool(x[:1]), x[:1].mean((2, 3)))  # cached row, new batch
