@@ -42,15 +42,9 @@ def rel_err(out, ref):
     return float((out.double() - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def graph_per_call_ms(fn, calls: int = 20) -> float:
-    """GPU time of one call: ``calls`` calls captured in one CUDA graph, replays timed with events.
-
-    Timing eager calls one by one measures the host's launch path instead (Triton's Python
-    launcher costs ~10 us a call, PyTorch's conv dispatch ~20 us): every layer of this detector
-    is shorter than that on an H100.
-    """
-    import triton.testing
-
+def capture(fn, calls: int = 1) -> torch.cuda.CUDAGraph:
+    """``calls`` calls of ``fn()`` in one CUDA graph, after three warm-up calls on a side stream
+    (they compile the kernels and fill the allocator, outside the capture)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -61,7 +55,19 @@ def graph_per_call_ms(fn, calls: int = 20) -> float:
     with torch.cuda.graph(g):
         for _ in range(calls):
             fn()
-    return triton.testing.do_bench(g.replay, return_mode="median") / calls
+    return g
+
+
+def graph_per_call_ms(fn, calls: int = 20) -> float:
+    """GPU time of one call: ``calls`` calls captured in one CUDA graph, replays timed with events.
+
+    Timing eager calls one by one measures the host's launch path instead (Triton's Python
+    launcher costs ~10 us a call, PyTorch's conv dispatch ~20 us): every layer of this detector
+    is shorter than that on an H100.
+    """
+    import triton.testing
+
+    return triton.testing.do_bench(capture(fn, calls).replay, return_mode="median") / calls
 
 
 def layer_name(s):
@@ -174,18 +180,10 @@ def gated_nano(keep: float, imgsz: int, group: int):
 
 
 def graph_ms(fn, x):
+    """GPU time of one forward ``fn(x)`` replayed from a CUDA graph."""
     import triton.testing
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn(x)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn(x)
-    return triton.testing.do_bench(g.replay, return_mode="median")
+    return triton.testing.do_bench(capture(lambda: fn(x)).replay, return_mode="median")
 
 
 def profile_graphs(named_fns, x_by_name, replays: int = 20) -> dict:
@@ -196,15 +194,7 @@ def profile_graphs(named_fns, x_by_name, replays: int = 20) -> dict:
     tables = {}
     for name, fn in named_fns.items():
         x = x_by_name[name]
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                fn(x)
-        torch.cuda.current_stream().wait_stream(s)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            fn(x)
+        g = capture(lambda: fn(x))  # noqa: B023 (called before the loop moves on)
         g.replay()
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
