@@ -278,20 +278,17 @@ class CompactDetector(nn.Module):
 
 
 class DenseInference(nn.Module):
-    """The fastest PyTorch form of a dense (or statically pruned) model: BN folded, and on the
-    CPU channels_last (as fast or faster for every layer shape measured)."""
+    """The fastest PyTorch form of a dense (or statically pruned) model: BN folded, channels_last
+    (on the CPU as fast or faster for every layer shape measured; on the H100 in fp16 the nano
+    detector takes 0.387 ms in a CUDA graph NHWC against 0.489 ms NCHW)."""
 
     def __init__(self, model: Detector) -> None:
         super().__init__()
         self.net = fuse_conv_bn(copy.deepcopy(model).eval())
-        self.channels_last = next(model.parameters()).device.type == "cpu"
-        if self.channels_last:
-            self.net.to(memory_format=torch.channels_last)
+        self.net.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor):
-        if self.channels_last and x.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)
+        return self.net(x.contiguous(memory_format=torch.channels_last))
 
 
 def dense_inference_model(model: Detector) -> DenseInference:

@@ -26,7 +26,8 @@ class ServeOptions:
     engine: str = "auto"  # auto | dense | static | dynamic
     device: str = "auto"
     backend: str = "auto"  # dynamic engine: auto | torch | triton
-    precision: str = "fp16"  # TensorRT: fp16 | int8 | fp32
+    precision: str = "fp16"  # TensorRT: fp16 | int8 | fp32; PyTorch engines on a GPU: fp16 | fp32
+    cuda_graph: bool = True  # PyTorch engines on a GPU replay one CUDA graph per frame
     max_frames: Optional[int] = None
     loop: bool = False
     json: Optional[str] = None  # a path, or "-" for stdout
@@ -49,7 +50,7 @@ def serve(bundle_dir: str, source_uri: str, opts: ServeOptions, stop: Optional[t
     if opts.engine != "auto" and opts.engine not in available:
         raise ValueError(f"--engine {opts.engine}: the bundle has {available}")
     wanted = available if opts.engine == "auto" else [opts.engine]
-    engines = load_engines(bundle, wanted, device, opts.backend, opts.precision)
+    engines = load_engines(bundle, wanted, device, opts.backend, opts.precision, opts.cuda_graph)
     ap = {e: bundle["engines"][e].get("ap50_95") for e in wanted}
     policy = FallbackPolicy(wanted, {k: v for k, v in ap.items() if v is not None}, opts.ap_margin,
                             route_by_keep=opts.route_by_keep, probe_every=opts.probe_every)

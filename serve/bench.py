@@ -56,11 +56,11 @@ def break_even(keep: np.ndarray, ms: np.ndarray, static_ms: float) -> Optional[f
 
 def run_bench(bundle_dir: str, source: Optional[str] = None, data: Optional[str] = None, frames: int = 200,
               engines: Optional[List[str]] = None, out: str = "runs/bench", device: str = "auto",
-              backend: str = "auto", warmup: int = 5, log=print) -> Dict[str, Any]:
+              backend: str = "auto", warmup: int = 5, log=print, cuda_graph: bool = True) -> Dict[str, Any]:
     bundle = load_bundle(bundle_dir)
     dev = pick_device(device)
     which = engines or list(bundle["engines"])
-    loaded = load_engines(bundle, which, dev, backend)
+    loaded = load_engines(bundle, which, dev, backend, cuda_graph=cuda_graph)
     images, records, names = load_frames(source, data, frames)
     rows, per_frame = [], {}
     for name, eng in loaded.items():

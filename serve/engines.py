@@ -75,27 +75,39 @@ class Engine:
                       engine=self.name, **extra)
 
 
+def network_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """The PyTorch engines' arithmetic: fp16 on a GPU unless fp32 is asked for (int8 is a
+    TensorRT precision; PyTorch runs it as fp16), fp32 on the CPU."""
+    if precision not in ("fp16", "int8", "fp32"):
+        raise ValueError(f"unknown precision {precision!r}; choose fp16, int8 or fp32")
+    return torch.float16 if device.type == "cuda" and precision != "fp32" else torch.float32
+
+
 class DenseEngine(Engine):
-    """A dense or statically pruned PyTorch model, BatchNorm folded."""
+    """A dense or statically pruned PyTorch model, BatchNorm folded; on a GPU in fp16 and
+    replayed from a CUDA graph."""
 
     name = "dense"
 
     def __init__(self, checkpoint: str, device: torch.device, conf: float = 0.25, iou: float = 0.6,
-                 name: str = "dense") -> None:
+                 name: str = "dense", precision: str = "fp16", cuda_graph: bool = True) -> None:
         from dynprune.compact import dense_inference_model
         from dynprune.flops import count_flops
+        from dynprune.serve.cuda_graph import GraphedForward
 
         model, ckpt = model_from_checkpoint(checkpoint)
         super().__init__(ckpt["imgsz"], conf, iou, device)
         self.name = name
-        self.model = dense_inference_model(model).to(device)
-        self.flops = count_flops(self.model, self.imgsz) / 1e9
-        self.description = f"PyTorch on {device}"
+        self.dtype = network_dtype(device, precision)
+        self.model = dense_inference_model(model).to(device=device, dtype=self.dtype)
+        self.flops = count_flops(model, self.imgsz) / 1e9
+        self.graphed = GraphedForward(self.model, enabled=cuda_graph)
+        self.description = f"PyTorch on {device} ({str(self.dtype).replace('torch.', '')})"
 
     @torch.no_grad()
     def network(self, x: torch.Tensor):
-        boxes, logits = self.model(x)
-        return boxes, logits.sigmoid(), {"gflops": self.flops}
+        boxes, logits = self.graphed(x.to(self.dtype))
+        return boxes.float(), logits.float().sigmoid(), {"gflops": self.flops}
 
 
 class OnnxEngine(Engine):
@@ -149,26 +161,40 @@ class DynamicEngine(Engine):
     name = "dynamic"
 
     def __init__(self, checkpoint: str, device: torch.device, conf: float = 0.25, iou: float = 0.6,
-                 backend: str = "auto", profile_gates: bool = True) -> None:
+                 backend: str = "auto", profile_gates: bool = True, precision: str = "fp16",
+                 cuda_graph: bool = True) -> None:
         from dynprune.compact import CompactDetector
         from dynprune.flops import CostModel
+        from dynprune.kernels.dispatch import select_backend
+        from dynprune.serve.cuda_graph import GraphedForward
 
+        chosen, reason = select_backend(device, backend)
+        if chosen == "torch" and device.type != "cpu":
+            # The PyTorch gather path is the CPU runtime (NumPy gates, oneDNN convolutions).
+            log.warning("dynamic engine runs on the CPU: %s", reason)
+            device = torch.device("cpu")
         model, ckpt = model_from_checkpoint(checkpoint)
         super().__init__(ckpt["imgsz"], conf, iou, device)
         self.cost = CostModel(model, self.imgsz)
         self.widths = torch.tensor([[b.h1, b.h2] for b in model.blocks], dtype=torch.float64)
         self.net = CompactDetector(model.to(device), backend=backend, device=device).to(device)
+        # The CPU path is float32 NumPy/oneDNN; the Triton path runs fp16 (or fp32) and, having no
+        # host sync, replays from one CUDA graph whatever each frame keeps.
+        self.dtype = network_dtype(device, precision) if self.net.backend == "triton" else torch.float32
+        self.net.to(self.dtype)
+        self.graphed = GraphedForward(self.net, enabled=cuda_graph and self.net.backend == "triton")
         # Timing the gates alone needs a host clock around them: cheap on the CPU, a sync on CUDA.
         self.profile_gates = profile_gates and device.type == "cpu"
         for b in self.net.blocks:
             b.profile = self.profile_gates
-        self.description = self.net.backend_reason
+        self.description = f"{self.net.backend_reason} ({str(self.dtype).replace('torch.', '')})"
 
     @torch.no_grad()
     def network(self, x: torch.Tensor):
         for b in self.net.blocks:
             b.gate_ms = 0.0
-        boxes, logits = self.net(x)
+        boxes, logits = self.graphed(x.to(self.dtype))
+        boxes, logits = boxes.float(), logits.float()
         kept = self.net.kept_counts()[0].cpu()  # one small copy after the frame, never inside it
         keep_ratio = float((kept / self.widths).mean())
         gflops = self.cost.frame_flops(kept.tolist()) / 1e9
@@ -183,8 +209,11 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def load_engines(bundle: Dict[str, Any], which: List[str], device: torch.device, backend: str = "auto",
-                 precision: str = "fp16") -> Dict[str, Engine]:
-    """Build the requested engines of a loaded bundle (see :func:`dynprune.serve.bundle.load_bundle`)."""
+                 precision: str = "fp16", cuda_graph: bool = True) -> Dict[str, Engine]:
+    """Build the requested engines of a loaded bundle (see :func:`dynprune.serve.bundle.load_bundle`).
+
+    ``precision``: the TensorRT plan's, and on a GPU the PyTorch engines' (fp16 for fp16 and
+    int8); ``cuda_graph``: replay the PyTorch engines from CUDA graphs on a GPU."""
     root = Path(bundle["root"])
     conf, iou = bundle["conf"], bundle["iou"]
     engines: Dict[str, Engine] = {}
@@ -193,9 +222,11 @@ def load_engines(bundle: Dict[str, Any], which: List[str], device: torch.device,
         if entry is None:
             raise ValueError(f"{root}: the bundle has no {name} engine (it has {sorted(bundle['engines'])})")
         if name == "dense":
-            engines[name] = DenseEngine(str(root / entry["file"]), device, conf, iou)
+            engines[name] = DenseEngine(str(root / entry["file"]), device, conf, iou, precision=precision,
+                                        cuda_graph=cuda_graph)
         elif name == "dynamic":
-            engines[name] = DynamicEngine(str(root / entry["file"]), device, conf, iou, backend)
+            engines[name] = DynamicEngine(str(root / entry["file"]), device, conf, iou, backend, precision=precision,
+                                          cuda_graph=cuda_graph)
         else:
             from dynprune.serve.tensorrt_engine import ensure_plan, tensorrt_status
 

@@ -263,3 +263,18 @@ def test_bench_files_agree_with_the_table(bundle, video, tmp_path):
         assert f"{r_json['p50_ms']:.2f}" in table
     assert (tmp_path / "latency_vs_keep.png").stat().st_size > 1000
     assert res["frames"] == 12 and data["rows"][0]["keep_mean"] is not None
+
+
+def test_dynamic_engine_without_triton_kernels_on_a_gpu_runs_on_the_cpu(bundle, caplog):
+    """The PyTorch gather path is the CPU runtime: a GPU that gets it (backend torch, or a compute
+    capability below Triton's) must not crash the engine, and the log says where it went."""
+    from pathlib import Path
+
+    from dynprune.serve.bundle import load_bundle
+
+    b = load_bundle(bundle)
+    checkpoint = str(Path(b["root"]) / b["engines"]["dynamic"]["file"])
+    eng = DynamicEngine(checkpoint, torch.device("cuda"), backend="torch")  # selection needs no GPU
+    assert eng.device.type == "cpu" and "runs on the CPU" in caplog.text
+    res = eng(np.zeros((48, 64, 3), dtype=np.uint8))
+    assert 0.0 <= res.keep_ratio <= 1.0
