@@ -1,5 +1,7 @@
 """Gather convolutions: compute only the kept channels of a gated layer.
 
 ``reference`` holds the PyTorch versions (the CPU runtime, and the ground truth for the
-tests); ``gather_conv`` holds the Triton kernels for CUDA GPUs; ``dispatch`` picks one.
+tests); ``gather_conv`` holds the Triton convolution kernels for CUDA GPUs; ``gate_index``
+the Triton kernel that turns a block's two gates into kept-index lists on the device;
+``dispatch`` picks Triton or PyTorch for a device.
 """
