@@ -205,7 +205,7 @@ class TritonCompactBottleneck(CompactBottleneck):
         (the warm-up before a CUDA-graph capture) and reused, so the captured graph makes none.
         """
         b, c, h, w = x.shape
-        if not (c > 1 and x.stride(1) == 1 and x.stride(3) == c):  # not NHWC-dense
+        if not x.is_contiguous(memory_format=torch.channels_last):
             return x.mean((2, 3))
         key = (h * w, x.dtype, x.device)
         row = cls._averaging.get(key)
@@ -257,7 +257,6 @@ class CompactDetector(nn.Module):
         # are odd more often than not. GPU: cuDNN's fp16 convolutions of the un-gated layers are
         # NHWC-native (dense nano at 640 in a CUDA graph on the H100: 0.488 ms NCHW, 0.387 ms
         # NHWC), and the Triton kernels read and write either layout through strides.
-        self.channels_last = True
         self.net.to(memory_format=torch.channels_last)
         if self.backend == "triton":
             from dynprune.kernels.gather_conv import weight_layout_for, with_layout
@@ -268,9 +267,7 @@ class CompactDetector(nn.Module):
                 blk.w3 = with_layout(blk.w3, weight_layout_for(1))
 
     def forward(self, x: torch.Tensor):
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return self.net(x)
+        return self.net(x.contiguous(memory_format=torch.channels_last))
 
     def kept_counts(self) -> torch.Tensor:
         """``(B, blocks, 2)`` kept hidden channels of the last call (on the device for Triton)."""
