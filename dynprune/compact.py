@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynprune.fusion import fuse_conv_bn
+from dynprune.fusion import fuse_conv_bn, pointwise_as_matmul
 from dynprune.gates import Gate
 from dynprune.layers import Bottleneck
 from dynprune.model import Detector
@@ -93,27 +93,30 @@ class CompactBottleneck(nn.Module):
                 return t.detach().cpu().float().contiguous().numpy().copy()
 
             # Both gates as one MLP: fc1 side by side, fc2 block-diagonal. The 1x1 weights as
-            # row-gatherable matrices: kept outputs of cv1 are rows of w1 (C_out, C_in), kept
-            # inputs of cv3 rows of w3_t (C_in, C_out). A row gather copies contiguous memory
-            # (a column gather strides through all of it).
+            # rows: kept outputs of cv1 are rows of W1 (C_out, C_in), kept inputs of cv3 rows of
+            # W3^T (C_in, C_out). A row gather copies contiguous memory (a column gather strides
+            # through all of it).
             self._np = {
                 "fc1_t": arr(torch.cat([g1.fc1.weight, g2.fc1.weight]).t()),
                 "fc2_t": arr(fc2.t()),
                 "fc2_b": arr(torch.cat([g1.fc2.bias, g2.fc2.bias])),
-                "w1": arr(self.w1.flatten(1)),
-                "b1": arr(self.b1),
+                # One (h1 + h2, C + 1) table, so that one ``take`` per frame gathers everything
+                # the 1x1 layers need: rows of W1 with b1 beside them, then rows of W3^T with b2
+                # beside them (b2 belongs to the 3x3, whose output channels are W3's inputs).
+                "rows": arr(torch.cat([torch.cat([self.w1.flatten(1), self.b1[:, None]], 1),
+                                       torch.cat([self.w3.flatten(1).t(), self.b2[:, None]], 1)])),
                 # (torch: index_select on it runs 2-3x faster than NumPy's fancy indexing over
                 # two axes; measured 0.15 vs 0.41 ms for 256x256x3x3 keeping 121x98)
                 "w2": self.w2.detach().cpu().float().contiguous(),
-                "b2": arr(self.b2),
-                "w3_t": arr(self.w3.flatten(1).t()),
             }
             if self.lean:
-                self._np["thresholds"] = arr(torch.cat([g1.threshold.expand(g1.groups),
-                                                        g2.threshold.expand(g2.groups)]))
+                # saliency >= threshold and > 0 as one comparison: a zero threshold becomes the
+                # smallest positive float
+                thresholds = torch.cat([g1.threshold.expand(g1.groups), g2.threshold.expand(g2.groups)])
+                self._np["thresholds"] = np.maximum(arr(thresholds), np.finfo(np.float32).tiny)
         return self._np
 
-    def pool_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+    def pool_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Global average pool ``(B, C)`` of the block input's ``(B, H*W, C)`` pixels, as a NumPy
         vector-matrix product with a cached ``1/HW`` row (measured 29 us against 36 us for
         ``Tensor.mean`` at 80x80x32; the pool runs once per block and frame)."""
@@ -121,7 +124,9 @@ class CompactBottleneck(nn.Module):
         row = self._pool_rows.get(hw)
         if row is None:
             row = self._pool_rows[hw] = np.full(hw, 1.0 / hw, dtype=np.float32)
-        return row @ pixels.numpy()
+        if pixels.shape[0] == 1:  # a 2-D product: BLAS's vector-matrix kernel
+            return (row @ pixels[0])[None]
+        return row @ pixels
 
     def gather_w2(self, idx2: np.ndarray, idx1: np.ndarray) -> torch.Tensor:
         """Rows ``idx2``, columns ``idx1`` of the folded 3x3 weight, ``(keep2, keep1, 3, 3)``.
@@ -141,10 +146,12 @@ class CompactBottleneck(nn.Module):
         """Per-group saliency and keep decision of both gates from the pooled block input
         ``(B, C)``: ``((s1, keep1), (s2, keep2))``, NumPy arrays ``(B, groups)``."""
         p = self.np
-        s = np.maximum(np.maximum(pooled @ p["fc1_t"], 0) @ p["fc2_t"] + p["fc2_b"], 0)
+        s = np.maximum(pooled @ p["fc1_t"], 0) @ p["fc2_t"]
+        s += p["fc2_b"]
+        np.maximum(s, 0, out=s)
         s1, s2 = s[:, : self.n_groups1], s[:, self.n_groups1 :]
         if self.lean:  # ManiDP: saliency >= threshold (and > 0), both gates in one comparison
-            keep = (s >= p["thresholds"]) & (s > 0)
+            keep = s >= p["thresholds"]
             return (s1, keep[:, : self.n_groups1]), (s2, keep[:, self.n_groups1 :])
         return (s1, _group_keep(self.gate1, s1)), (s2, _group_keep(self.gate2, s2))
 
@@ -157,13 +164,12 @@ class CompactBottleneck(nn.Module):
             index = (groups[:, None] * group + np.arange(group)).ravel()
             index = index[index < width]
         kept = index.size
-        slots = kept + (-kept % self.pad_to)
-        padded = np.empty(slots, dtype=np.int64)
-        padded[:kept] = index
-        padded[kept:] = index[0] if kept else 0  # zero-scaled copies (see the class docstring)
-        scale = np.zeros(slots, dtype=np.float32)
-        scale[:kept] = saliency[index // group if group > 1 else index]
-        return padded, scale, kept
+        pad = -kept % self.pad_to
+        scale = saliency.take(index // group if group > 1 else index)
+        if pad:  # zero-scaled copies of the first kept channel (see the class docstring)
+            index = np.concatenate((index, np.full(pad, index[0])))
+            scale = np.concatenate((scale, np.zeros(pad, dtype=scale.dtype)))
+        return index, scale, kept
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype != torch.float32:
@@ -171,7 +177,9 @@ class CompactBottleneck(nn.Module):
                              "use the Triton backend on a GPU")
         t0 = time.perf_counter() if self.profile else 0.0
         b, c, h, w = x.shape
-        pixels = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view when x is channels_last
+        # Small array work goes through NumPy views: a torch slice or view costs 3-8 us of
+        # dispatch on two cores, a NumPy one under 1 us, and a block makes dozens of them.
+        pixels = (x.detach() if x.requires_grad else x).numpy().transpose(0, 2, 3, 1).reshape(b, h * w, c)
         (s1, k1), (s2, k2) = self.saliency(self.pool_pixels(pixels))
         if self.profile:
             self.gate_ms += (time.perf_counter() - t0) * 1e3
@@ -182,24 +190,25 @@ class CompactBottleneck(nn.Module):
             idx1, scale1, n1 = self._slots(k1[i], s1[i], self.gate1.group, self.h1)
             idx2, scale2, n2 = self._slots(k2[i], s2[i], self.gate2.group, self.h2)
             kept[i] = n1, n2
-            xi = pixels[i]
+            xi = torch.from_numpy(pixels[i])  # (H*W, C), the block input's pixels
             if n2 == 0:  # nothing reaches the output projection: shortcut plus bias
                 outs.append(xi + self.b3)
                 continue
-            w3 = p["w3_t"].take(idx2, axis=0)
-            w3 *= scale2[:, None]  # scale 2 folded into W3's rows
-            w3 = torch.from_numpy(w3)
-            b2 = p["b2"].take(idx2)
+            slots1 = idx1.size
+            rows = p["rows"].take(np.concatenate((idx1, idx2 + self.h1)), axis=0)  # one gather
+            w3 = rows[slots1:, :c]
+            w3 *= scale2[:, None]  # scale 2 folded into W3's rows (not into b2)
+            w3 = torch.from_numpy(w3)  # a strided view: BLAS reads it in place
+            b2 = torch.from_numpy(np.ascontiguousarray(rows[slots1:, c]))
             if n1 == 0:  # a 3x3 over zeros is its bias at every pixel: the block adds a constant
-                const = torch.from_numpy(b2 / (1.0 + np.exp(-b2)))[None]  # silu(b2)
-                outs.append(xi + torch.addmm(self.b3, const, w3))
+                outs.append(xi + torch.addmm(self.b3, F.silu(b2)[None], w3))
                 continue
-            w1 = torch.from_numpy(p["w1"].take(idx1, axis=0))
-            y = F.silu(torch.addmm(torch.from_numpy(p["b1"].take(idx1)), xi, w1.t()), inplace=True)
-            w2 = self.gather_w2(idx2, idx1).mul_(torch.from_numpy(scale1)[:, None, None])  # scale 1 into W2
-            y = F.conv2d(y.view(1, h, w, -1).permute(0, 3, 1, 2), w2, torch.from_numpy(b2), padding=1)
-            y = F.silu(y, inplace=True).permute(0, 2, 3, 1).reshape(h * w, -1)  # channels-last map
-            outs.append(torch.addmm(self.b3, y, w3).add_(xi))
+            y = torch.addmm(torch.from_numpy(rows[:slots1, c]), xi, torch.from_numpy(rows[:slots1, :c].T))
+            y = F.silu(y, inplace=True).numpy().reshape(1, h, w, slots1).transpose(0, 3, 1, 2)
+            w2 = self.gather_w2(idx2, idx1).mul_(torch.from_numpy(scale1[:, None, None]))  # scale 1 into W2
+            y = F.silu(F.conv2d(torch.from_numpy(y), w2, b2, padding=1), inplace=True)  # channels-last map
+            y = y.numpy().transpose(0, 2, 3, 1).reshape(h * w, -1)
+            outs.append(torch.addmm(self.b3, torch.from_numpy(y), w3).add_(xi))
         self.last_kept = kept
         out = torch.stack(outs).view(b, h, w, c) if b > 1 else outs[0].view(1, h, w, c)
         return out.permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
@@ -279,7 +288,9 @@ class CompactDetector(nn.Module):
             for child_name, child in list(module.named_children()):
                 if isinstance(child, Bottleneck) and child.gated:
                     setattr(module, child_name, block_cls(child))
-        self.net = fuse_conv_bn(net)
+        # The un-gated 1x1 layers (laterals, predictions) as in DenseInference: the same code runs
+        # in both, so the comparison measures the gated blocks alone.
+        self.net = pointwise_as_matmul(fuse_conv_bn(net))
         self.blocks = [m for m in self.net.modules() if isinstance(m, CompactBottleneck)]
         # channels_last on both backends. CPU: oneDNN runs odd channel counts far better in NHWC
         # (measured 3x3 at 40x40, 31->33 channels: 1.02 ms NCHW, 0.66 ms NHWC), and compact widths
@@ -306,11 +317,13 @@ class CompactDetector(nn.Module):
 class DenseInference(nn.Module):
     """The fastest PyTorch form of a dense (or statically pruned) model: BN folded, channels_last
     (on the CPU as fast or faster for every layer shape measured; on the H100 in fp16 the nano
-    detector takes 0.387 ms in a CUDA graph NHWC against 0.489 ms NCHW)."""
+    detector takes 0.387 ms in a CUDA graph NHWC against 0.489 ms NCHW), and on the CPU the 1x1
+    convolutions as matrix products (:class:`~dynprune.fusion.PointwiseConv`), as the compact
+    blocks run theirs."""
 
     def __init__(self, model: Detector) -> None:
         super().__init__()
-        self.net = fuse_conv_bn(copy.deepcopy(model).eval())
+        self.net = pointwise_as_matmul(fuse_conv_bn(copy.deepcopy(model).eval()))
         self.net.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor):
