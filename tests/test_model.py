@@ -63,3 +63,45 @@ def test_onnx_export_matches_pytorch(tmp_path):
         ref_boxes, ref_logits = model(x)
     np.testing.assert_allclose(boxes, ref_boxes.numpy(), atol=1e-4)
     np.testing.assert_allclose(scores, ref_logits.sigmoid().numpy(), atol=1e-4)
+
+
+def test_dense_inference_equals_the_model_and_runs_1x1_layers_as_matmul():
+    """BN folded, channels_last and PointwiseConv change nothing but float rounding; only
+    eligible 1x1 layers are replaced (the stride-2 and 3x3 convolutions stay convolutions)."""
+    from torch import nn
+
+    from dynprune.compact import DenseInference
+    from dynprune.fusion import PointwiseConv
+
+    torch.manual_seed(0)
+    model = build_detector(tiny_config()).eval()
+    for m in model.modules():  # non-trivial BN statistics, so that folding is exercised
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    fast = DenseInference(model)
+    pointwise = [m for m in fast.modules() if isinstance(m, PointwiseConv)]
+    assert pointwise, "no 1x1 layer was replaced"
+    assert all(m.kernel_size != (1, 1) or m.stride != (1, 1) for m in fast.modules() if isinstance(m, nn.Conv2d))
+    x = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        (b_ref, l_ref), (b, l) = model(x), fast(x)
+    assert torch.allclose(l, l_ref, atol=1e-4) and torch.allclose(b, b_ref, atol=1e-3)
+
+
+def test_pointwise_conv_falls_back_to_a_convolution_for_nchw_input():
+    from torch import nn
+
+    from dynprune.fusion import PointwiseConv
+
+    conv = nn.Conv2d(5, 7, 1)
+    pw = PointwiseConv(conv)
+    x = torch.randn(2, 5, 4, 6)
+    with torch.no_grad():
+        ref = conv(x)
+        assert torch.allclose(pw(x), ref, atol=1e-5)  # NCHW: the convolution itself
+        out = pw(x.contiguous(memory_format=torch.channels_last))  # channels_last: addmm
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert torch.allclose(out, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="1x1"):
+        PointwiseConv(nn.Conv2d(5, 7, 3))
