@@ -128,32 +128,64 @@ class CompactBottleneck(nn.Module):
             return (row @ pixels[0])[None]
         return row @ pixels
 
-    def gather_w2(self, idx2: np.ndarray, idx1: np.ndarray) -> torch.Tensor:
-        """Rows ``idx2``, columns ``idx1`` of the folded 3x3 weight, ``(keep2, keep1, 3, 3)``.
+    def gather_w2(self, idx2: np.ndarray, idx1: np.ndarray, scale1: np.ndarray) -> torch.Tensor:
+        """Rows ``idx2``, columns ``idx1`` of the folded 3x3 weight, each column scaled by its
+        channel's saliency ``scale1``: ``(keep2, keep1, 3, 3)``.
 
-        Two ``index_select`` calls for small layers; for large ones a single select over the
-        flattened ``(C_out * C_in, 9)`` view with the outer-sum index, which reads only the kept
-        taps (256x256 keeping 128x104: 185 us against 423 us; for 32x32 the two small selects
-        win, 34 us against 68 us)."""
+        Small layers gather in NumPy (two ``take`` and an in-place multiply, about a
+        microsecond of overhead each, where each torch call costs 5-8 us). Large ones use one
+        torch ``index_select`` over the flattened ``(C_out * C_in, 9)`` view with the outer-sum
+        index, which reads only the kept taps (256x256 keeping 128x104: 185 us against 423 us
+        for two selects and 442 us for NumPy)."""
         w2 = self.np["w2"]
         if w2.shape[0] * w2.shape[1] < 1 << 15:
-            return w2.index_select(0, torch.from_numpy(idx2)).index_select(1, torch.from_numpy(idx1))
+            out = w2.numpy().take(idx2, axis=0).take(idx1, axis=1)
+            out *= scale1[:, None, None]
+            return torch.from_numpy(out)
         flat = (idx2[:, None] * w2.shape[1] + idx1[None, :]).ravel()
-        return w2.view(-1, w2.shape[2] * w2.shape[3]).index_select(0, torch.from_numpy(flat)).view(
-            idx2.size, idx1.size, w2.shape[2], w2.shape[3])
+        out = w2.view(-1, w2.shape[2] * w2.shape[3]).index_select(0, torch.from_numpy(flat))
+        return out.view(idx2.size, idx1.size, w2.shape[2], w2.shape[3]).mul_(torch.from_numpy(scale1[:, None, None]))
 
     def saliency(self, pooled: np.ndarray):
         """Per-group saliency and keep decision of both gates from the pooled block input
-        ``(B, C)``: ``((s1, keep1), (s2, keep2))``, NumPy arrays ``(B, groups)``."""
+        ``(B, C)``: ``(saliency, keep)``, NumPy arrays ``(B, groups1 + groups2)``, gate 1 first."""
         p = self.np
         s = np.maximum(pooled @ p["fc1_t"], 0) @ p["fc2_t"]
         s += p["fc2_b"]
         np.maximum(s, 0, out=s)
-        s1, s2 = s[:, : self.n_groups1], s[:, self.n_groups1 :]
         if self.lean:  # ManiDP: saliency >= threshold (and > 0), both gates in one comparison
-            keep = s >= p["thresholds"]
-            return (s1, keep[:, : self.n_groups1]), (s2, keep[:, self.n_groups1 :])
-        return (s1, _group_keep(self.gate1, s1)), (s2, _group_keep(self.gate2, s2))
+            return s, s >= p["thresholds"]
+        g1 = self.n_groups1
+        return s, np.concatenate([_group_keep(self.gate1, s[:, :g1]), _group_keep(self.gate2, s[:, g1:])], 1)
+
+    def _plan(self, keep: np.ndarray, saliency: np.ndarray):
+        """One image's gathers for both gates: ``(rows, scale, slots1, kept1, kept2)``.
+
+        ``rows`` indexes the ``rows`` table: gate 1's kept channels padded to ``slots1``, then
+        ``h1 +`` gate 2's kept channels, padded too; ``scale`` is each slot's saliency (0 for
+        padding). With per-channel gates the keep vector already numbers gate 2's channel ``j``
+        as ``h1 + j``, so one ``nonzero`` serves both gates (this runs for every block of every
+        frame, and each NumPy call costs a microsecond or more)."""
+        g1, pad_to = self.n_groups1, self.pad_to
+        if self.gate1.group == self.gate2.group == 1:
+            kept_all = keep.nonzero()[0]
+            kept1 = int(np.count_nonzero(keep[:g1]))
+            kept2 = kept_all.size - kept1
+            slots1 = kept1 + (-kept1 % pad_to)
+            end2 = slots1 + kept2
+            rows = np.empty(end2 + (-kept2 % pad_to), dtype=np.int64)
+            scale = np.zeros(rows.size, dtype=np.float32)
+            kept_scale = saliency.take(kept_all)
+            rows[:kept1], scale[:kept1] = kept_all[:kept1], kept_scale[:kept1]
+            rows[slots1:end2], scale[slots1:end2] = kept_all[kept1:], kept_scale[kept1:]
+            if kept1:  # zero-scaled copies of a kept channel (see the class docstring)
+                rows[kept1:slots1] = kept_all[0]
+            if kept2:
+                rows[end2:] = kept_all[kept1]
+            return rows, scale, slots1, kept1, kept2
+        idx1, scale1, kept1 = self._slots(keep[:g1], saliency[:g1], self.gate1.group, self.h1)
+        idx2, scale2, kept2 = self._slots(keep[g1:], saliency[g1:], self.gate2.group, self.h2)
+        return np.concatenate((idx1, idx2 + self.h1)), np.concatenate((scale1, scale2)), idx1.size, kept1, kept2
 
     def _slots(self, keep: np.ndarray, saliency: np.ndarray, group: int, width: int):
         """``(index, scale, kept)`` of one image's kept channels, padded to ``pad_to`` slots."""
@@ -180,24 +212,22 @@ class CompactBottleneck(nn.Module):
         # Small array work goes through NumPy views: a torch slice or view costs 3-8 us of
         # dispatch on two cores, a NumPy one under 1 us, and a block makes dozens of them.
         pixels = (x.detach() if x.requires_grad else x).numpy().transpose(0, 2, 3, 1).reshape(b, h * w, c)
-        (s1, k1), (s2, k2) = self.saliency(self.pool_pixels(pixels))
+        saliency, keep = self.saliency(self.pool_pixels(pixels))
         if self.profile:
             self.gate_ms += (time.perf_counter() - t0) * 1e3
-        p = self.np
+        table = self.np["rows"]
         outs: List[torch.Tensor] = []
         kept = np.empty((b, 2), dtype=np.int64)
         for i in range(b):  # each image keeps its own channel set
-            idx1, scale1, n1 = self._slots(k1[i], s1[i], self.gate1.group, self.h1)
-            idx2, scale2, n2 = self._slots(k2[i], s2[i], self.gate2.group, self.h2)
+            index, scale, slots1, n1, n2 = self._plan(keep[i], saliency[i])
             kept[i] = n1, n2
             xi = torch.from_numpy(pixels[i])  # (H*W, C), the block input's pixels
             if n2 == 0:  # nothing reaches the output projection: shortcut plus bias
                 outs.append(xi + self.b3)
                 continue
-            slots1 = idx1.size
-            rows = p["rows"].take(np.concatenate((idx1, idx2 + self.h1)), axis=0)  # one gather
+            rows = table.take(index, axis=0)  # W1 | b1 rows, then W3^T | b2 rows: one gather
             w3 = rows[slots1:, :c]
-            w3 *= scale2[:, None]  # scale 2 folded into W3's rows (not into b2)
+            w3 *= scale[slots1:, None]  # scale 2 folded into W3's rows (not into b2)
             w3 = torch.from_numpy(w3)  # a strided view: BLAS reads it in place
             b2 = torch.from_numpy(np.ascontiguousarray(rows[slots1:, c]))
             if n1 == 0:  # a 3x3 over zeros is its bias at every pixel: the block adds a constant
@@ -205,7 +235,7 @@ class CompactBottleneck(nn.Module):
                 continue
             y = torch.addmm(torch.from_numpy(rows[:slots1, c]), xi, torch.from_numpy(rows[:slots1, :c].T))
             y = F.silu(y, inplace=True).numpy().reshape(1, h, w, slots1).transpose(0, 3, 1, 2)
-            w2 = self.gather_w2(idx2, idx1).mul_(torch.from_numpy(scale1[:, None, None]))  # scale 1 into W2
+            w2 = self.gather_w2(index[slots1:] - self.h1, index[:slots1], scale[:slots1])  # scale 1 folded in
             y = F.silu(F.conv2d(torch.from_numpy(y), w2, b2, padding=1), inplace=True)  # channels-last map
             y = y.numpy().transpose(0, 2, 3, 1).reshape(h * w, -1)
             outs.append(torch.addmm(self.b3, torch.from_numpy(y), w3).add_(xi))
