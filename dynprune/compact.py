@@ -108,6 +108,7 @@ class CompactBottleneck(nn.Module):
                 # (torch: index_select on it runs 2-3x faster than NumPy's fancy indexing over
                 # two axes; measured 0.15 vs 0.41 ms for 256x256x3x3 keeping 121x98)
                 "w2": self.w2.detach().cpu().float().contiguous(),
+                "w2_ohwi": arr(self.w2.permute(0, 2, 3, 1)),
             }
             if self.lean:
                 # saliency >= threshold and > 0 as one comparison: a zero threshold becomes the
@@ -133,15 +134,17 @@ class CompactBottleneck(nn.Module):
         channel's saliency ``scale1``: ``(keep2, keep1, 3, 3)``.
 
         Small layers gather in NumPy (two ``take`` and an in-place multiply, about a
-        microsecond of overhead each, where each torch call costs 5-8 us). Large ones use one
+        microsecond of overhead each, where each torch call costs 5-8 us) from an OHWI copy. Large ones use one
         torch ``index_select`` over the flattened ``(C_out * C_in, 9)`` view with the outer-sum
         index, which reads only the kept taps (256x256 keeping 128x104: 185 us against 423 us
         for two selects and 442 us for NumPy)."""
         w2 = self.np["w2"]
         if w2.shape[0] * w2.shape[1] < 1 << 15:
-            out = w2.numpy().take(idx2, axis=0).take(idx1, axis=1)
-            out *= scale1[:, None, None]
-            return torch.from_numpy(out)
+            # From an OHWI copy: the result is a channels-last weight, which oneDNN convolves
+            # NHWC input with 2-5% faster than OIHW (measured 10x10 to 80x80, 16-104 channels).
+            out = self.np["w2_ohwi"].take(idx2, axis=0).take(idx1, axis=3)
+            out *= scale1
+            return torch.from_numpy(out).permute(0, 3, 1, 2)
         flat = (idx2[:, None] * w2.shape[1] + idx1[None, :]).ravel()
         out = w2.view(-1, w2.shape[2] * w2.shape[3]).index_select(0, torch.from_numpy(flat))
         return out.view(idx2.size, idx1.size, w2.shape[2], w2.shape[3]).mul_(torch.from_numpy(scale1[:, None, None]))
