@@ -70,6 +70,10 @@ class CompactBottleneck(nn.Module):
         self.n_groups1 = self.gate1.groups
         self.lean = self.gate1.mode == self.gate2.mode == "threshold"
         self._np: Optional[Dict[str, np.ndarray | torch.Tensor]] = None
+        # The compiled gate step (threshold gates only; FBS's top-k stays in NumPy). Set
+        # use_native = False before the first call to run the NumPy reference path instead.
+        self.use_native = True
+        self._native = None
         self._pool_rows: Dict[int, np.ndarray] = {}
         # (B, 2) kept counts of the last forward pass, for per-frame accounting: a NumPy array on
         # the CPU (``torch.tensor`` costs 10 us a call; one conversion per frame in
@@ -116,7 +120,31 @@ class CompactBottleneck(nn.Module):
                 # smallest positive float
                 thresholds = torch.cat([g1.threshold.expand(g1.groups), g2.threshold.expand(g2.groups)])
                 self._np["thresholds"] = np.maximum(arr(thresholds), np.finfo(np.float32).tiny)
+            self._native = self._native_plan(arr(g1.fc2.weight.t()), arr(g2.fc2.weight.t())) if self.lean else None
         return self._np
+
+    def __getstate__(self) -> dict:
+        # The NumPy copies and the compiled step's buffers are caches, rebuilt on the next call
+        # (and ctypes pointers cannot be copied or pickled).
+        state = dict(self.__dict__)
+        state["_np"], state["_native"] = None, None
+        return state
+
+    def _native_plan(self, fc2a_t: np.ndarray, fc2b_t: np.ndarray):
+        """The compiled gate step (:mod:`dynprune.kernels.cpu_gate`) for this block, or ``None``
+        where it cannot be built or ``use_native`` is off (then the NumPy path runs)."""
+        if not self.use_native:
+            return None
+        from dynprune.kernels.cpu_gate import BlockPlan, native_library
+
+        lib = native_library()
+        if lib is None:
+            return None
+        p = self._np
+        return BlockPlan(lib, fc1_t=p["fc1_t"], fc2a_t=fc2a_t, fc2b_t=fc2b_t, fc2_b=p["fc2_b"],
+                         thresholds=p["thresholds"], rows=p["rows"], w2_ohwi=p["w2_ohwi"],
+                         groups=(self.gate1.groups, self.gate2.groups),
+                         group_sizes=(self.gate1.group, self.gate2.group), pad_to=self.pad_to)
 
     def pool_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Global average pool ``(B, C)`` of the block input's ``(B, H*W, C)`` pixels, as a NumPy
@@ -215,31 +243,45 @@ class CompactBottleneck(nn.Module):
         b, c, h, w = x.shape
         # Small array work goes through NumPy views: a torch slice or view costs 3-8 us of
         # dispatch on two cores, a NumPy one under 1 us, and a block makes dozens of them.
+        if not x.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
         pixels = (x.detach() if x.requires_grad else x).numpy().transpose(0, 2, 3, 1).reshape(b, h * w, c)
-        saliency, keep = self.saliency(self.pool_pixels(pixels))
+        p = self.np
+        native = self._native
+        if native is None:
+            saliency, keep = self.saliency(self.pool_pixels(pixels))
+            table = p["rows"]
         if self.profile:
             self.gate_ms += (time.perf_counter() - t0) * 1e3
-        table = self.np["rows"]
         outs: List[torch.Tensor] = []
         kept = np.empty((b, 2), dtype=np.int64)
         for i in range(b):  # each image keeps its own channel set
-            index, scale, slots1, n1, n2 = self._plan(keep[i], saliency[i])
-            kept[i] = n1, n2
             xi = torch.from_numpy(pixels[i])  # (H*W, C), the block input's pixels
+            if native is not None:  # pool, gates, kept lists and gathers in one compiled call
+                t0 = time.perf_counter() if self.profile else 0.0
+                n1, n2, slots1, slots2 = native(xi.data_ptr(), h * w)
+                rows = native.rows_out[: slots1 + slots2]
+                if self.profile:
+                    self.gate_ms += (time.perf_counter() - t0) * 1e3
+            else:
+                index, scale, slots1, n1, n2 = self._plan(keep[i], saliency[i])
+                rows = table.take(index, axis=0)  # W1 | b1 rows, then W3^T | b2 rows: one gather
+                rows[slots1:, :c] *= scale[slots1:, None]  # scale 2 folded into W3's rows (not into b2)
+            kept[i] = n1, n2
             if n2 == 0:  # nothing reaches the output projection: shortcut plus bias
                 outs.append(xi + self.b3)
                 continue
-            rows = table.take(index, axis=0)  # W1 | b1 rows, then W3^T | b2 rows: one gather
-            w3 = rows[slots1:, :c]
-            w3 *= scale[slots1:, None]  # scale 2 folded into W3's rows (not into b2)
-            w3 = torch.from_numpy(w3)  # a strided view: BLAS reads it in place
+            w3 = torch.from_numpy(rows[slots1:, :c])  # a strided view: BLAS reads it in place
             b2 = torch.from_numpy(np.ascontiguousarray(rows[slots1:, c]))
             if n1 == 0:  # a 3x3 over zeros is its bias at every pixel: the block adds a constant
                 outs.append(xi + torch.addmm(self.b3, F.silu(b2)[None], w3))
                 continue
             y = torch.addmm(torch.from_numpy(rows[:slots1, c]), xi, torch.from_numpy(rows[:slots1, :c].T))
             y = F.silu(y, inplace=True).numpy().reshape(1, h, w, slots1).transpose(0, 3, 1, 2)
-            w2 = self.gather_w2(index[slots1:] - self.h1, index[:slots1], scale[:slots1])  # scale 1 folded in
+            if native is not None:  # OHWI, scale 1 folded in
+                w2 = torch.from_numpy(native.w2(slots1, slots2)).permute(0, 3, 1, 2)
+            else:
+                w2 = self.gather_w2(index[slots1:] - self.h1, index[:slots1], scale[:slots1])  # scale 1 folded in
             y = F.silu(F.conv2d(torch.from_numpy(y), w2, b2, padding=1), inplace=True)  # channels-last map
             y = y.numpy().transpose(0, 2, 3, 1).reshape(h * w, -1)
             outs.append(torch.addmm(self.b3, torch.from_numpy(y), w3).add_(xi))

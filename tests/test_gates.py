@@ -36,6 +36,19 @@ def test_open_gates_equal_the_dense_model():
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+def compact_on(model, path):
+    """CompactDetector on the CPU with its gate step compiled ("native") or in NumPy."""
+    compact = CompactDetector(model)
+    if path == "native":
+        from dynprune.kernels.cpu_gate import native_library
+
+        if native_library() is None:
+            pytest.skip("no working C compiler: the compiled gate step cannot be built here")
+    for blk in compact.blocks:
+        blk.use_native = path == "native"
+    return compact
+
+
 def _random_gates(model, seed, empty_every=3):
     """Random saliencies and thresholds: some layers keep nothing, some everything."""
     g = torch.Generator().manual_seed(seed)
@@ -51,15 +64,16 @@ def _random_gates(model, seed, empty_every=3):
             gate.threshold.fill_(0.8)
 
 
+@pytest.mark.parametrize("path", ["native", "numpy"])
 @pytest.mark.parametrize("group", [1, 8])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_compact_execution_equals_masked_dense(group, seed):
+def test_compact_execution_equals_masked_dense(group, seed, path):
     model, _ = gated_model(group, seed)
     _random_gates(model, seed)
     x = torch.rand(3, 3, 64, 64)
     with torch.no_grad():
         ref_boxes, ref_logits = model(x)
-        compact = CompactDetector(model)
+        compact = compact_on(model, path)
         boxes, logits = compact(x)
     torch.testing.assert_close(boxes, ref_boxes, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
@@ -93,7 +107,8 @@ def test_compact_fbs_topk_equals_masked_dense(group, keep):
     assert compact.kept_counts().flatten(1).tolist() == kept_ref
 
 
-def test_batch_images_keep_different_channel_sets():
+@pytest.mark.parametrize("path", ["native", "numpy"])
+def test_batch_images_keep_different_channel_sets(path):
     model, _ = gated_model()
     set_gate_mode(model, "threshold")
     gates = [m for m in model.modules() if isinstance(m, Gate)]
@@ -108,7 +123,7 @@ def test_batch_images_keep_different_channel_sets():
                 gate.threshold.fill_(float(s.min() + s.median()) / 2)
         model(x)
         sets = [torch.cat([(m[i] > 0) for b in model.blocks for m in b.last["mask"]]) for i in range(3)]
-        compact = CompactDetector(model)
+        compact = compact_on(model, path)
         out = compact(x)
         kept = compact.kept_counts()
         single = [compact(x[i : i + 1]) for i in range(3)]
@@ -132,7 +147,7 @@ def test_compact_block_really_skips_work():
     x = torch.rand(1, 16, 8, 8)
     with FlopCounterMode(display=False) as fc:
         compact(x)
-    # The gates run in NumPy (uncounted); no 3x3 at all, at most the constant through the 1x1 out.
+    # The gates run in C or NumPy (uncounted); no 3x3 at all, at most the constant through the 1x1 out.
     assert fc.get_total_flops() <= 2 * 16 * 32
     block.gate1.threshold.fill_(0.0)
     block.gate2.threshold.fill_(1e9)

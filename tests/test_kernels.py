@@ -263,3 +263,72 @@ def test_block_gates_kernel_with_no_kept_channel():
     assert counts.cpu().tolist() == [[0, 0], [0, 0]]
     assert torch.equal(i1.cpu(), torch.arange(16, dtype=torch.int32).expand(2, 16))
     assert not s1.any() and not s2.any()
+
+
+# -- the compiled CPU gate step (kernels/cpu_gate.c) against its NumPy reference ---------------
+
+
+@pytest.mark.parametrize("group", [1, 8])
+@pytest.mark.parametrize("threshold", [0.0, 0.6, 1e9])
+def test_cpu_gate_step_equals_the_numpy_reference(group, threshold):
+    import numpy as np
+
+    from dynprune.compact import CompactBottleneck
+    from dynprune.gates import set_gate_mode
+    from dynprune.kernels.cpu_gate import native_library
+    from dynprune.layers import Bottleneck
+
+    if native_library() is None:
+        pytest.skip("no working C compiler: the compiled gate step cannot be built here")
+    torch.manual_seed(group)
+    block = Bottleneck(24, 36, 20).eval()  # widths that are not multiples of the group or of 8
+    block.add_gates(group=group)
+    set_gate_mode(block, "threshold")
+    for gate in (block.gate1, block.gate2):
+        gate.fc2.weight.data.normal_(0, 1.0)
+        gate.fc2.bias.data.uniform_(0.0, 1.0)
+        gate.threshold.fill_(threshold)
+    blk = CompactBottleneck(block)
+    x = torch.rand(1, 24, 6, 10).contiguous(memory_format=torch.channels_last)
+    pixels = x.numpy().transpose(0, 2, 3, 1).reshape(1, 60, 24)
+    p = blk.np
+    native = blk._native
+    assert native is not None
+    kept1, kept2, slots1, slots2 = native(torch.from_numpy(pixels[0]).data_ptr(), 60)
+
+    saliency, keep = blk.saliency(blk.pool_pixels(pixels))
+    index, scale, ref_slots1, ref_kept1, ref_kept2 = blk._plan(keep[0], saliency[0])
+    assert (kept1, kept2, slots1, slots1 + slots2) == (ref_kept1, ref_kept2, ref_slots1, index.size)
+    np.testing.assert_allclose(native.saliency, saliency[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(native.index[: index.size], index)
+    # (saliencies agree to float rounding: C and BLAS sum in different orders)
+    np.testing.assert_allclose(native.scale[: index.size], scale, rtol=1e-5, atol=1e-6)
+    rows = p["rows"].take(index, axis=0)
+    rows[slots1:, :24] *= scale[slots1:, None]
+    np.testing.assert_allclose(native.rows_out[: index.size], rows, rtol=1e-5, atol=1e-6)
+    if kept1 and kept2:
+        ref_w2 = blk.gather_w2(index[slots1:] - blk.h1, index[:slots1], scale[:slots1])
+        got_w2 = torch.from_numpy(native.w2(slots1, slots2)).permute(0, 3, 1, 2)
+        torch.testing.assert_close(got_w2, ref_w2, atol=1e-6, rtol=1e-5)
+
+
+def test_cpu_gate_step_falls_back_to_numpy_without_a_compiler(monkeypatch, tmp_path, caplog):
+    from dynprune.kernels import cpu_gate
+
+    monkeypatch.setattr(cpu_gate, "_tried", False)
+    monkeypatch.setattr(cpu_gate, "_library", None)
+    monkeypatch.setenv("DYNPRUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "no-such-compiler-dynprune")
+    with caplog.at_level("WARNING"):
+        assert cpu_gate.native_library() is None
+    assert "no C compiler" in caplog.text and "NumPy" in caplog.text
+    # a compiler that fails: the same fallback, with the command in the message, and no library
+    monkeypatch.setattr(cpu_gate, "_tried", False)
+    monkeypatch.setenv("CC", "false")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert cpu_gate.native_library() is None
+    assert "could not build" in caplog.text and list(tmp_path.glob("*.so")) == []
+    monkeypatch.setattr(cpu_gate, "_tried", False)
+    monkeypatch.setenv("DYNPRUNE_NATIVE", "0")
+    assert cpu_gate.native_library() is None
