@@ -357,6 +357,12 @@ class CompactDetector(nn.Module):
             raise ValueError("CompactDetector needs a gated model (dynprune gate)")
         device = torch.device(device) if device is not None else next(model.parameters()).device
         self.backend, self.backend_reason = select_backend(device, backend)
+        if self.backend == "torch":  # the CPU blocks' host step: compiled C where a compiler works
+            from dynprune.kernels.cpu_gate import native_library
+
+            self.gate_step = "compiled C" if native_library() is not None else "NumPy"
+        else:
+            self.gate_step = "Triton"
         block_cls = TritonCompactBottleneck if self.backend == "triton" else CompactBottleneck
         net = copy.deepcopy(model).eval()
         # Swap every gated bottleneck for its compact twin, then fold the remaining BNs.

@@ -88,15 +88,16 @@ def native_library() -> Optional[ctypes.CDLL]:
         log.warning("no C compiler (%r) found: the CPU gate step runs in NumPy, about 3 ms a frame slower "
                     "for the nano detector; install gcc (apt install gcc) or set CC", compiler)
         return None
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + " ".join((compiler, *CFLAGS, platform.machine())).encode()).hexdigest()[:16]
-    target = cache_dir() / f"dynprune_cpu_gate_{key}.so"
     try:
+        source = SOURCE.read_bytes()
+        key = hashlib.sha256(source + " ".join((compiler, *CFLAGS, platform.machine())).encode()).hexdigest()[:16]
+        target = cache_dir() / f"dynprune_cpu_gate_{key}.so"
         if not target.exists():
             _compile(target, compiler)
         lib = ctypes.CDLL(str(target))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-        log.warning("could not build the CPU gate kernel (%s); the CPU gate step runs in NumPy", err)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:  # (RuntimeError: also no home directory)
+        log.warning("could not build the CPU gate kernel (%s); the CPU gate step runs in NumPy. "
+                    "Set DYNPRUNE_CACHE_DIR to a writable folder if the cache is the problem", err)
         return None
     lib.dp_block_plan.argtypes = [ctypes.POINTER(_Block), ctypes.c_void_p, ctypes.c_int64]
     lib.dp_block_plan.restype = ctypes.c_int

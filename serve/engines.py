@@ -187,7 +187,8 @@ class DynamicEngine(Engine):
         self.profile_gates = profile_gates and device.type == "cpu"
         for b in self.net.blocks:
             b.profile = self.profile_gates
-        self.description = f"{self.net.backend_reason} ({str(self.dtype).replace('torch.', '')})"
+        self.description = (f"{self.net.backend_reason}, gate step in {self.net.gate_step} "
+                            f"({str(self.dtype).replace('torch.', '')})")
 
     @torch.no_grad()
     def network(self, x: torch.Tensor):
