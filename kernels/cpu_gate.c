@@ -55,6 +55,11 @@ static int64_t kept_list(const float *saliency, const float *thresholds, int64_t
     return slots;
 }
 
+/* On x86-64 with GCC, an AVX2+FMA clone of the whole step is picked at load time where the CPU
+   has them (vector gathers for W2, wider pool and MLP loops); elsewhere the portable build. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2,fma", "default")))
+#endif
 int dp_block_plan(const dp_block *b, const float *pixels, int64_t hw) {
     const int64_t c = b->c, hid = b->hid1 + b->hid2, width = c + 1;
 
