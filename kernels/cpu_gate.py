@@ -85,7 +85,7 @@ def native_library() -> Optional[ctypes.CDLL]:
         return None
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
-        log.warning("no C compiler (%r) found: the CPU gate step runs in NumPy, about 2 ms (10%) a frame slower "
+        log.warning("no C compiler (%r) found: the CPU gate step runs in NumPy, about 2 ms (10%%) a frame slower "
                     "for the nano detector; install gcc (apt install gcc) or set CC", compiler)
         return None
     try:
