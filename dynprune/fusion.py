@@ -31,9 +31,15 @@ class PointwiseConv(nn.Module):
     convolution it replaces, so the CUDA path keeps cuDNN and its measured timings.
     """
 
+    @staticmethod
+    def replaces(module: nn.Module) -> bool:
+        """Whether ``module`` is a convolution this class stands in for."""
+        return (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride == (1, 1)
+                and module.groups == 1 and module.bias is not None)
+
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
-        if conv.kernel_size != (1, 1) or conv.stride != (1, 1) or conv.groups != 1 or conv.bias is None:
+        if not self.replaces(conv):
             raise ValueError(f"PointwiseConv replaces a biased 1x1, stride-1, ungrouped convolution, got {conv}")
         self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
         self.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
@@ -51,7 +57,6 @@ def pointwise_as_matmul(model: nn.Module) -> nn.Module:
     """In place: every biased 1x1 stride-1 convolution becomes a :class:`PointwiseConv`."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if (isinstance(child, nn.Conv2d) and child.kernel_size == (1, 1) and child.stride == (1, 1)
-                    and child.groups == 1 and child.bias is not None):
+            if PointwiseConv.replaces(child):
                 setattr(module, name, PointwiseConv(child))
     return model
