@@ -28,6 +28,14 @@ def grad_mode_is_not_leaked():
         pytest.fail("autograd was left disabled globally (use a scoped torch.no_grad())")
 
 
+def require_native_gate_step() -> None:
+    """Skip the calling test where the compiled CPU gate step (kernels/cpu_gate.c) cannot be built."""
+    from dynprune.kernels.cpu_gate import native_library
+
+    if native_library() is None:
+        pytest.skip("no working C compiler: the compiled gate step cannot be built here")
+
+
 def tiny_config(num_classes: int = 1, **kw) -> DetectorConfig:
     """A model small enough for CI: same structure as nano, a few thousand parameters."""
     d = dict(num_classes=num_classes, stem=8, widths=(8, 16, 16, 16), depths=(1, 1, 1, 1), neck=16)

@@ -14,7 +14,7 @@ from dynprune.manidp import (
     sparsity_loss,
 )
 from dynprune.model import build_detector
-from tests.conftest import randomize_bn, tiny_config
+from tests.conftest import randomize_bn, require_native_gate_step, tiny_config
 
 
 def gated_model(group=1, seed=0):
@@ -40,10 +40,7 @@ def compact_on(model, path):
     """CompactDetector on the CPU with its gate step compiled ("native") or in NumPy."""
     compact = CompactDetector(model)
     if path == "native":
-        from dynprune.kernels.cpu_gate import native_library
-
-        if native_library() is None:
-            pytest.skip("no working C compiler: the compiled gate step cannot be built here")
+        require_native_gate_step()
     for blk in compact.blocks:
         blk.use_native = path == "native"
     return compact

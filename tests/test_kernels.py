@@ -275,11 +275,10 @@ def test_cpu_gate_step_equals_the_numpy_reference(group, threshold):
 
     from dynprune.compact import CompactBottleneck
     from dynprune.gates import set_gate_mode
-    from dynprune.kernels.cpu_gate import native_library
     from dynprune.layers import Bottleneck
+    from tests.conftest import require_native_gate_step
 
-    if native_library() is None:
-        pytest.skip("no working C compiler: the compiled gate step cannot be built here")
+    require_native_gate_step()
     torch.manual_seed(group)
     block = Bottleneck(24, 36, 20).eval()  # widths that are not multiples of the group or of 8
     block.add_gates(group=group)
