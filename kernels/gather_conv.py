@@ -270,7 +270,6 @@ def gather_conv2d_triton(
     return out
 
 
-
 def gather_depthwise_conv2d_triton(
     x: torch.Tensor,
     weight: torch.Tensor,

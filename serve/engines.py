@@ -170,7 +170,7 @@ class DynamicEngine(Engine):
 
         chosen, reason = select_backend(device, backend)
         if chosen == "torch" and device.type != "cpu":
-            # The PyTorch gather path is the CPU runtime (NumPy gates, oneDNN convolutions).
+            # The PyTorch gather path is the CPU runtime (C or NumPy gate step, oneDNN convolutions).
             log.warning("dynamic engine runs on the CPU: %s", reason)
             device = torch.device("cpu")
         model, ckpt = model_from_checkpoint(checkpoint)
