@@ -90,6 +90,37 @@ def test_regrowing_restores_the_saved_weights(synthetic_yaml, tmp_path):
     assert 40 <= half <= 60  # falls linearly
 
 
+def test_the_final_set_is_fine_tuned_not_reselected(synthetic_yaml, tmp_path):
+    """Once nothing is left to regrow, later steps only hold the zeroed filters at zero: a
+    channel swap at the end of a session left stale BN statistics (demo AP50 0.909 -> 0.481)."""
+    spec = load_dataset(synthetic_yaml)
+    trainer = EffpTrainer(nano().train(), spec, _cfg(tmp_path / "e", epochs=2), flops=0.5, log=lambda *_: None)
+    trainer.after_step(0)
+    assert not trainer.final_set  # inside the regrow window
+    last = trainer.total_iters - 1
+    trainer.prune_step(step=last)
+    assert trainer.final_set
+    zeroed = [[z.clone() for z in pair] for pair in trainer.zeroed]
+    for w in trainer.saved.values():  # saved gammas that a new selection would prefer to the live ones
+        w["gamma"].fill_(100.0)
+    with torch.no_grad():
+        for b in trainer.model.blocks:  # training moved the weights, zeroed filters included
+            b.cv1.conv.weight.add_(1.0)
+            b.cv2.conv.weight.add_(1.0)
+    trainer.after_step(trainer.interval * 2)
+    trainer.after_step(last)
+    assert all(torch.equal(a, b) for pa, pb in zip(zeroed, trainer.zeroed) for a, b in zip(pa, pb))
+    for b, (z1, z2) in zip(trainer.model.blocks, zeroed):
+        assert torch.all(b.cv1.conv.weight[z1] == 0) and torch.all(b.cv2.conv.weight[z2] == 0)
+    # a resumed session holds the same filters from its first step
+    resumed = EffpTrainer(nano().train(), spec, _cfg(tmp_path / "r", epochs=2), flops=0.5, log=lambda *_: None)
+    resumed.load_extra(trainer.checkpoint_extra())
+    assert resumed.final_set
+    resumed.after_step(1)
+    for b, (z1, z2) in zip(resumed.model.blocks, zeroed):
+        assert torch.all(b.cv1.conv.weight[z1] == 0) and torch.all(b.cv2.bn.weight[z2] == 0)
+
+
 def test_effp_session_meets_the_flops_target(dense_ckpt, synthetic_yaml, tmp_path):
     spec = load_dataset(synthetic_yaml)
     res = prune_checkpoint(dense_ckpt, spec, _cfg(tmp_path / "effp"), method="effp", flops=0.5,
