@@ -12,6 +12,15 @@
 #include <stdint.h>
 #include <string.h>
 
+/* Built with -fopenmp where PyTorch runs on GNU OpenMP (kernels/cpu_gate.py checks): the
+   parallel loops below then run on PyTorch's own thread pool, whose workers are still spinning
+   from the block's previous matrix product, and follow torch.set_num_threads. Built without it,
+   the pragmas are ignored and the step is serial. Only large loops go parallel: a parallel
+   region costs a few microseconds, the small blocks' whole step about 50. */
+#define POOL_CHUNK 64                  /* pixels per float partial sum of the pool */
+#define POOL_PARALLEL_MIN (1 << 16)    /* pool in parallel from this many input values */
+#define GATHER_PARALLEL_MIN (1 << 15)  /* W2 gather in parallel from this many weights */
+
 typedef struct {
     int64_t c, h1, h2, hid1, hid2, g1, g2, group1, group2, taps, pad_to;
     const float *fc1_t;      /* (c, hid1 + hid2): both gates' first layer side by side */
@@ -22,6 +31,8 @@ typedef struct {
     const float *rows;       /* (h1 + h2, c + 1): W1 | b1 rows, then W3^T | b2 rows */
     const float *w2_ohwi;    /* (h2, taps, h1) */
     double *pooled;          /* scratch (c) */
+    float *chunk_sums;       /* scratch (chunk_capacity, c): the pool's per-chunk partial sums */
+    int64_t chunk_capacity;  /* chunks of POOL_CHUNK pixels that chunk_sums holds */
     float *hidden;           /* scratch (hid1 + hid2) */
     float *saliency;         /* out (g1 + g2) */
     int64_t *index;          /* out (h1 + h2 + 2 pad_to): rows of `rows`, gate 1 then gate 2 */
@@ -58,17 +69,29 @@ static int64_t kept_list(const float *saliency, const float *thresholds, int64_t
 /* On x86-64 with GCC, an AVX2+FMA clone of the whole step is picked at load time where the CPU
    has them (vector gathers for W2, wider pool and MLP loops); elsewhere the portable build. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("avx2,fma", "default")))
+__attribute__((target_clones("arch=x86-64-v3", "default")))
 #endif
 int dp_block_plan(const dp_block *b, const float *pixels, int64_t hw) {
     const int64_t c = b->c, hid = b->hid1 + b->hid2, width = c + 1;
 
-    /* global average pool (double accumulation: hw is up to 6400 here) */
-    for (int64_t k = 0; k < c; ++k) b->pooled[k] = 0.0;
-    for (int64_t p = 0; p < hw; ++p) {
-        const float *px = pixels + p * c;
-        for (int64_t k = 0; k < c; ++k) b->pooled[k] += px[k];
+    /* global average pool: float sums over chunks of POOL_CHUNK pixels (vectorized loops),
+       then the chunks added in double (hw is up to 6400 at 320 px). The chunks are fixed, so
+       the result is the same for any number of threads. */
+    const int64_t chunks = (hw + POOL_CHUNK - 1) / POOL_CHUNK;
+    if (chunks > b->chunk_capacity) return -1;
+    #pragma omp parallel for schedule(static) if (hw * c >= POOL_PARALLEL_MIN)
+    for (int64_t q = 0; q < chunks; ++q) {
+        float *sum = b->chunk_sums + q * c;
+        const int64_t p1 = (q + 1) * POOL_CHUNK < hw ? (q + 1) * POOL_CHUNK : hw;
+        for (int64_t k = 0; k < c; ++k) sum[k] = 0.0f;
+        for (int64_t p = q * POOL_CHUNK; p < p1; ++p) {
+            const float *px = pixels + p * c;
+            for (int64_t k = 0; k < c; ++k) sum[k] += px[k];
+        }
     }
+    for (int64_t k = 0; k < c; ++k) b->pooled[k] = 0.0;
+    for (int64_t q = 0; q < chunks; ++q)
+        for (int64_t k = 0; k < c; ++k) b->pooled[k] += b->chunk_sums[q * c + k];
     /* both gates' first layer, then ReLU */
     for (int64_t j = 0; j < hid; ++j) b->hidden[j] = 0.0f;
     for (int64_t k = 0; k < c; ++k) {
@@ -111,6 +134,7 @@ int dp_block_plan(const dp_block *b, const float *pixels, int64_t hw) {
     }
     /* W2 rows of gate 2's slots, columns of gate 1's, each column scaled by its saliency */
     if (kept1 > 0 && kept2 > 0) {
+        #pragma omp parallel for schedule(static) if (slots2 * b->taps * slots1 >= GATHER_PARALLEL_MIN)
         for (int64_t o = 0; o < slots2; ++o) {
             const float *src = b->w2_ohwi + (b->index[slots1 + o] - b->h1) * b->taps * b->h1;
             float *dst = b->w2_out + o * b->taps * slots1;
@@ -121,3 +145,6 @@ int dp_block_plan(const dp_block *b, const float *pixels, int64_t hw) {
     }
     return 0;
 }
+
+/* Pixels per chunk of the pool, for the caller sizing chunk_sums. */
+int64_t dp_pool_chunk(void) { return POOL_CHUNK; }

@@ -7,6 +7,10 @@ a per-user cache (``$DYNPRUNE_CACHE_DIR``, else ``~/.cache/dynprune``) and loade
 and :class:`~dynprune.compact.CompactBottleneck` keeps its NumPy path, the reference this
 kernel is tested against.
 
+Where PyTorch runs on GNU OpenMP (its Linux wheels), the library is built with ``-fopenmp``
+and its large loops (the pool of big inputs, the W2 gather of wide layers) run on PyTorch's
+own thread pool (:func:`shares_torch_openmp`); elsewhere it is built serial.
+
 Why: in NumPy this step is a few dozen calls of about a microsecond each, and inside the
 running network each call finds cold caches and costs three to five times that (4.5 ms a frame
 for the nano detector at 320 on two cores, measured with perf counters in the forward pass,
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_gate.c")
 CFLAGS = ("-O3", "-std=c99", "-shared", "-fPIC")
+OPENMP_FLAGS = ("-fopenmp",)
 
 _float_p = ctypes.POINTER(ctypes.c_float)
 _int64_p = ctypes.POINTER(ctypes.c_int64)
@@ -46,8 +51,9 @@ class _Block(ctypes.Structure):
                 ("c", "h1", "h2", "hid1", "hid2", "g1", "g2", "group1", "group2", "taps", "pad_to")] + [
         ("fc1_t", _float_p), ("fc2a_t", _float_p), ("fc2b_t", _float_p), ("fc2_b", _float_p),
         ("thresholds", _float_p), ("rows", _float_p), ("w2_ohwi", _float_p), ("pooled", _double_p),
-        ("hidden", _float_p), ("saliency", _float_p), ("index", _int64_p), ("scale", _float_p),
-        ("rows_out", _float_p), ("w2_out", _float_p), ("counts", _int64_p)]
+        ("chunk_sums", _float_p), ("chunk_capacity", ctypes.c_int64), ("hidden", _float_p),
+        ("saliency", _float_p), ("index", _int64_p), ("scale", _float_p), ("rows_out", _float_p),
+        ("w2_out", _float_p), ("counts", _int64_p)]
 
 
 _library: Optional[ctypes.CDLL] = None
@@ -58,14 +64,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DYNPRUNE_CACHE_DIR") or Path.home() / ".cache" / "dynprune")
 
 
-def _compile(target: Path, compiler: str) -> None:
+def _compile(target: Path, compiler: str, flags: Tuple[str, ...] = CFLAGS) -> None:
     """Compile to a temporary name, then rename: a concurrent or interrupted build never
     leaves a half-written library under the cached name."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *CFLAGS, "-o", tmp, str(SOURCE)]
+        cmd = [compiler, *flags, "-o", tmp, str(SOURCE)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr.strip()}")
@@ -89,21 +95,58 @@ def native_library() -> Optional[ctypes.CDLL]:
         log.warning("no C compiler (%r) found: the CPU gate step runs in NumPy, about 2 ms (10%%) a frame slower "
                     "for the nano detector; install gcc (apt install gcc) or set CC", compiler)
         return None
+    flags = CFLAGS + OPENMP_FLAGS if shares_torch_openmp() else CFLAGS
     try:
-        source = SOURCE.read_bytes()
-        key = hashlib.sha256(source + " ".join((compiler, *CFLAGS, platform.machine())).encode()).hexdigest()[:16]
-        target = cache_dir() / f"dynprune_cpu_gate_{key}.so"
-        if not target.exists():
-            _compile(target, compiler)
-        lib = ctypes.CDLL(str(target))
+        try:
+            lib = _load(compiler, flags)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+            if flags == CFLAGS:
+                raise
+            log.info("OpenMP build of the CPU gate step failed (%s); building it serial", err)
+            flags = CFLAGS
+            lib = _load(compiler, flags)
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:  # (RuntimeError: also no home directory)
         log.warning("could not build the CPU gate kernel (%s); the CPU gate step runs in NumPy. "
                     "Set DYNPRUNE_CACHE_DIR to a writable folder if the cache is the problem", err)
         return None
     lib.dp_block_plan.argtypes = [ctypes.POINTER(_Block), ctypes.c_void_p, ctypes.c_int64]
     lib.dp_block_plan.restype = ctypes.c_int
+    lib.dp_pool_chunk.argtypes = []
+    lib.dp_pool_chunk.restype = ctypes.c_int64
+    lib.openmp = OPENMP_FLAGS[0] in flags
     _library = lib
     return lib
+
+
+def _load(compiler: str, flags: Tuple[str, ...]) -> ctypes.CDLL:
+    """The library built from SOURCE with ``flags``, from the cache or compiled now."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *flags, platform.machine())).encode())
+    target = cache_dir() / f"dynprune_cpu_gate_{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        _compile(target, compiler, flags)
+    return ctypes.CDLL(str(target))
+
+
+def shares_torch_openmp() -> bool:
+    """Whether a ``-fopenmp`` build would run on PyTorch's own OpenMP thread pool.
+
+    It does where PyTorch's parallel backend is OpenMP and the process has already loaded a
+    library named ``libgomp.so.1`` (PyTorch's wheels ship GNU OpenMP under that soname): the
+    loader then binds the build's ``libgomp.so.1`` to that copy. Elsewhere (Intel OpenMP, a
+    renamed libgomp, no ``/proc``) a second OpenMP runtime would start its own threads and fight
+    PyTorch's for the cores, so the step is built serial. ``DYNPRUNE_NATIVE_OPENMP=0`` forces it
+    serial."""
+    if os.environ.get("DYNPRUNE_NATIVE_OPENMP", "1") == "0":
+        return False
+    try:
+        import torch
+
+        if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+            return False
+        with open("/proc/self/maps") as fh:
+            return any(line.rstrip().endswith("/libgomp.so.1") for line in fh)
+    except (ImportError, OSError):
+        return False
 
 
 def _ptr(array: np.ndarray, kind=_float_p):
@@ -126,6 +169,9 @@ class BlockPlan:
         self._inputs = [f32(a) for a in (fc1_t, fc2a_t, fc2b_t, fc2_b, thresholds, rows, w2_ohwi)]
         self.kernel = (kh, kw)
         self.pooled = np.zeros(c, np.float64)
+        self._pool_chunk = int(lib.dp_pool_chunk())
+        self._pixel_capacity = 0  # chunk_sums grows with the largest input seen (see _reserve)
+        self.chunk_sums = np.zeros(0, np.float32)
         self.hidden = np.zeros(fc1_t.shape[1], np.float32)
         self.saliency = np.zeros(groups[0] + groups[1], np.float32)
         self.index = np.zeros(capacity, np.int64)
@@ -136,7 +182,8 @@ class BlockPlan:
         fc1, fc2a, fc2b, bias, thr, table, w2 = self._inputs
         self._block = _Block(c, h1, h2, fc2a.shape[0], fc2b.shape[0], groups[0], groups[1], group_sizes[0],
                              group_sizes[1], taps, pad_to, _ptr(fc1), _ptr(fc2a), _ptr(fc2b), _ptr(bias), _ptr(thr),
-                             _ptr(table), _ptr(w2), _ptr(self.pooled, _double_p), _ptr(self.hidden),
+                             _ptr(table), _ptr(w2), _ptr(self.pooled, _double_p), _ptr(self.chunk_sums), 0,
+                             _ptr(self.hidden),
                              _ptr(self.saliency), _ptr(self.index, _int64_p), _ptr(self.scale),
                              _ptr(self.rows_out), _ptr(self.w2_out), _ptr(self.counts, _int64_p))
         self._ref = ctypes.byref(self._block)
@@ -145,9 +192,20 @@ class BlockPlan:
     def __call__(self, pixels_address: int, pixels: int) -> Tuple[int, int, int, int]:
         """Run on one image's ``(pixels, C)`` float32 NHWC memory at ``pixels_address``;
         returns ``(kept1, kept2, slots1, slots2)``; results are in this object's buffers."""
-        self._call(self._ref, pixels_address, pixels)
+        if pixels > self._pixel_capacity:
+            self._reserve(pixels)
+        if self._call(self._ref, pixels_address, pixels) != 0:
+            raise RuntimeError(f"CPU gate step: no room for the pool of {pixels} pixels")
         kept1, kept2, slots1, slots2 = self.counts.tolist()
         return kept1, kept2, slots1, slots2
+
+    def _reserve(self, pixels: int) -> None:
+        """Room in ``chunk_sums`` for the pool of an input of ``pixels`` pixels."""
+        chunks = -(-pixels // self._pool_chunk)
+        self.chunk_sums = np.zeros(chunks * self.pooled.size, np.float32)
+        self._block.chunk_sums = _ptr(self.chunk_sums)
+        self._block.chunk_capacity = chunks
+        self._pixel_capacity = chunks * self._pool_chunk
 
     def w2(self, slots1: int, slots2: int) -> np.ndarray:
         """The gathered 3x3 weight as ``(slots2, kh, kw, slots1)`` (OHWI) of the last call."""

@@ -311,6 +311,67 @@ def test_cpu_gate_step_equals_the_numpy_reference(group, threshold):
         torch.testing.assert_close(got_w2, ref_w2, atol=1e-6, rtol=1e-5)
 
 
+def test_cpu_gate_step_large_inputs_are_the_same_on_any_thread_count():
+    """Inputs large enough for the parallel pool and W2 gather (where the library is built with
+    OpenMP), after a smaller one (the pool's scratch grows): the same result with one thread or
+    two, and the NumPy reference's to float rounding."""
+    import numpy as np
+
+    from dynprune.compact import CompactBottleneck
+    from dynprune.gates import set_gate_mode
+    from dynprune.layers import Bottleneck
+    from tests.conftest import require_native_gate_step
+
+    require_native_gate_step()
+    torch.manual_seed(3)
+    block = Bottleneck(64, 128, 128).eval()
+    block.add_gates()
+    set_gate_mode(block, "threshold")
+    for gate in (block.gate1, block.gate2):
+        gate.fc2.bias.data.uniform_(0.5, 1.0)
+        gate.threshold.fill_(0.0)  # keep every positive saliency: a W2 gather of ~128x9x128
+    blk = CompactBottleneck(block)
+    small = torch.rand(1, 64, 4, 4).contiguous(memory_format=torch.channels_last)
+    x = torch.rand(1, 64, 32, 40).contiguous(memory_format=torch.channels_last)  # 1280 x 64 values
+    pixels = x.numpy().transpose(0, 2, 3, 1).reshape(1, 1280, 64)
+    _ = blk.np
+    native = blk._native
+    native(small.data_ptr(), 16)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            counts = native(x.data_ptr(), 1280)
+            results.append((counts, native.saliency.copy(), native.w2(*counts[2:]).copy()))
+    finally:
+        torch.set_num_threads(threads)
+    (counts, saliency, w2), (counts_2, saliency_2, w2_2) = results
+    assert counts == counts_2 and counts[2] * counts[3] * 9 >= 1 << 15
+    np.testing.assert_array_equal(saliency, saliency_2)
+    np.testing.assert_array_equal(w2, w2_2)
+    ref_saliency, keep = blk.saliency(blk.pool_pixels(pixels))
+    np.testing.assert_allclose(saliency, ref_saliency[0], rtol=1e-5, atol=1e-6)
+    index, scale, slots1, kept1, kept2 = blk._plan(keep[0], ref_saliency[0])
+    assert counts[:3] == (kept1, kept2, slots1)
+    ref_w2 = blk.gather_w2(index[slots1:] - blk.h1, index[:slots1], scale[:slots1])
+    torch.testing.assert_close(torch.from_numpy(w2).permute(0, 3, 1, 2), ref_w2, atol=1e-6, rtol=1e-5)
+
+
+def test_cpu_gate_step_builds_serial_when_asked(monkeypatch, tmp_path):
+    from dynprune.kernels import cpu_gate
+    from tests.conftest import require_native_gate_step
+
+    require_native_gate_step()
+    monkeypatch.setattr(cpu_gate, "_tried", False)
+    monkeypatch.setattr(cpu_gate, "_library", None)
+    monkeypatch.setenv("DYNPRUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("DYNPRUNE_NATIVE_OPENMP", "0")
+    assert not cpu_gate.shares_torch_openmp()
+    lib = cpu_gate.native_library()
+    assert lib is not None and not lib.openmp and len(list(tmp_path.glob("*.so"))) == 1
+
+
 def test_cpu_gate_step_falls_back_to_numpy_without_a_compiler(monkeypatch, tmp_path, caplog):
     from dynprune.kernels import cpu_gate
 
