@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -241,11 +241,12 @@ class CompactBottleneck(nn.Module):
                              "use the Triton backend on a GPU")
         t0 = time.perf_counter() if self.profile else 0.0
         b, c, h, w = x.shape
+        hw = h * w
         # Small array work goes through NumPy views: a torch slice or view costs 3-8 us of
         # dispatch on two cores, a NumPy one under 1 us, and a block makes dozens of them.
         if not x.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
-        pixels = (x.detach() if x.requires_grad else x).numpy().transpose(0, 2, 3, 1).reshape(b, h * w, c)
+        pixels = (x.detach() if x.requires_grad else x).numpy().transpose(0, 2, 3, 1).reshape(b, hw, c)
         p = self.np
         native = self._native
         if native is None:
@@ -253,13 +254,13 @@ class CompactBottleneck(nn.Module):
             table = p["rows"]
         if self.profile:
             self.gate_ms += (time.perf_counter() - t0) * 1e3
-        outs: List[torch.Tensor] = []
+        out = np.empty((b, hw, c), dtype=np.float32) if b > 1 else None
         kept = np.empty((b, 2), dtype=np.int64)
         for i in range(b):  # each image keeps its own channel set
             xi = torch.from_numpy(pixels[i])  # (H*W, C), the block input's pixels
             if native is not None:  # pool, gates, kept lists and gathers in one compiled call
                 t0 = time.perf_counter() if self.profile else 0.0
-                n1, n2, slots1, slots2 = native(xi.data_ptr(), h * w)
+                n1, n2, slots1, slots2 = native(xi.data_ptr(), hw)
                 rows = native.rows_out[: slots1 + slots2]
                 if self.profile:
                     self.gate_ms += (time.perf_counter() - t0) * 1e3
@@ -269,25 +270,29 @@ class CompactBottleneck(nn.Module):
                 rows[slots1:, :c] *= scale[slots1:, None]  # scale 2 folded into W3's rows (not into b2)
             kept[i] = n1, n2
             if n2 == 0:  # nothing reaches the output projection: shortcut plus bias
-                outs.append(xi + self.b3)
-                continue
-            w3 = torch.from_numpy(rows[slots1:, :c])  # a strided view: BLAS reads it in place
-            b2 = torch.from_numpy(np.ascontiguousarray(rows[slots1:, c]))
-            if n1 == 0:  # a 3x3 over zeros is its bias at every pixel: the block adds a constant
-                outs.append(xi + torch.addmm(self.b3, F.silu(b2)[None], w3))
-                continue
-            y = torch.addmm(torch.from_numpy(rows[:slots1, c]), xi, torch.from_numpy(rows[:slots1, :c].T))
-            y = F.silu(y, inplace=True).numpy().reshape(1, h, w, slots1).transpose(0, 3, 1, 2)
-            if native is not None:  # OHWI, scale 1 folded in
-                w2 = torch.from_numpy(native.w2(slots1, slots2)).permute(0, 3, 1, 2)
+                yi = xi + self.b3
             else:
-                w2 = self.gather_w2(index[slots1:] - self.h1, index[:slots1], scale[:slots1])  # scale 1 folded in
-            y = F.silu(F.conv2d(torch.from_numpy(y), w2, b2, padding=1), inplace=True)  # channels-last map
-            y = y.numpy().transpose(0, 2, 3, 1).reshape(h * w, -1)
-            outs.append(torch.addmm(self.b3, torch.from_numpy(y), w3).add_(xi))
+                w3 = torch.from_numpy(rows[slots1:, :c])  # a strided view: BLAS reads it in place
+                b2 = torch.from_numpy(np.ascontiguousarray(rows[slots1:, c]))
+                if n1 == 0:  # a 3x3 over zeros is its bias at every pixel: the block adds a constant
+                    yi = xi + torch.addmm(self.b3, F.silu(b2)[None], w3)
+                else:
+                    y = torch.addmm(torch.from_numpy(rows[:slots1, c]), xi, torch.from_numpy(rows[:slots1, :c].T))
+                    y = F.silu(y, inplace=True).numpy().reshape(1, h, w, slots1).transpose(0, 3, 1, 2)
+                    if native is not None:  # OHWI, scale 1 folded in
+                        w2 = torch.from_numpy(native.w2(slots1, slots2).transpose(0, 3, 1, 2))
+                    else:
+                        w2 = self.gather_w2(index[slots1:] - self.h1, index[:slots1], scale[:slots1])  # scale 1 in
+                    y = F.silu(F.conv2d(torch.from_numpy(y), w2, b2, padding=1), inplace=True)  # channels-last map
+                    y = y.numpy().transpose(0, 2, 3, 1).reshape(hw, -1)
+                    yi = torch.addmm(self.b3, torch.from_numpy(y), w3).add_(xi)
+            if out is None:
+                out = yi.numpy()[None]
+            else:
+                out[i] = yi.numpy()
         self.last_kept = kept
-        out = torch.stack(outs).view(b, h, w, c) if b > 1 else outs[0].view(1, h, w, c)
-        return out.permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
+        # NCHW shape, channels-last memory, made in NumPy (one torch call instead of two views)
+        return torch.from_numpy(out.reshape(b, h, w, c).transpose(0, 3, 1, 2))
 
 
 def _group_keep(gate: Gate, saliency: np.ndarray) -> np.ndarray:

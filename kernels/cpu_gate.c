@@ -19,7 +19,7 @@
    region costs a few microseconds, the small blocks' whole step about 50. */
 #define POOL_CHUNK 64                  /* pixels per float partial sum of the pool */
 #define POOL_PARALLEL_MIN (1 << 16)    /* pool in parallel from this many input values */
-#define GATHER_PARALLEL_MIN (1 << 15)  /* W2 gather in parallel from this many weights */
+#define GATHER_PARALLEL_MIN (1 << 15)  /* gathers in parallel from this many weights */
 
 typedef struct {
     int64_t c, h1, h2, hid1, hid2, g1, g2, group1, group2, taps, pad_to;
@@ -125,12 +125,14 @@ int dp_block_plan(const dp_block *b, const float *pixels, int64_t hw) {
     b->counts[3] = slots2;
 
     /* W1 | b1 rows for gate 1's slots; W3^T | b2 rows for gate 2's, W3 scaled by saliency */
-    for (int64_t r = 0; r < slots1 + slots2; ++r)
-        memcpy(b->rows_out + r * width, b->rows + b->index[r] * width, (size_t)width * sizeof(float));
-    for (int64_t r = slots1; r < slots1 + slots2; ++r) {
+    #pragma omp parallel for schedule(static) if ((slots1 + slots2) * width >= GATHER_PARALLEL_MIN)
+    for (int64_t r = 0; r < slots1 + slots2; ++r) {
         float *row = b->rows_out + r * width;
-        const float s = b->scale[r];
-        for (int64_t k = 0; k < c; ++k) row[k] *= s;
+        memcpy(row, b->rows + b->index[r] * width, (size_t)width * sizeof(float));
+        if (r >= slots1) {
+            const float s = b->scale[r];
+            for (int64_t k = 0; k < c; ++k) row[k] *= s;
+        }
     }
     /* W2 rows of gate 2's slots, columns of gate 1's, each column scaled by its saliency */
     if (kept1 > 0 && kept2 > 0) {
