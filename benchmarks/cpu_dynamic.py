@@ -63,7 +63,10 @@ def time_interleaved(fns, frames, repeats: int = 3):
     """``[(p50_ms, p95_ms)]`` per function, timed frame by frame in alternation, so that a
     slow spell of the machine (another process, clock changes) hits every model alike."""
     times = [[] for _ in fns]
-    with torch.no_grad():
+    # inference_mode, as dynprune serve and bench run the engines: it skips autograd's version
+    # counters, and the compact blocks make more (and smaller) tensors than the dense model
+    # (measured here: dense 30.73 -> 30.32 ms, dynamic 20.50 -> 19.94 ms against no_grad)
+    with torch.inference_mode():
         for f in frames[:10]:
             for fn in fns:
                 fn(f)
@@ -103,7 +106,7 @@ def main() -> None:
     cost = CostModel(gated, args.imgsz)
     widths = torch.tensor([[b.h1, b.h2] for b in gated.blocks], dtype=torch.float64)
     keeps, flops = [], []
-    with torch.no_grad():
+    with torch.inference_mode():
         for f in frames:
             compact(f)
             k = compact.kept_counts()[0]

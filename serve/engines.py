@@ -104,7 +104,7 @@ class DenseEngine(Engine):
         self.graphed = GraphedForward(self.model, enabled=cuda_graph)
         self.description = f"PyTorch on {device} ({str(self.dtype).replace('torch.', '')})"
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def network(self, x: torch.Tensor):
         boxes, logits = self.graphed(x.to(self.dtype))
         return boxes.float(), logits.float().sigmoid(), {"gflops": self.flops}
@@ -149,7 +149,7 @@ class TensorRTEngine(Engine):
         self.flops = gflops
         self.description = f"TensorRT ({Path(plan).name})"
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def network(self, x: torch.Tensor):
         boxes, scores = self.runner(x)
         return boxes, scores, {"gflops": self.flops}
@@ -190,7 +190,7 @@ class DynamicEngine(Engine):
         self.description = (f"{self.net.backend_reason}, gate step in {self.net.gate_step} "
                             f"({str(self.dtype).replace('torch.', '')})")
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def network(self, x: torch.Tensor):
         for b in self.net.blocks:
             b.gate_ms = 0.0
