@@ -25,6 +25,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_gate.c")
 CFLAGS = ("-O3", "-std=c99", "-shared", "-fPIC")
 OPENMP_FLAGS = ("-fopenmp",)
+_GOMP_FILE = re.compile(r"/libgomp\.so\.1(\.\d+)*$")
 
 _float_p = ctypes.POINTER(ctypes.c_float)
 _int64_p = ctypes.POINTER(ctypes.c_int64)
@@ -130,8 +132,9 @@ def _load(compiler: str, flags: Tuple[str, ...]) -> ctypes.CDLL:
 def shares_torch_openmp() -> bool:
     """Whether a ``-fopenmp`` build would run on PyTorch's own OpenMP thread pool.
 
-    It does where PyTorch's parallel backend is OpenMP and the process has already loaded a
-    library named ``libgomp.so.1`` (PyTorch's wheels ship GNU OpenMP under that soname): the
+    It does where PyTorch's parallel backend is OpenMP and the process has already loaded GNU
+    OpenMP as ``libgomp.so.1`` (PyTorch's wheels ship it under that name, distributions as
+    ``libgomp.so.1.0.0`` behind that soname): the
     loader then binds the build's ``libgomp.so.1`` to that copy. Elsewhere (Intel OpenMP, a
     renamed libgomp, no ``/proc``) a second OpenMP runtime would start its own threads and fight
     PyTorch's for the cores, so the step is built serial. ``DYNPRUNE_NATIVE_OPENMP=0`` forces it
@@ -143,8 +146,8 @@ def shares_torch_openmp() -> bool:
 
         if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
             return False
-        with open("/proc/self/maps") as fh:
-            return any(line.rstrip().endswith("/libgomp.so.1") for line in fh)
+        with open("/proc/self/maps") as fh:  # (a system libgomp maps as its real file, libgomp.so.1.0.0)
+            return any(_GOMP_FILE.search(line) for line in fh)
     except (ImportError, OSError):
         return False
 

@@ -372,6 +372,17 @@ def test_cpu_gate_step_builds_serial_when_asked(monkeypatch, tmp_path):
     assert lib is not None and not lib.openmp and len(list(tmp_path.glob("*.so"))) == 1
 
 
+def test_openmp_runtime_is_recognised_by_its_file_name():
+    """Only GNU OpenMP under its soname counts: a renamed copy (auditwheel's libgomp-<hash>.so.1)
+    would be a second runtime beside the build's libgomp.so.1."""
+    from dynprune.kernels.cpu_gate import _GOMP_FILE
+
+    assert _GOMP_FILE.search("7f00-7f10 r-xp 0 08:01 12 /venv/torch/lib/libgomp.so.1\n")
+    assert _GOMP_FILE.search("7f00-7f10 r-xp 0 08:01 12 /usr/lib/x86_64-linux-gnu/libgomp.so.1.0.0\n")
+    assert not _GOMP_FILE.search("7f00-7f10 r-xp 0 08:01 12 /venv/torch.libs/libgomp-a34b3233.so.1\n")
+    assert not _GOMP_FILE.search("7f00-7f10 r-xp 0 08:01 12 /opt/intel/libiomp5.so\n")
+
+
 def test_cpu_gate_step_falls_back_to_numpy_without_a_compiler(monkeypatch, tmp_path, caplog):
     from dynprune.kernels import cpu_gate
 
