@@ -134,11 +134,10 @@ def shares_torch_openmp() -> bool:
 
     It does where PyTorch's parallel backend is OpenMP and the process has already loaded GNU
     OpenMP as ``libgomp.so.1`` (PyTorch's wheels ship it under that name, distributions as
-    ``libgomp.so.1.0.0`` behind that soname): the
-    loader then binds the build's ``libgomp.so.1`` to that copy. Elsewhere (Intel OpenMP, a
-    renamed libgomp, no ``/proc``) a second OpenMP runtime would start its own threads and fight
-    PyTorch's for the cores, so the step is built serial. ``DYNPRUNE_NATIVE_OPENMP=0`` forces it
-    serial."""
+    ``libgomp.so.1.0.0`` behind that soname): the loader then binds the build's
+    ``libgomp.so.1`` to that copy. Elsewhere (Intel OpenMP, a renamed libgomp, no ``/proc``) a
+    second OpenMP runtime would start its own threads and fight PyTorch's for the cores, so the
+    step is built serial. ``DYNPRUNE_NATIVE_OPENMP=0`` forces it serial."""
     if os.environ.get("DYNPRUNE_NATIVE_OPENMP", "1") == "0":
         return False
     try:
@@ -146,7 +145,7 @@ def shares_torch_openmp() -> bool:
 
         if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
             return False
-        with open("/proc/self/maps") as fh:  # (a system libgomp maps as its real file, libgomp.so.1.0.0)
+        with open("/proc/self/maps") as fh:
             return any(_GOMP_FILE.search(line) for line in fh)
     except (ImportError, OSError):
         return False
@@ -173,8 +172,7 @@ class BlockPlan:
         self.kernel = (kh, kw)
         self.pooled = np.zeros(c, np.float64)
         self._pool_chunk = int(lib.dp_pool_chunk())
-        self._pixel_capacity = 0  # chunk_sums grows with the largest input seen (see _reserve)
-        self.chunk_sums = np.zeros(0, np.float32)
+        self.chunk_sums = np.zeros(0, np.float32)  # grows with the largest input seen (see __call__)
         self.hidden = np.zeros(fc1_t.shape[1], np.float32)
         self.saliency = np.zeros(groups[0] + groups[1], np.float32)
         self.index = np.zeros(capacity, np.int64)
@@ -195,20 +193,20 @@ class BlockPlan:
     def __call__(self, pixels_address: int, pixels: int) -> Tuple[int, int, int, int]:
         """Run on one image's ``(pixels, C)`` float32 NHWC memory at ``pixels_address``;
         returns ``(kept1, kept2, slots1, slots2)``; results are in this object's buffers."""
-        if pixels > self._pixel_capacity:
+        if self._call(self._ref, pixels_address, pixels) != 0:  # the first input this large
             self._reserve(pixels)
-        if self._call(self._ref, pixels_address, pixels) != 0:
-            raise RuntimeError(f"CPU gate step: no room for the pool of {pixels} pixels")
+            if self._call(self._ref, pixels_address, pixels) != 0:
+                raise RuntimeError(f"CPU gate step: no room for the pool of {pixels} pixels")
         kept1, kept2, slots1, slots2 = self.counts.tolist()
         return kept1, kept2, slots1, slots2
 
     def _reserve(self, pixels: int) -> None:
-        """Room in ``chunk_sums`` for the pool of an input of ``pixels`` pixels."""
+        """Room in ``chunk_sums`` for the pool of an input of ``pixels`` pixels (the C step checks
+        the room before it starts and returns -1 without it)."""
         chunks = -(-pixels // self._pool_chunk)
         self.chunk_sums = np.zeros(chunks * self.pooled.size, np.float32)
         self._block.chunk_sums = _ptr(self.chunk_sums)
         self._block.chunk_capacity = chunks
-        self._pixel_capacity = chunks * self._pool_chunk
 
     def w2(self, slots1: int, slots2: int) -> np.ndarray:
         """The gathered 3x3 weight as ``(slots2, kh, kw, slots1)`` (OHWI) of the last call."""
