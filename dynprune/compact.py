@@ -37,11 +37,14 @@ class CompactBottleneck(nn.Module):
     CPU path. On two cores a PyTorch op costs 5-15 us of overhead before any arithmetic (a
     slice or a view 3-8 us), and a block made of two dozen tiny ops cost as much as the
     convolutions it saved (measured: 0.8 ms for a 10x10 block whose dense form takes 0.6 ms).
-    So everything small runs in NumPy (about 1 us a call), on NumPy views of the tensors: the
-    pool, the gates' MLP (both gates as one: fc1 side by side, fc2 block-diagonal), the keep
-    decision, the kept-index lists and the weight gathers, with each kept channel's saliency
-    scale folded into the *next* layer's gathered weights instead of multiplying an activation
-    map. PyTorch runs only the real products: the 1x1 convolutions as matrix products on the
+    So everything small runs outside PyTorch, on NumPy views of the tensors: the pool, the
+    gates' MLP (both gates as one: fc1 side by side, fc2 block-diagonal), the keep decision,
+    the kept-index lists and the weight gathers, with each kept channel's saliency scale
+    folded into the *next* layer's gathered weights instead of multiplying an activation map.
+    For threshold gates that is one call of the compiled step
+    (:mod:`dynprune.kernels.cpu_gate`); FBS's top-k, and any block where no compiler works,
+    take the NumPy path (about 1 us a call), which is also the C step's reference in the
+    tests. PyTorch runs only the real products: the 1x1 convolutions as matrix products on the
     channels-last pixels (``(H*W, C) @ (C, keep)``, bias inside ``addmm``, no oneDNN
     primitive to build for each new kept width), the 3x3 convolution, the two SiLUs and the
     residual add.
