@@ -268,26 +268,35 @@ def test_block_gates_kernel_with_no_kept_channel():
 # -- the compiled CPU gate step (kernels/cpu_gate.c) against its NumPy reference ---------------
 
 
+def _threshold_block(c, h1, h2, *, group, threshold, bias_low, seed, weight_std=None):
+    """A CompactBottleneck of a freshly gated Bottleneck with threshold gates: fc2 bias drawn
+    from ``[bias_low, 1)``, fc2 weights from N(0, ``weight_std``) where given, one threshold."""
+    from dynprune.compact import CompactBottleneck
+    from dynprune.gates import set_gate_mode
+    from dynprune.layers import Bottleneck
+
+    torch.manual_seed(seed)
+    block = Bottleneck(c, h1, h2).eval()
+    block.add_gates(group=group)
+    set_gate_mode(block, "threshold")
+    for gate in (block.gate1, block.gate2):
+        if weight_std is not None:
+            gate.fc2.weight.data.normal_(0, weight_std)
+        gate.fc2.bias.data.uniform_(bias_low, 1.0)
+        gate.threshold.fill_(threshold)
+    return CompactBottleneck(block)
+
+
 @pytest.mark.parametrize("group", [1, 8])
 @pytest.mark.parametrize("threshold", [0.0, 0.6, 1e9])
 def test_cpu_gate_step_equals_the_numpy_reference(group, threshold):
     import numpy as np
 
-    from dynprune.compact import CompactBottleneck
-    from dynprune.gates import set_gate_mode
-    from dynprune.layers import Bottleneck
     from tests.conftest import require_native_gate_step
 
     require_native_gate_step()
-    torch.manual_seed(group)
-    block = Bottleneck(24, 36, 20).eval()  # widths that are not multiples of the group or of 8
-    block.add_gates(group=group)
-    set_gate_mode(block, "threshold")
-    for gate in (block.gate1, block.gate2):
-        gate.fc2.weight.data.normal_(0, 1.0)
-        gate.fc2.bias.data.uniform_(0.0, 1.0)
-        gate.threshold.fill_(threshold)
-    blk = CompactBottleneck(block)
+    # widths that are not multiples of the group or of 8
+    blk = _threshold_block(24, 36, 20, group=group, threshold=threshold, bias_low=0.0, seed=group, weight_std=1.0)
     x = torch.rand(1, 24, 6, 10).contiguous(memory_format=torch.channels_last)
     pixels = x.numpy().transpose(0, 2, 3, 1).reshape(1, 60, 24)
     p = blk.np
@@ -317,20 +326,11 @@ def test_cpu_gate_step_large_inputs_are_the_same_on_any_thread_count():
     two, and the NumPy reference's to float rounding."""
     import numpy as np
 
-    from dynprune.compact import CompactBottleneck
-    from dynprune.gates import set_gate_mode
-    from dynprune.layers import Bottleneck
     from tests.conftest import require_native_gate_step
 
     require_native_gate_step()
-    torch.manual_seed(3)
-    block = Bottleneck(64, 128, 128).eval()
-    block.add_gates()
-    set_gate_mode(block, "threshold")
-    for gate in (block.gate1, block.gate2):
-        gate.fc2.bias.data.uniform_(0.5, 1.0)
-        gate.threshold.fill_(0.0)  # keep every positive saliency: a W2 gather of ~128x9x128
-    blk = CompactBottleneck(block)
+    # threshold 0 keeps every positive saliency: a W2 gather of ~128x9x128
+    blk = _threshold_block(64, 128, 128, group=1, threshold=0.0, bias_low=0.5, seed=3)
     small = torch.rand(1, 64, 4, 4).contiguous(memory_format=torch.channels_last)
     x = torch.rand(1, 64, 32, 40).contiguous(memory_format=torch.channels_last)  # 1280 x 64 values
     pixels = x.numpy().transpose(0, 2, 3, 1).reshape(1, 1280, 64)
