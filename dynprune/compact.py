@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -49,21 +49,28 @@ class CompactBottleneck(nn.Module):
     primitive to build for each new kept width), the 3x3 convolution, the two SiLUs and the
     residual add.
 
-    ``pad_to``: kept lists are padded to a multiple of this many slots with *zero-scaled*
-    copies of a kept channel, because oneDNN's 3x3 kernels run odd widths slower than the next
-    multiple of 8 (measured at 40x40: 21 channels 0.40 ms, 24 channels 0.37 ms). A padded
-    slot is computed but its scale is exactly 0, so the next layer adds exactly 0 from it:
-    the result is unchanged, and the per-frame accounting counts only real channels.
+    ``pad_to = (pad1, pad2)``: gate 1's and gate 2's kept lists are padded to a multiple of
+    that many slots with *zero-scaled* copies of a kept channel, because the libraries run some
+    widths slower than a larger one. Gate 2's list is the 3x3's output width, and oneDNN runs
+    one that is not a multiple of 8 slower than the next multiple of 8 (measured 80x80, 21
+    input channels: 21 outputs 0.45 ms, 24 outputs 0.35 ms). Gate 1's list is the width of
+    cv1's matrix product, which MKL runs slower when it leaves 3, 5, 6 or 7 over a multiple of 8
+    (6400x32 @ 32xN: 23 columns 0.21 ms, 24 columns 0.13 ms), and the 3x3's input width, where
+    no step shows (its time grows with the input channels, odd or not): so 4 there, not 8,
+    which only added work to cv1, its SiLU and the 3x3 (the whole network 3% faster at a keep of
+    0.50). A padded slot is computed but its scale is exactly 0, so the next layer adds exactly
+    0 from it: the result is unchanged, and the per-frame accounting counts only real channels.
     """
 
-    def __init__(self, block: Bottleneck, pad_to: int = 8) -> None:
+    def __init__(self, block: Bottleneck, pad_to: int | Tuple[int, int] = (4, 8)) -> None:
         super().__init__()
         if not block.gated:
             raise ValueError("CompactBottleneck needs a gated block")
-        if pad_to < 1:
-            raise ValueError(f"pad_to must be >= 1, got {pad_to}")
+        pad_to = (pad_to, pad_to) if isinstance(pad_to, int) else tuple(pad_to)
+        if len(pad_to) != 2 or min(pad_to) < 1:
+            raise ValueError(f"pad_to must be one or two integers >= 1 (gate 1, gate 2), got {pad_to}")
         self.c, self.h1, self.h2 = block.c, block.h1, block.h2
-        self.pad_to = pad_to
+        self.pad_to: Tuple[int, int] = pad_to
         self.gate1: Gate = copy.deepcopy(block.gate1)
         self.gate2: Gate = copy.deepcopy(block.gate2)
         for name, conv in (("1", block.cv1), ("2", block.cv2), ("3", block.cv3)):
@@ -201,14 +208,14 @@ class CompactBottleneck(nn.Module):
         padding). With per-channel gates the keep vector already numbers gate 2's channel ``j``
         as ``h1 + j``, so one ``nonzero`` serves both gates (this runs for every block of every
         frame, and each NumPy call costs a microsecond or more)."""
-        g1, pad_to = self.n_groups1, self.pad_to
+        g1, (pad1, pad2) = self.n_groups1, self.pad_to
         if self.gate1.group == self.gate2.group == 1:
             kept_all = keep.nonzero()[0]
             kept1 = int(np.count_nonzero(keep[:g1]))
             kept2 = kept_all.size - kept1
-            slots1 = kept1 + (-kept1 % pad_to)
+            slots1 = kept1 + (-kept1 % pad1)
             end2 = slots1 + kept2
-            rows = np.empty(end2 + (-kept2 % pad_to), dtype=np.int64)
+            rows = np.empty(end2 + (-kept2 % pad2), dtype=np.int64)
             scale = np.zeros(rows.size, dtype=np.float32)
             kept_scale = saliency.take(kept_all)
             rows[:kept1], scale[:kept1] = kept_all[:kept1], kept_scale[:kept1]
@@ -218,11 +225,11 @@ class CompactBottleneck(nn.Module):
             if kept2:
                 rows[end2:] = kept_all[kept1]
             return rows, scale, slots1, kept1, kept2
-        idx1, scale1, kept1 = self._slots(keep[:g1], saliency[:g1], self.gate1.group, self.h1)
-        idx2, scale2, kept2 = self._slots(keep[g1:], saliency[g1:], self.gate2.group, self.h2)
+        idx1, scale1, kept1 = self._slots(keep[:g1], saliency[:g1], self.gate1.group, self.h1, pad1)
+        idx2, scale2, kept2 = self._slots(keep[g1:], saliency[g1:], self.gate2.group, self.h2, pad2)
         return np.concatenate((idx1, idx2 + self.h1)), np.concatenate((scale1, scale2)), idx1.size, kept1, kept2
 
-    def _slots(self, keep: np.ndarray, saliency: np.ndarray, group: int, width: int):
+    def _slots(self, keep: np.ndarray, saliency: np.ndarray, group: int, width: int, pad_to: int):
         """``(index, scale, kept)`` of one image's kept channels, padded to ``pad_to`` slots."""
         groups = np.flatnonzero(keep)
         if group == 1:
@@ -231,7 +238,7 @@ class CompactBottleneck(nn.Module):
             index = (groups[:, None] * group + np.arange(group)).ravel()
             index = index[index < width]
         kept = index.size
-        pad = -kept % self.pad_to
+        pad = -kept % pad_to
         scale = saliency.take(index // group if group > 1 else index)
         if pad:  # zero-scaled copies of the first kept channel (see the class docstring)
             index = np.concatenate((index, np.full(pad, index[0])))

@@ -1,8 +1,8 @@
 /* CPU host step of one gated bottleneck for one image, in one call.
  *
  * Pool the block input, run both ManiDP gates (fc1 -> ReLU -> fc2 + bias -> ReLU), keep the
- * groups whose saliency reaches the threshold, build both kept-channel lists padded to a
- * multiple of pad_to with zero-scaled copies, and gather the saliency-scaled weights of the
+ * groups whose saliency reaches the threshold, build both kept-channel lists, each padded to a
+ * multiple of its pad_to with zero-scaled copies, and gather the saliency-scaled weights of the
  * three convolutions. Python (kernels/cpu_gate.py) compiles this file on first use; its
  * reference is CompactBottleneck's NumPy path (dynprune/compact.py), which the tests compare
  * it with. Done in NumPy, this step is a few dozen calls of about a microsecond each, three to
@@ -22,7 +22,7 @@
 #define GATHER_PARALLEL_MIN (1 << 15)  /* gathers in parallel from this many weights */
 
 typedef struct {
-    int64_t c, h1, h2, hid1, hid2, g1, g2, group1, group2, taps, pad_to;
+    int64_t c, h1, h2, hid1, hid2, g1, g2, group1, group2, taps, pad_to1, pad_to2;
     const float *fc1_t;      /* (c, hid1 + hid2): both gates' first layer side by side */
     const float *fc2a_t;     /* (hid1, g1): gate 1's second layer */
     const float *fc2b_t;     /* (hid2, g2): gate 2's second layer */
@@ -35,10 +35,10 @@ typedef struct {
     int64_t chunk_capacity;  /* chunks of POOL_CHUNK pixels that chunk_sums holds */
     float *hidden;           /* scratch (hid1 + hid2) */
     float *saliency;         /* out (g1 + g2) */
-    int64_t *index;          /* out (h1 + h2 + 2 pad_to): rows of `rows`, gate 1 then gate 2 */
+    int64_t *index;          /* out (h1 + pad_to1 + h2 + pad_to2): rows of `rows`, gate 1 then gate 2 */
     float *scale;            /* out, same length: each slot's saliency, 0 for padding */
-    float *rows_out;         /* out (h1 + h2 + 2 pad_to, c + 1) */
-    float *w2_out;           /* out (h2 + pad_to, taps, h1 + pad_to) as (slots2, taps, slots1) */
+    float *rows_out;         /* out (h1 + pad_to1 + h2 + pad_to2, c + 1) */
+    float *w2_out;           /* out (h2 + pad_to2, taps, h1 + pad_to1) as (slots2, taps, slots1) */
     int64_t *counts;         /* out: kept1, kept2, slots1, slots2 */
 } dp_block;
 
@@ -115,10 +115,10 @@ int dp_block_plan(const dp_block *b, const float *pixels, int64_t hw) {
     for (int64_t g = 0; g < b->g1 + b->g2; ++g) b->saliency[g] = b->saliency[g] > 0.0f ? b->saliency[g] : 0.0f;
 
     int64_t kept1, kept2;
-    const int64_t slots1 = kept_list(b->saliency, b->thresholds, b->g1, b->group1, b->h1, 0, b->pad_to,
+    const int64_t slots1 = kept_list(b->saliency, b->thresholds, b->g1, b->group1, b->h1, 0, b->pad_to1,
                                      b->index, b->scale, &kept1);
     const int64_t slots2 = kept_list(b->saliency + b->g1, b->thresholds + b->g1, b->g2, b->group2, b->h2, b->h1,
-                                     b->pad_to, b->index + slots1, b->scale + slots1, &kept2);
+                                     b->pad_to2, b->index + slots1, b->scale + slots1, &kept2);
     b->counts[0] = kept1;
     b->counts[1] = kept2;
     b->counts[2] = slots1;

@@ -50,7 +50,7 @@ class _Block(ctypes.Structure):
     """Mirror of ``dp_block`` in cpu_gate.c (same fields, same order)."""
 
     _fields_ = [(name, ctypes.c_int64) for name in
-                ("c", "h1", "h2", "hid1", "hid2", "g1", "g2", "group1", "group2", "taps", "pad_to")] + [
+                ("c", "h1", "h2", "hid1", "hid2", "g1", "g2", "group1", "group2", "taps", "pad_to1", "pad_to2")] + [
         ("fc1_t", _float_p), ("fc2a_t", _float_p), ("fc2b_t", _float_p), ("fc2_b", _float_p),
         ("thresholds", _float_p), ("rows", _float_p), ("w2_ohwi", _float_p), ("pooled", _double_p),
         ("chunk_sums", _float_p), ("chunk_capacity", ctypes.c_int64), ("hidden", _float_p),
@@ -161,11 +161,11 @@ class BlockPlan:
 
     def __init__(self, lib: ctypes.CDLL, *, fc1_t: np.ndarray, fc2a_t: np.ndarray, fc2b_t: np.ndarray,
                  fc2_b: np.ndarray, thresholds: np.ndarray, rows: np.ndarray, w2_ohwi: np.ndarray,
-                 groups: Tuple[int, int], group_sizes: Tuple[int, int], pad_to: int) -> None:
+                 groups: Tuple[int, int], group_sizes: Tuple[int, int], pad_to: Tuple[int, int]) -> None:
         h2, kh, kw, h1 = w2_ohwi.shape
         c = rows.shape[1] - 1
         taps = kh * kw
-        capacity = h1 + h2 + 2 * pad_to
+        capacity = h1 + pad_to[0] + h2 + pad_to[1]
         f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32)  # noqa: E731
         # Keep every array alive as long as the struct points at it.
         self._inputs = [f32(a) for a in (fc1_t, fc2a_t, fc2b_t, fc2_b, thresholds, rows, w2_ohwi)]
@@ -178,15 +178,15 @@ class BlockPlan:
         self.index = np.zeros(capacity, np.int64)
         self.scale = np.zeros(capacity, np.float32)
         self.rows_out = np.zeros((capacity, c + 1), np.float32)
-        self.w2_out = np.zeros((h2 + pad_to) * taps * (h1 + pad_to), np.float32)
+        self.w2_out = np.zeros((h2 + pad_to[1]) * taps * (h1 + pad_to[0]), np.float32)
         self.counts = np.zeros(4, np.int64)
         fc1, fc2a, fc2b, bias, thr, table, w2 = self._inputs
         self._block = _Block(c, h1, h2, fc2a.shape[0], fc2b.shape[0], groups[0], groups[1], group_sizes[0],
-                             group_sizes[1], taps, pad_to, _ptr(fc1), _ptr(fc2a), _ptr(fc2b), _ptr(bias), _ptr(thr),
-                             _ptr(table), _ptr(w2), _ptr(self.pooled, _double_p), _ptr(self.chunk_sums), 0,
-                             _ptr(self.hidden),
-                             _ptr(self.saliency), _ptr(self.index, _int64_p), _ptr(self.scale),
-                             _ptr(self.rows_out), _ptr(self.w2_out), _ptr(self.counts, _int64_p))
+                             group_sizes[1], taps, pad_to[0], pad_to[1], _ptr(fc1), _ptr(fc2a), _ptr(fc2b),
+                             _ptr(bias), _ptr(thr), _ptr(table), _ptr(w2), _ptr(self.pooled, _double_p),
+                             _ptr(self.chunk_sums), 0, _ptr(self.hidden), _ptr(self.saliency),
+                             _ptr(self.index, _int64_p), _ptr(self.scale), _ptr(self.rows_out), _ptr(self.w2_out),
+                             _ptr(self.counts, _int64_p))
         self._ref = ctypes.byref(self._block)
         self._call = lib.dp_block_plan
 

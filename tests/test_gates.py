@@ -84,6 +84,41 @@ def test_compact_execution_equals_masked_dense(group, seed, path):
                 assert torch.all((k % group == 0) | (k == width) | (k % group == width % group))
 
 
+@pytest.mark.parametrize("path", ["native", "numpy"])
+@pytest.mark.parametrize("pad_to", [1, 3, (4, 8), (8, 1)])
+def test_padded_kept_lists_change_nothing(pad_to, path, monkeypatch):
+    """Each gate's kept list padded to its own multiple with zero-scaled slots: the same output
+    and accounting, and every compact 3x3 runs on padded widths."""
+    import types
+
+    import torch.nn.functional as F
+
+    import dynprune.compact
+
+    model, _ = gated_model(1, seed=4)
+    _random_gates(model, 4)
+    x = torch.rand(2, 3, 64, 64)
+    widths = []
+
+    def conv2d(inp, weight, *args, **kwargs):
+        widths.append(tuple(weight.shape[:2]))
+        return F.conv2d(inp, weight, *args, **kwargs)
+
+    monkeypatch.setattr(dynprune.compact, "F", types.SimpleNamespace(conv2d=conv2d, silu=F.silu))
+    with torch.no_grad():
+        ref_boxes, ref_logits = model(x)
+        ref_kept = [[int((m[i] > 0).sum()) for b in model.blocks for m in b.last["mask"]] for i in range(2)]
+        compact = compact_on(model, path)
+        pad1, pad2 = (pad_to, pad_to) if isinstance(pad_to, int) else pad_to
+        for blk in compact.blocks:
+            blk.pad_to = (pad1, pad2)
+        boxes, logits = compact(x)
+    torch.testing.assert_close(boxes, ref_boxes, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
+    assert compact.kept_counts().flatten(1).tolist() == ref_kept
+    assert widths and all(out % pad2 == 0 and inp % pad1 == 0 for out, inp in widths)
+
+
 @pytest.mark.parametrize("group", [1, 8])
 @pytest.mark.parametrize("keep", [0.3, 1.0])
 def test_compact_fbs_topk_equals_masked_dense(group, keep):
