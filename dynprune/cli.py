@@ -178,7 +178,7 @@ def cmd_bench(args) -> int:
     if not (args.source or args.data):
         raise SystemExit("dynprune bench: give --source (video, camera, images) or --data (labelled, adds AP)")
     res = run_bench(args.bundle, args.source, args.data, args.frames, args.engines, args.out, args.device,
-                    args.backend, cuda_graph=not args.no_cuda_graph)
+                    args.backend, cuda_graph=not args.no_cuda_graph, precision=args.precision)
     print(f"written: {args.out}/bench.json, bench.csv, latency_vs_keep.png")
     return 0 if res["rows"] else 1
 
@@ -359,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", nargs="+", choices=["dense", "static", "dynamic"])
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="dynamic engine kernels")
+    p.add_argument("--precision", default="fp16", choices=["fp16", "int8", "fp32"],
+                   help="TensorRT plan precision; on a GPU also the PyTorch engines' (int8 runs them in fp16)")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="on a GPU, launch the PyTorch engines' kernels one by one instead of replaying a CUDA graph")
     p.add_argument("--out", default="runs/bench")

@@ -56,11 +56,12 @@ def break_even(keep: np.ndarray, ms: np.ndarray, static_ms: float) -> Optional[f
 
 def run_bench(bundle_dir: str, source: Optional[str] = None, data: Optional[str] = None, frames: int = 200,
               engines: Optional[List[str]] = None, out: str = "runs/bench", device: str = "auto",
-              backend: str = "auto", warmup: int = 5, log=print, cuda_graph: bool = True) -> Dict[str, Any]:
+              backend: str = "auto", warmup: int = 5, log=print, cuda_graph: bool = True,
+              precision: str = "fp16") -> Dict[str, Any]:
     bundle = load_bundle(bundle_dir)
     dev = pick_device(device)
     which = engines or list(bundle["engines"])
-    loaded = load_engines(bundle, which, dev, backend, cuda_graph=cuda_graph)
+    loaded = load_engines(bundle, which, dev, backend, precision, cuda_graph=cuda_graph)
     images, records, names = load_frames(source, data, frames)
     rows, per_frame = [], {}
     for name, eng in loaded.items():
@@ -110,7 +111,8 @@ def run_bench(bundle_dir: str, source: Optional[str] = None, data: Optional[str]
     out_p = Path(out)
     out_p.mkdir(parents=True, exist_ok=True)
     result = {"bundle": bundle_dir, "source": source or data, "frames": len(images), "device": str(dev),
-              "threads": torch.get_num_threads(), "imgsz": bundle["imgsz"], "rows": rows, "break_even_keep": be,
+              "precision": precision, "threads": torch.get_num_threads(), "imgsz": bundle["imgsz"], "rows": rows,
+              "break_even_keep": be,
               "per_frame": per_frame}
     (out_p / "bench.json").write_text(json.dumps(result, indent=2))
     with open(out_p / "bench.csv", "w", newline="") as f:
