@@ -47,7 +47,7 @@ def _gather_conv_kernel(
     sob, soc, soh, sow,
     srb, src, srh, srw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, K: tl.constexpr,
-    IN_DENSE: tl.constexpr, OUT_DENSE: tl.constexpr,
+    IN_DENSE: tl.constexpr, OUT_DENSE: tl.constexpr, IN_RUN: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -83,7 +83,18 @@ def _gather_conv_kernel(
     for k0 in range(0, n_in, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)  # input slots
         k_ok = offs_k < n_in
-        if IN_DENSE:
+        if IN_RUN > 1:
+            # Group gates keep whole aligned groups, so the kept list is runs of IN_RUN consecutive
+            # channels: load each run's first channel and address the weights as (out, run, lane)
+            # with the lane contiguous, which lets the loads be 16-byte vectors (one gathered
+            # 2-byte load per element otherwise: 2-3x cuDNN's time at full width; GPU_NOTES.md, v5).
+            offs_r = k0 // IN_RUN + tl.arange(0, BLOCK_K // IN_RUN)
+            r_ok = offs_r * IN_RUN < n_in
+            first = tl.multiple_of(tl.load(in_idx_ptr + b * C_IN_FULL + offs_r * IN_RUN, mask=r_ok, other=0), IN_RUN)
+            lane = tl.arange(0, IN_RUN)
+            w_rows = oc[:, None, None] * swo + (first[None, :, None] + lane[None, None, :]) * swi
+            w_mask = n_ok[:, None, None] & r_ok[None, :, None]
+        elif IN_DENSE:
             ic = offs_k
         else:
             ic = tl.load(in_idx_ptr + b * C_IN_FULL + offs_k, mask=k_ok, other=0)
@@ -94,8 +105,12 @@ def _gather_conv_kernel(
                 pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 a = tl.load(x_ptr + b * sxb + offs_k[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
                             mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
-                wt = tl.load(w_ptr + oc[None, :] * swo + ic[:, None] * swi + kh * swh + kw * sww,
-                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                if IN_RUN > 1:
+                    wt = tl.load(w_ptr + w_rows + kh * swh + kw * sww, mask=w_mask, other=0.0)
+                    wt = tl.trans(tl.reshape(wt, (BLOCK_N, BLOCK_K)))
+                else:
+                    wt = tl.load(w_ptr + oc[None, :] * swo + ic[:, None] * swi + kh * swh + kw * sww,
+                                 mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc += tl.dot(a, wt, input_precision=DOT_PRECISION)
 
     acc = _bias_act_scale(acc, b_ptr, oc, offs_n, n_ok, scale_ptr + b * C_OUT_FULL, HAS_BIAS, ACT, HAS_SCALE)
@@ -232,12 +247,18 @@ def gather_conv2d_triton(
     block_k: Optional[int] = None,
     num_warps: Optional[int] = None,
     num_stages: Optional[int] = None,
+    in_run: int = 1,
 ) -> torch.Tensor:
     """Same contract as :func:`dynprune.kernels.reference.gather_conv2d_padded`, in one launch.
 
     ``x``, ``out``, ``residual`` and ``weight`` may have any strides (NCHW or NHWC activations,
     any of :data:`WEIGHT_LAYOUTS`): the kernel indexes through them. Tile sizes default to
     :func:`conv_config` for the shape.
+
+    ``in_run``: a promise that the kept input list is made of aligned runs of ``in_run``
+    consecutive channels (slot ``r * in_run + j`` holds channel ``in_index[r * in_run] + j``,
+    and each count is a multiple of it), as group gates of that group size produce. The kernel
+    then loads one index per run and the weights as contiguous vectors.
     """
     b_sz, c_in_full, h, w = x.shape
     c_out, _, k, _ = weight.shape
@@ -250,6 +271,9 @@ def gather_conv2d_triton(
     cfg = conv_config(c_out, weight.shape[1], k, ho * wo)
     block_m, block_n, block_k = block_m or cfg["block_m"], block_n or cfg["block_n"], block_k or cfg["block_k"]
     num_warps, num_stages = num_warps or cfg["num_warps"], num_stages or cfg["num_stages"]
+    if in_run > 1 and (in_dense or in_run & (in_run - 1) or block_k % in_run or c_in_full % in_run):
+        raise ValueError(f"in_run={in_run} needs a kept input list, a power of two that divides block_k "
+                         f"({block_k}) and the input width ({c_in_full})")
     dummy = weight  # any tensor, for pointer arguments a constexpr flag disables
     res = residual if residual is not None else out
     grid = (triton.cdiv(ho * wo, block_m), triton.cdiv(c_out, block_n), b_sz)
@@ -259,7 +283,7 @@ def gather_conv2d_triton(
         out_index if not out_dense else dummy, out_count if not out_dense else dummy,
         c_in_full if not in_dense else weight.shape[1], c_out, h, w, ho, wo,
         *x.stride(), *weight.stride(), *out.stride(), *res.stride(),
-        STRIDE=stride, PAD=padding, K=k, IN_DENSE=in_dense, OUT_DENSE=out_dense,
+        STRIDE=stride, PAD=padding, K=k, IN_DENSE=in_dense, OUT_DENSE=out_dense, IN_RUN=in_run,
         HAS_BIAS=bias is not None, ACT=_check_act(act), HAS_SCALE=scale is not None,
         HAS_RES=residual is not None,
         # fp32 in, fp32 arithmetic: Triton's default for an fp32 dot is TF32 (~3e-4 relative

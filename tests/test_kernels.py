@@ -72,6 +72,43 @@ def test_gather_conv_matches_reference(case, act, with_scale, layout):
         assert torch.isnan(out[i, n:]).all()
 
 
+def group_masks(b, c, run, group_counts, gen):
+    """Masks that keep ``group_counts[i]`` whole aligned groups of ``run`` channels, as group gates do."""
+    m = torch.zeros(b, c // run, dtype=torch.bool)
+    for i, n in enumerate(group_counts):
+        m[i, torch.randperm(c // run, generator=gen)[:n]] = True
+    return m.repeat_interleave(run, 1)
+
+
+@pytest.mark.parametrize("run,k,layout", [(8, 3, "ohwi"), (8, 1, "oihw"), (16, 3, "ohwi"), (8, 3, "oihw")])
+def test_run_structured_input_lists_match_reference(run, k, layout):
+    """``in_run``: kept lists of whole groups, loaded a run at a time; counts 0, 1 group, some, all,
+    several input tiles (block_k 16 < 48 channels), compact and full-width outputs."""
+    from dynprune.kernels.gather_conv import with_layout
+
+    g = torch.Generator().manual_seed(run + k)
+    c_in, c_out, h, w = 3 * max(run, 16), 24, 6, 5
+    group_counts = [0, 1, c_in // run // 2, c_in // run]
+    b = len(group_counts)
+    x = torch.randn(b, c_in, h, w, generator=g).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c_out, c_in, k, k, generator=g)
+    bias = torch.randn(c_out, generator=g)
+    ii, ic = build_keep_index(group_masks(b, c_in, run, group_counts, g).float())
+    oi, oc = build_keep_index(masks_with_counts(b, c_out, [24, 5, 0, 17], g).float())
+    scale = torch.rand(b, c_out, generator=g)
+    dev = [t.to(DEVICE) for t in (x, with_layout(weight, layout), bias, ii, ic, oi, oc)]
+    for out_index in (True, False):
+        ref = gather_conv2d_padded(x, weight, bias, ii, ic, oi if out_index else None, oc if out_index else None,
+                                   1, k // 2, "silu", scale)
+        out = torch.full_like(ref, float("nan"), device=DEVICE).contiguous(memory_format=torch.channels_last)
+        gather_conv2d_triton(dev[0], dev[1], dev[2], dev[3], dev[4], dev[5] if out_index else None,
+                             dev[6] if out_index else None, 1, k // 2, "silu", scale.to(DEVICE), out=out,
+                             block_k=16 if run <= 16 else run, in_run=run)
+        check(out, ref, oc.tolist() if out_index else [c_out] * b, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="in_run"):
+        gather_conv2d_triton(*dev, padding=k // 2, in_run=8, block_k=4)
+
+
 def test_dense_output_with_residual_epilogue():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 16, 6, 6, generator=g)
