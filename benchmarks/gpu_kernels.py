@@ -74,7 +74,9 @@ def layer_name(s):
     return f"{s['k']}x{s['k']} {s['cin']}->{s['cout']} @{s['H']}x{s['W']}"
 
 
-def layer_inputs(s, keep, dtype, layout="oihw", nhwc=True):
+def layer_inputs(s, keep, dtype, layout="oihw", nhwc=True, run=1):
+    """One layer's tensors at ``keep``; ``run`` > 1: the input list is whole aligned groups of
+    ``run`` channels in random order, as group gates keep them."""
     from dynprune.kernels.gather_conv import with_layout
 
     cin, cout, k, h, w = s["cin"], s["cout"], s["k"], s["H"], s["W"]
@@ -84,7 +86,11 @@ def layer_inputs(s, keep, dtype, layout="oihw", nhwc=True):
     wt = with_layout((torch.randn(cout, cin, k, k, device="cuda") / (cin * k * k) ** 0.5).to(dtype), layout)
     bias = torch.randn(cout, device="cuda", dtype=dtype)
     n_in, n_out = max(1, round(cin * keep)), max(1, round(cout * keep))
-    ii = torch.randperm(cin, device="cuda").to(torch.int32)[None]
+    if run > 1:
+        groups = torch.randperm(cin // run, device="cuda")
+        ii = (groups[:, None] * run + torch.arange(run, device="cuda")).flatten().to(torch.int32)[None]
+    else:
+        ii = torch.randperm(cin, device="cuda").to(torch.int32)[None]
     oi = torch.randperm(cout, device="cuda").to(torch.int32)[None]
     ic = torch.tensor([n_in], device="cuda", dtype=torch.int32)
     oc = torch.tensor([n_out], device="cuda", dtype=torch.int32)
@@ -134,6 +140,10 @@ def bench_layers(imgsz: int, keeps, dtype):
             inputs = layer_inputs(s, keep, dtype, weight_layout_for(s["k"]))
             row[f"triton_{keep}_ms"], row[f"triton_{keep}_relerr"] = check_and_time(
                 s, inputs, reference_for(s, inputs), dtype, {})
+            # the same keep as group-8 gates give it: the kernel reads the list a run at a time
+            inputs = layer_inputs(s, keep, dtype, weight_layout_for(s["k"]), run=8)
+            row[f"triton_{keep}_r8_ms"], row[f"triton_{keep}_r8_relerr"] = check_and_time(
+                s, inputs, reference_for(s, inputs), dtype, {"in_run": 8})
         rows.append(row)
     return rows
 
@@ -238,6 +248,10 @@ def bench_network(imgsz: int, keep: float, group: int, dtype, batch: int = 1, pr
                "dense_nhwc_graph_ms": graph_ms(dense_cl, x.contiguous(memory_format=torch.channels_last)),
                "dynamic_eager_ms": triton.testing.do_bench(lambda: dyn(x), return_mode="median"),
                "dynamic_graph_ms": graph_ms(dyn, x)}
+        if any(b._run_of(b.gate1, b.h1) > 1 for b in dyn.blocks):  # what reading runs gains, same frame
+            type(dyn.blocks[0]).use_runs = False
+            row["dynamic_graph_no_runs_ms"] = graph_ms(dyn, x)
+            type(dyn.blocks[0]).use_runs = True
     row["speedup_graph"] = min(row["dense_graph_ms"], row["dense_nhwc_graph_ms"]) / row["dynamic_graph_ms"]
     if profile:
         with torch.no_grad():
@@ -271,6 +285,7 @@ def main() -> None:
                     help="image sizes of the whole-network rows")
     ap.add_argument("--batch", type=int, default=1, help="batch of the whole-network rows")
     ap.add_argument("--skip-layers", action="store_true", help="whole-network rows only")
+    ap.add_argument("--layer-sizes", type=int, nargs="+", default=[320, 640], help="image sizes of the layer rows")
     ap.add_argument("--profile", action="store_true", help="kernel-by-kernel GPU time of each network graph")
     ap.add_argument("--sweep", action="store_true", help="time every block configuration per layer first")
     ap.add_argument("--json")
@@ -286,7 +301,7 @@ def main() -> None:
     for imgsz in args.network_sizes:
         result["network"].append(bench_network(imgsz, args.keep, args.group, dtype, args.batch, args.profile))
         print("network", result["network"][-1], flush=True)
-    for imgsz in () if args.skip_layers else (320, 640):
+    for imgsz in () if args.skip_layers else args.layer_sizes:
         result["layers"] += bench_layers(imgsz, keeps, dtype)
     if args.json:
         with open(args.json, "w") as fh:
@@ -296,16 +311,18 @@ def main() -> None:
     print(f"{result['device']}, {args.dtype}, layers at batch 1, network at batch {args.batch}")
     print(f"{'size':>5} {'layer':<26}{'cuDNN':>8}" + "".join(f"{'k=' + str(k):>9}" for k in keeps) + "   max rel err")
     for r in result["layers"]:
-        errs = max(r[f"triton_{k}_relerr"] for k in keeps)
-        print(f"{r['imgsz']:>5} {r['layer']:<26}{r['cudnn_ms']:>8.4f}"
-              + "".join(f"{r[f'triton_{k}_ms']:>9.4f}" for k in keeps) + f"   {errs:.1e}")
+        for tag, label in (("", ""), ("_r8", " runs of 8")):
+            errs = max(r[f"triton_{k}{tag}_relerr"] for k in keeps)
+            print(f"{r['imgsz']:>5} {r['layer'] + label:<26}{r['cudnn_ms'] if not tag else float('nan'):>8.4f}"
+                  + "".join(f"{r[f'triton_{k}{tag}_ms']:>9.4f}" for k in keeps) + f"   {errs:.1e}")
     print("(ms per call, GPU time: 20 calls in one CUDA graph)")
     print(f"\n{'size':>5}{'keep':>6}{'dense':>9}{'dense+graph':>13}{'nhwc+graph':>12}{'dyn':>9}{'dyn+graph':>11}"
           f"{'speed-up':>10}")
     for r in result["network"]:
         print(f"{r['imgsz']:>5}{r['keep_mean']:>6.2f}{r['dense_eager_ms']:>9.3f}{r['dense_graph_ms']:>13.3f}"
               f"{r['dense_nhwc_graph_ms']:>12.3f}{r['dynamic_eager_ms']:>9.3f}{r['dynamic_graph_ms']:>11.3f}"
-              f"{r['speedup_graph']:>9.2f}x")
+              f"{r['speedup_graph']:>9.2f}x" + (f"   (runs off: dyn+graph {r['dynamic_graph_no_runs_ms']:.3f})"
+                                                  if "dynamic_graph_no_runs_ms" in r else ""))
     print("(speed-up: the faster dense graph over the dynamic graph, gates included)")
     if args.json:
         with open(args.json, "w") as fh:

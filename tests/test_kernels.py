@@ -189,9 +189,12 @@ def test_build_keep_index_without_host_sync():
     assert index[0, :2].tolist() == [1, 3] and index[2].tolist() == [0, 1, 2, 3]
 
 
-def test_triton_engine_equals_the_pytorch_engine():
-    """The whole dynamic detector through the Triton blocks equals the PyTorch gather path."""
+@pytest.mark.parametrize("group", [1, 8])
+def test_triton_engine_equals_the_pytorch_engine(group, monkeypatch):
+    """The whole dynamic detector through the Triton blocks equals the PyTorch gather path; with
+    group-8 gates the blocks read kept lists a run of 8 at a time (``in_run``)."""
     from dynprune.compact import CompactDetector
+    from dynprune.kernels import gather_conv
     from dynprune.model import build_detector
     from tests.conftest import randomize_bn, tiny_config
     from tests.test_gates import _random_gates
@@ -199,15 +202,20 @@ def test_triton_engine_equals_the_pytorch_engine():
     torch.manual_seed(0)
     model = build_detector(tiny_config(widths=(8, 16, 24, 16)))
     randomize_bn(model)
-    model.add_gates()
+    model.add_gates(group=group)
     model.eval()
     _random_gates(model, 0)
+    runs = []
+    launch = gather_conv.gather_conv2d_triton
+    monkeypatch.setattr(gather_conv, "gather_conv2d_triton", lambda *a, **kw: runs.append(kw.get("in_run", 1))
+                        or launch(*a, **kw))
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         ref = CompactDetector(model, backend="torch")(x)
         tri = CompactDetector(model, backend="triton", device=DEVICE)
         assert tri.backend == "triton", tri.backend_reason
         out = tri.to(DEVICE)(x.to(DEVICE))
+    assert set(runs) == ({1} if group == 1 else {1, 8})
     torch.testing.assert_close(out[0].cpu(), ref[0], atol=1e-3, rtol=1e-4)
     torch.testing.assert_close(out[1].cpu(), ref[1], atol=1e-4, rtol=1e-4)
 
