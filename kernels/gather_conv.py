@@ -85,15 +85,12 @@ def _gather_conv_kernel(
         k_ok = offs_k < n_in
         if IN_RUN > 1:
             # Group gates keep whole aligned groups, so the kept list is runs of IN_RUN consecutive
-            # channels: load each run's first channel and address the weights as (out, run, lane)
-            # with the lane contiguous, which lets the loads be 16-byte vectors (one gathered
-            # 2-byte load per element otherwise: 2-3x cuDNN's time at full width; GPU_NOTES.md, v5).
-            offs_r = k0 // IN_RUN + tl.arange(0, BLOCK_K // IN_RUN)
-            r_ok = offs_r * IN_RUN < n_in
-            first = tl.multiple_of(tl.load(in_idx_ptr + b * C_IN_FULL + offs_r * IN_RUN, mask=r_ok, other=0), IN_RUN)
-            lane = tl.arange(0, IN_RUN)
-            w_rows = oc[:, None, None] * swo + (first[None, :, None] + lane[None, None, :]) * swi
-            w_mask = n_ok[:, None, None] & r_ok[None, :, None]
+            # channels and the count a multiple of IN_RUN. Said to the compiler (the hints, and a
+            # mask compared run by run), the activation and weight loads can be 16-byte vectors;
+            # with a per-slot mask they are 2-byte loads (GPU_NOTES.md, v5).
+            k_ok = (offs_k // IN_RUN) * IN_RUN < n_in
+            ic = tl.load(in_idx_ptr + b * C_IN_FULL + offs_k, mask=k_ok, other=0)
+            ic = tl.max_contiguous(tl.multiple_of(ic, IN_RUN), IN_RUN)
         elif IN_DENSE:
             ic = offs_k
         else:
@@ -105,12 +102,8 @@ def _gather_conv_kernel(
                 pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 a = tl.load(x_ptr + b * sxb + offs_k[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
                             mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
-                if IN_RUN > 1:
-                    wt = tl.load(w_ptr + w_rows + kh * swh + kw * sww, mask=w_mask, other=0.0)
-                    wt = tl.trans(tl.reshape(wt, (BLOCK_N, BLOCK_K)))
-                else:
-                    wt = tl.load(w_ptr + oc[None, :] * swo + ic[:, None] * swi + kh * swh + kw * sww,
-                                 mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                wt = tl.load(w_ptr + oc[None, :] * swo + ic[:, None] * swi + kh * swh + kw * sww,
+                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)
                 acc += tl.dot(a, wt, input_precision=DOT_PRECISION)
 
     acc = _bias_act_scale(acc, b_ptr, oc, offs_n, n_ok, scale_ptr + b * C_OUT_FULL, HAS_BIAS, ACT, HAS_SCALE)
