@@ -151,29 +151,42 @@ def bench_layers(imgsz: int, keeps, dtype):
 SWEEP = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
          for bm, bn, bk, nw, ns in [(64, 32, 32, 4, 3), (32, 32, 32, 4, 3), (32, 32, 64, 4, 3), (64, 64, 32, 4, 3),
                                     (128, 32, 32, 4, 3), (16, 32, 64, 4, 3), (64, 32, 32, 4, 2), (16, 16, 64, 2, 3),
-                                    (32, 16, 64, 4, 3), (16, 64, 64, 4, 3), (32, 32, 128, 4, 3), (128, 64, 32, 4, 3)]]
+                                    (32, 16, 64, 4, 3), (16, 64, 64, 4, 3), (32, 32, 128, 4, 3), (128, 64, 32, 4, 3),
+                                    (64, 64, 64, 4, 3), (32, 64, 64, 4, 3), (64, 32, 64, 4, 3), (32, 32, 64, 4, 4),
+                                    (64, 32, 64, 4, 4), (128, 64, 64, 8, 3)]]
 
 
-def sweep(imgsz: int, dtype, keeps=(1.0, 0.5)):
+def sweep(imgsz: int, dtype, keeps=(1.0, 0.5), run: int = 1):
     """Every block configuration and weight layout on every conv shape (NHWC activations, as the
-    runtime runs them): what the defaults are chosen from."""
-    from dynprune.kernels.gather_conv import WEIGHT_LAYOUTS
+    runtime runs them): what the defaults are chosen from. ``run`` 8: kept input lists of whole
+    groups of 8 read a run at a time (``in_run``), OHWI weights only (the runtime's)."""
+    from dynprune.kernels.gather_conv import WEIGHT_LAYOUTS, weight_layout_for
 
     rows = []
     for s in conv_shapes(imgsz):
+        if run > 1 and s["k"] == 1:
+            continue  # the runs sweep is for the 3x3 layers, where the time is
         for keep in keeps:
             mine = []
-            for layout in WEIGHT_LAYOUTS:
-                inputs = layer_inputs(s, keep, dtype, layout)
+            inputs = layer_inputs(s, keep, dtype, weight_layout_for(s["k"]), run=run)
+            default_ms = check_and_time(s, inputs, reference_for(s, inputs), dtype, {"in_run": run})[0]
+            for layout in WEIGHT_LAYOUTS if run == 1 else (weight_layout_for(s["k"]),):
+                inputs = layer_inputs(s, keep, dtype, layout, run=run)
                 ref = reference_for(s, inputs)
                 for cfg in SWEEP:
-                    ms, err = check_and_time(s, inputs, ref, dtype, cfg)
-                    mine.append({"layer": layer_name(s), "keep": keep, "layout": layout, **cfg, "ms": ms,
-                                 "relerr": err})
+                    if run > 1 and cfg["block_k"] % run:
+                        continue
+                    try:
+                        ms, err = check_and_time(s, inputs, ref, dtype, {**cfg, "in_run": run})
+                    except Exception as exc:  # a configuration the GPU cannot hold (shared memory, registers)
+                        print(f"  {layer_name(s)} {cfg}: {type(exc).__name__}", flush=True)
+                        continue
+                    mine.append({"layer": layer_name(s), "keep": keep, "layout": layout, "in_run": run, **cfg,
+                                 "ms": ms, "relerr": err})
             best = min(mine, key=lambda r: r["ms"])
             worst_err = max(r["relerr"] for r in mine)
             print(f"sweep {layer_name(s):<24} keep {keep}: best {best['ms'] * 1e3:7.1f} us "
-                  f"(default {mine[0]['ms'] * 1e3:7.1f}) with "
+                  f"(conv_config's {default_ms * 1e3:7.1f}) with "
                   f"{ {k: best[k] for k in ('block_m', 'block_n', 'block_k', 'num_warps', 'num_stages', 'layout')} }"
                   f" worst err {worst_err:.1e}", flush=True)
             rows += mine
@@ -288,6 +301,7 @@ def main() -> None:
     ap.add_argument("--layer-sizes", type=int, nargs="+", default=[320, 640], help="image sizes of the layer rows")
     ap.add_argument("--profile", action="store_true", help="kernel-by-kernel GPU time of each network graph")
     ap.add_argument("--sweep", action="store_true", help="time every block configuration per layer first")
+    ap.add_argument("--sweep-run", type=int, default=1, help="the sweep's in_run (8: group-8 gates' kept lists)")
     ap.add_argument("--json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -307,7 +321,10 @@ def main() -> None:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)
     if args.sweep:  # last: the longest part, and the tables above do not need it
-        result["sweep"] = sweep(640, dtype)
+        result["sweep"] = sweep(640, dtype, run=args.sweep_run)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(result, fh, indent=2)
     print(f"{result['device']}, {args.dtype}, layers at batch 1, network at batch {args.batch}")
     print(f"{'size':>5} {'layer':<26}{'cuDNN':>8}" + "".join(f"{'k=' + str(k):>9}" for k in keeps) + "   max rel err")
     for r in result["layers"]:
