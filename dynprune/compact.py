@@ -329,10 +329,11 @@ class TritonCompactBottleneck(CompactBottleneck):
 
     @staticmethod
     def _run_of(gate: Gate, width: int) -> int:
-        """The run length a gate's kept lists are made of: its group size where that is a power of
-        two from 8 to 32 dividing the width (a whole number of 16-byte vectors in fp16), else 1."""
+        """The run length a gate's kept lists are made of: its group size where that is 8 or 16
+        (one or two 16-byte vectors in fp16; every tile size divides it) and divides the width,
+        else 1."""
         g = gate.group
-        return g if 8 <= g <= 32 and g & (g - 1) == 0 and width % g == 0 else 1
+        return g if g in (8, 16) and width % g == 0 else 1
 
     @classmethod
     def pool(cls, x: torch.Tensor) -> torch.Tensor:
@@ -360,10 +361,11 @@ class TritonCompactBottleneck(CompactBottleneck):
         # Five launches a block: the pool, both gates with their index lists, three convolutions.
         i1, s1, i2, s2, counts = block_gates_triton(self.pool(x), self.gate1, self.gate2, x.dtype)
         c1, c2 = counts[0], counts[1]
-        y = gather_conv2d_triton(x, self.w1, self.b1, None, None, i1, c1, act="silu", scale=s1)
         run1 = self._run_of(self.gate1, self.h1) if self.use_runs else 1
         run2 = self._run_of(self.gate2, self.h2) if self.use_runs else 1
-        y = gather_conv2d_triton(y, self.w2, self.b2, i1, c1, i2, c2, padding=1, act="silu", scale=s2, in_run=run1)
+        y = gather_conv2d_triton(x, self.w1, self.b1, None, None, i1, c1, act="silu", scale=s1, out_run=run1)
+        y = gather_conv2d_triton(y, self.w2, self.b2, i1, c1, i2, c2, padding=1, act="silu", scale=s2, in_run=run1,
+                                 out_run=run2)
         out = gather_conv2d_triton(y, self.w3, self.b3, i2, c2, None, None, residual=x, in_run=run2)
         self.last_kept = counts.t()  # (B, 2), a view: stays on the device, no launch
         return out

@@ -47,7 +47,7 @@ def _gather_conv_kernel(
     sob, soc, soh, sow,
     srb, src, srh, srw,
     STRIDE: tl.constexpr, PAD: tl.constexpr, K: tl.constexpr,
-    IN_DENSE: tl.constexpr, OUT_DENSE: tl.constexpr, IN_RUN: tl.constexpr,
+    IN_DENSE: tl.constexpr, OUT_DENSE: tl.constexpr, IN_RUN: tl.constexpr, OUT_RUN: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -69,13 +69,18 @@ def _gather_conv_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # output pixels
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output slots
     m_ok = offs_m < HO * WO
-    n_ok = offs_n < n_out
+    if OUT_RUN > 1:  # whole runs, as IN_RUN below: the epilogue's loads and the stores may vectorize
+        n_ok = (offs_n // OUT_RUN) * OUT_RUN < n_out
+    else:
+        n_ok = offs_n < n_out
     oh = offs_m // WO
     ow = offs_m % WO
     if OUT_DENSE:
         oc = offs_n
     else:
         oc = tl.load(out_idx_ptr + b * C_OUT_FULL + offs_n, mask=n_ok, other=0)
+        if OUT_RUN > 1:
+            oc = tl.max_contiguous(tl.multiple_of(oc, OUT_RUN), OUT_RUN)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # Input slots outside, the k x k taps inside: each slice of the index list is loaded once
@@ -165,7 +170,7 @@ def _gather_dwconv_kernel(
 _ACTS = {None: 0, "silu": 1}
 
 
-def conv_config(c_out: int, c_in: int, k: int, pixels: int) -> dict:
+def conv_config(c_out: int, c_in: int, k: int, pixels: int, in_run: int = 1) -> dict:
     """Tile sizes for a layer shape.
 
     From ``benchmarks/gpu_kernels.py --sweep`` on the H100 (NHWC fp16, the nano detector's
@@ -173,7 +178,13 @@ def conv_config(c_out: int, c_in: int, k: int, pixels: int) -> dict:
     small deep layers want short tiles and a deep input-channel step, so that enough programs
     run (a 20x20 map has only 400 pixels) and each loads its index slice and weights once per
     64 channels. Re-run the sweep on a new board.
+
+    With kept lists read a run at a time (``in_run``; ``--sweep --sweep-run 8``, GPU_NOTES.md,
+    v6) the 3x3 layers at 40x40 want longer pixel tiles: 64x32x64 took 11.4/7.6 us at keep
+    1.0/0.5 on 128->128 against 16.0/8.9 us with the default.
     """
+    if k > 1 and in_run > 1 and 1600 <= pixels < 6400:
+        return {"block_m": 64, "block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3}
     if pixels >= 6400:  # 80x80 and larger
         return {"block_m": 128 if c_out <= 32 else 64, "block_n": 32, "block_k": 32, "num_warps": 4, "num_stages": 3}
     if k == 1:
@@ -241,6 +252,7 @@ def gather_conv2d_triton(
     num_warps: Optional[int] = None,
     num_stages: Optional[int] = None,
     in_run: int = 1,
+    out_run: int = 1,
 ) -> torch.Tensor:
     """Same contract as :func:`dynprune.kernels.reference.gather_conv2d_padded`, in one launch.
 
@@ -251,7 +263,8 @@ def gather_conv2d_triton(
     ``in_run``: a promise that the kept input list is made of aligned runs of ``in_run``
     consecutive channels (slot ``r * in_run + j`` holds channel ``in_index[r * in_run] + j``,
     and each count is a multiple of it), as group gates of that group size produce. The kernel
-    then loads one index per run and the weights as contiguous vectors.
+    then loads the activations and weights as contiguous vectors. ``out_run``: the same promise
+    for the kept output list (the epilogue and the compact stores vectorize).
     """
     b_sz, c_in_full, h, w = x.shape
     c_out, _, k, _ = weight.shape
@@ -261,12 +274,15 @@ def gather_conv2d_triton(
     if residual is not None and out_index is not None:
         raise ValueError("the residual epilogue writes full width: pass out_index=None")
     in_dense, out_dense = in_index is None, out_index is None
-    cfg = conv_config(c_out, weight.shape[1], k, ho * wo)
+    cfg = conv_config(c_out, weight.shape[1], k, ho * wo, in_run)
     block_m, block_n, block_k = block_m or cfg["block_m"], block_n or cfg["block_n"], block_k or cfg["block_k"]
     num_warps, num_stages = num_warps or cfg["num_warps"], num_stages or cfg["num_stages"]
     if in_run > 1 and (in_dense or in_run & (in_run - 1) or block_k % in_run or c_in_full % in_run):
         raise ValueError(f"in_run={in_run} needs a kept input list, a power of two that divides block_k "
                          f"({block_k}) and the input width ({c_in_full})")
+    if out_run > 1 and (out_dense or out_run & (out_run - 1) or block_n % out_run or c_out % out_run):
+        raise ValueError(f"out_run={out_run} needs a kept output list, a power of two that divides block_n "
+                         f"({block_n}) and the output width ({c_out})")
     dummy = weight  # any tensor, for pointer arguments a constexpr flag disables
     res = residual if residual is not None else out
     grid = (triton.cdiv(ho * wo, block_m), triton.cdiv(c_out, block_n), b_sz)
@@ -276,7 +292,7 @@ def gather_conv2d_triton(
         out_index if not out_dense else dummy, out_count if not out_dense else dummy,
         c_in_full if not in_dense else weight.shape[1], c_out, h, w, ho, wo,
         *x.stride(), *weight.stride(), *out.stride(), *res.stride(),
-        STRIDE=stride, PAD=padding, K=k, IN_DENSE=in_dense, OUT_DENSE=out_dense, IN_RUN=in_run,
+        STRIDE=stride, PAD=padding, K=k, IN_DENSE=in_dense, OUT_DENSE=out_dense, IN_RUN=in_run, OUT_RUN=out_run,
         HAS_BIAS=bias is not None, ACT=_check_act(act), HAS_SCALE=scale is not None,
         HAS_RES=residual is not None,
         # fp32 in, fp32 arithmetic: Triton's default for an fp32 dot is TF32 (~3e-4 relative

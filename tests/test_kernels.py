@@ -82,19 +82,20 @@ def group_masks(b, c, run, group_counts, gen):
 
 @pytest.mark.parametrize("run,k,layout", [(8, 3, "ohwi"), (8, 1, "oihw"), (16, 3, "ohwi"), (8, 3, "oihw")])
 def test_run_structured_input_lists_match_reference(run, k, layout):
-    """``in_run``: kept lists of whole groups, loaded a run at a time; counts 0, 1 group, some, all,
-    several input tiles (block_k 16 < 48 channels), compact and full-width outputs."""
+    """``in_run``/``out_run``: kept lists of whole groups, loaded a run at a time; counts 0, 1
+    group, some, all; several input and output tiles (block_k and block_n 16); compact output
+    (its list in runs too) and full-width output."""
     from dynprune.kernels.gather_conv import with_layout
 
     g = torch.Generator().manual_seed(run + k)
-    c_in, c_out, h, w = 3 * max(run, 16), 24, 6, 5
+    c_in, c_out, h, w = 3 * max(run, 16), 2 * max(run, 16), 6, 5
     group_counts = [0, 1, c_in // run // 2, c_in // run]
     b = len(group_counts)
     x = torch.randn(b, c_in, h, w, generator=g).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(c_out, c_in, k, k, generator=g)
     bias = torch.randn(c_out, generator=g)
     ii, ic = build_keep_index(group_masks(b, c_in, run, group_counts, g).float())
-    oi, oc = build_keep_index(masks_with_counts(b, c_out, [24, 5, 0, 17], g).float())
+    oi, oc = build_keep_index(group_masks(b, c_out, run, [c_out // run, 1, 0, c_out // run - 1], g).float())
     scale = torch.rand(b, c_out, generator=g)
     dev = [t.to(DEVICE) for t in (x, with_layout(weight, layout), bias, ii, ic, oi, oc)]
     for out_index in (True, False):
@@ -103,10 +104,14 @@ def test_run_structured_input_lists_match_reference(run, k, layout):
         out = torch.full_like(ref, float("nan"), device=DEVICE).contiguous(memory_format=torch.channels_last)
         gather_conv2d_triton(dev[0], dev[1], dev[2], dev[3], dev[4], dev[5] if out_index else None,
                              dev[6] if out_index else None, 1, k // 2, "silu", scale.to(DEVICE), out=out,
-                             block_k=16 if run <= 16 else run, in_run=run)
+                             block_k=16, block_n=16, in_run=run, out_run=run if out_index else 1)
         check(out, ref, oc.tolist() if out_index else [c_out] * b, atol=1e-4, rtol=1e-4)
+        for i, n in enumerate(oc.tolist() if out_index else []):  # the padding tail is never touched
+            assert torch.isnan(out[i, n:]).all()
     with pytest.raises(ValueError, match="in_run"):
         gather_conv2d_triton(*dev, padding=k // 2, in_run=8, block_k=4)
+    with pytest.raises(ValueError, match="out_run"):
+        gather_conv2d_triton(*dev[:5], None, None, padding=k // 2, out_run=8)
 
 
 def test_dense_output_with_residual_epilogue():
