@@ -133,7 +133,23 @@ def cmd_calibrate(args) -> int:
     gate = dict(before)
     if gate.get("mode") == "topk":
         gate["keep"] = result.knob
-    ckpt.update(gate=gate, model={k: v.detach().cpu() for k, v in model.state_dict().items()},
+    # The metrics the checkpoint carries are the trained thresholds'; new thresholds change AP
+    # (raccoon, group-1 gates moved from keep 0.479 to 0.50: AP50 0.683 -> 0.630), and export,
+    # bench and serve's policy read these, so they are measured again on the val split.
+    stale = ckpt.get("metrics") or {}
+    metrics = None
+    if spec.val:
+        from dynprune.validate import run_validation
+
+        measured = run_validation(model, spec.val, spec.names, imgsz)
+        metrics = {"epoch": stale.get("epoch"), **{k: v for k, v in measured.items() if isinstance(v, (int, float))}}
+        print(f"val ({len(spec.val)} images): AP50 {stale.get('ap50', float('nan')):.4f} -> {metrics['ap50']:.4f}, "
+              f"AP50-95 {stale.get('ap50_95', float('nan')):.4f} -> {metrics['ap50_95']:.4f}, "
+              f"mean keep {stale.get('keep_mean', float('nan')):.3f} -> {metrics.get('keep_mean', float('nan')):.3f}")
+    else:
+        print(f"{data} has no val split: the calibrated checkpoint records no metrics (the trained ones no "
+              "longer hold)")
+    ckpt.update(gate=gate, model={k: v.detach().cpu() for k, v in model.state_dict().items()}, metrics=metrics,
                 calibration={**vars(result), "images": len(images), "data": data, "from": args.weights})
     save_atomic(ckpt, out)
     if not result.reachable:

@@ -46,3 +46,32 @@ def test_serve_and_bench_flags_parse():
     assert args.source == "csi://0" and args.http == 8080 and args.host == "127.0.0.1"
     args = build_parser().parse_args(["bench", "bundle/", "--source", "v.mp4", "--frames", "50"])
     assert args.frames == 50
+
+
+def test_calibrate_measures_the_new_thresholds_metrics(synthetic_yaml, tmp_path, capsys):
+    """A calibrated checkpoint carries AP and keep measured at its own thresholds, not the
+    trained ones it was made from (export, bench and serve's policy read them)."""
+    from dynprune.checkpoint import model_from_checkpoint
+    from dynprune.data import load_dataset
+    from dynprune.validate import run_validation
+    from tests.conftest import randomize_bn
+    from tests.test_gates import _random_gates
+
+    model = build_detector(tiny_config())
+    randomize_bn(model)
+    model.add_gates()
+    _random_gates(model, 0, empty_every=100)
+    stale = {"epoch": 3, "ap50": 0.99, "ap50_95": 0.77, "keep_mean": 0.11}
+    path = tmp_path / "gate.pt"
+    save_atomic(make_checkpoint(model.eval(), ["ring"], 64, "gated", gate={"method": "manidp", "mode": "threshold"},
+                                data=synthetic_yaml, metrics=stale), path)
+    out = tmp_path / "cal.pt"
+    assert main(["calibrate", "--weights", str(path), "--keep", "0.4", "--images", "8", "--out", str(out)]) == 0
+    assert "AP50 0.9900 ->" in capsys.readouterr().out
+    calibrated, ckpt = model_from_checkpoint(str(out))
+    spec = load_dataset(synthetic_yaml)
+    again = run_validation(calibrated, spec.val, spec.names, 64)
+    assert ckpt["metrics"]["epoch"] == 3
+    for key in ("ap50", "ap50_95", "keep_mean", "flops_mean"):
+        assert ckpt["metrics"][key] == pytest.approx(again[key], abs=1e-9)
+    assert ckpt["metrics"]["keep_mean"] != stale["keep_mean"]
