@@ -146,6 +146,15 @@ def cmd_calibrate(args) -> int:
         print(f"val ({len(spec.val)} images): AP50 {stale.get('ap50', float('nan')):.4f} -> {metrics['ap50']:.4f}, "
               f"AP50-95 {stale.get('ap50_95', float('nan')):.4f} -> {metrics['ap50_95']:.4f}, "
               f"mean keep {stale.get('keep_mean', float('nan')):.3f} -> {metrics.get('keep_mean', float('nan')):.3f}")
+        lost = stale.get("ap50", 0.0) - metrics["ap50"]
+        if lost > 0.02:
+            # Measured on raccoon: group-8 gates moved from keep 0.44 up to 0.50 lost 17 AP50 points.
+            why = ("channels the gates kept off all through training are switched on, and the layers after them "
+                   "never learnt to use them" if metrics.get("keep_mean", 0.0) > stale.get("keep_mean", 1.0) else
+                   "fewer channels than the gates were trained with")
+            keep = f"{target:g}" if measure == "keep" else f"{metrics.get('keep_mean', target):.2f}"
+            print(f"warning: AP50 fell {100 * lost:.1f} points at the new thresholds ({why}). Gates trained at the "
+                  f"target hold AP better: dynprune gate --keep {keep} --keep-on frames ...")
     else:
         print(f"{data} has no val split: the calibrated checkpoint records no metrics (the trained ones no "
               "longer hold)")
