@@ -113,7 +113,7 @@ class EffpTrainer(StaticMaskMixin, Trainer):
         for (bi, li), w in self.saved.items():
             if self.zeroed[bi][li].any():
                 gammas[bi] = tuple(
-                    torch.where(self.zeroed[bi][li], w["gamma"].abs(), g) if j == li else g
+                    torch.where(self.zeroed[bi][li], w["gamma"].abs().cpu(), g) if j == li else g
                     for j, g in enumerate(gammas[bi]))
         keep = select_widths(self.cost, gammas, self.flops_target, self.params_target, self.round_to,
                              scope="global", normalize=False)
@@ -137,18 +137,20 @@ class EffpTrainer(StaticMaskMixin, Trainer):
         for bi, b in enumerate(self.model.blocks):
             for li, layer in enumerate((b.cv1, b.cv2)):
                 want_zero = ~masks[bi][li]
-                newly = want_zero & ~self.zeroed[bi][li]
-                back = ~want_zero & self.zeroed[bi][li]
+                dev = layer.conv.weight.device  # the masks are CPU bookkeeping; the weights may be on a GPU
+                newly = (want_zero & ~self.zeroed[bi][li]).to(dev)
+                back = (~want_zero & self.zeroed[bi][li]).to(dev)
                 key = (bi, li)
                 if newly.any():  # remember the weights the filters have just before zeroing
                     w = self.saved.setdefault(key, {
                         "weight": layer.conv.weight.detach().clone(), "gamma": layer.bn.weight.detach().clone(),
                         "beta": layer.bn.bias.detach().clone()})
+                    w = self.saved[key] = {k: v.to(dev) for k, v in w.items()}  # resumed: on the CPU
                     w["weight"][newly] = layer.conv.weight[newly]
                     w["gamma"][newly] = layer.bn.weight[newly]
                     w["beta"][newly] = layer.bn.bias[newly]
                 if back.any():  # regrow: restore the saved weights, not fresh ones (the EMA follows below)
-                    w = self.saved[key]
+                    w = self.saved[key] = {k: v.to(dev) for k, v in self.saved[key].items()}  # resumed: on the CPU
                     layer.conv.weight[back] = w["weight"][back]
                     layer.bn.weight[back] = w["gamma"][back]
                     layer.bn.bias[back] = w["beta"][back]

@@ -24,8 +24,11 @@ def l1_norm(model: Detector) -> Scores:
 
 
 def bn_gamma(model: Detector) -> Scores:
-    """|gamma| of each channel's BatchNorm (Liu et al., "Network Slimming", ICCV 2017, Sec. 3.2)."""
-    return [(b.cv1.bn.weight.detach().abs(), b.cv2.bn.weight.detach().abs()) for b in model.blocks]
+    """|gamma| of each channel's BatchNorm (Liu et al., "Network Slimming", ICCV 2017, Sec. 3.2).
+
+    On the CPU whatever device the model is on: selection and masks are bookkeeping, kept on the
+    CPU (a GPU run of EFFP mixed devices here)."""
+    return [(b.cv1.bn.weight.detach().abs().cpu(), b.cv2.bn.weight.detach().abs().cpu()) for b in model.blocks]
 
 
 @torch.no_grad()
