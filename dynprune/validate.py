@@ -44,14 +44,18 @@ def run_validation(
     names: Sequence[str],
     imgsz: int,
     batch: int = 8,
-    device: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
     conf: float = 0.001,
     iou: float = 0.6,
     workers: int = 0,
     keep_predictions: bool = False,
 ) -> Dict[str, Any]:
-    """Metrics of ``model`` on ``records``; gated models add FLOPs statistics per frame."""
-    model.eval()
+    """Metrics of ``model`` on ``records``; gated models add FLOPs statistics per frame.
+
+    ``device``: where to run; by default the device the model is on (a model trained on a GPU
+    is validated there)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device).eval()
     loader = DataLoader(DetectionDataset(records, imgsz), batch_size=batch, shuffle=False,
                         num_workers=workers, collate_fn=collate)
     predictions: List[Dict[str, np.ndarray]] = []

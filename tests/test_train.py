@@ -20,6 +20,7 @@ def _loss_on(model, records, imgsz=64):
 
     model.eval()
     images, targets, _ = collate([DetectionDataset(records, imgsz)[i] for i in range(len(records))])
+    images = images.to(next(model.parameters()).device)  # the trainer may have moved it to a GPU
     boxes, logits = model(images)
     points, strides = model.anchors((imgsz, imgsz), images.device, boxes.dtype)
     return float(DetectionLoss(1)(boxes, logits, targets, points, strides)[0].mean())
