@@ -278,3 +278,18 @@ def test_dynamic_engine_without_triton_kernels_on_a_gpu_runs_on_the_cpu(bundle, 
     assert eng.device.type == "cpu" and "runs on the CPU" in caplog.text
     res = eng(np.zeros((48, 64, 3), dtype=np.uint8))
     assert 0.0 <= res.keep_ratio <= 1.0
+
+
+@pytest.mark.parametrize("group", [1, 8])
+def test_dynamic_engine_says_when_gpu_kernels_cannot_read_whole_groups(group, tmp_path, caplog):
+    """On the Triton path (the interpreter here), gates of single channels get a hint to retrain
+    with groups of 8; group-8 gates get none."""
+    model = build_detector(tiny_config()).eval()
+    model.add_gates(group=group)
+    set_gate_mode(model, "threshold")
+    path = tmp_path / "gated.pt"
+    save_atomic(make_checkpoint(model, ["ring"], IMGSZ, "gated", gate={"mode": "threshold"}), path)
+    eng = DynamicEngine(str(path), torch.device("cuda" if torch.cuda.is_available() else "cpu"), backend="triton")
+    assert eng.net.backend == "triton"
+    assert ("--group 8" in eng.description) == (group == 1) == ("--group 8" in caplog.text)
+
