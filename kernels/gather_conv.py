@@ -97,7 +97,7 @@ def _gather_conv_kernel(
             # Group gates keep whole aligned groups, so the kept list is runs of IN_RUN consecutive
             # channels and the count a multiple of IN_RUN. Said to the compiler (the hints, and a
             # mask compared run by run), the activation and weight loads can be 16-byte vectors;
-            # with a per-slot mask they are 2-byte loads (GPU_NOTES.md, v5).
+            # with a per-slot mask they are 2-byte loads (GPU_NOTES.md, v5 and v5b).
             k_ok = (offs_k // IN_RUN) * IN_RUN < n_in
             ic = tl.load(in_idx_ptr + b * C_IN_FULL + offs_k, mask=k_ok, other=0)
             ic = tl.max_contiguous(tl.multiple_of(ic, IN_RUN), IN_RUN)
