@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # One device call: install dynprune without dependencies (the device image has torch and
-# Triton; it has no network), run the GPU tests, then the GPU benchmark. Everything goes
-# to $OUT (log, JSON). The device image has no pycocotools: the tests that score AP are left out.
+# Triton; it has no network), run the whole test suite on the GPU, then the GPU benchmark.
+# Everything goes to $OUT (logs, JSON).
+#
+# The image has no pycocotools, which the AP tests need: carry its wheel in .whl/ (ignored by
+# git; see the device README), e.g. here:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl pycocotools
+# The whole suite on the H100 found two crashes of `dynprune prune` on CUDA in session 9 that
+# no CPU run could; tests/test_kernels.py alone would not have.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -10,7 +17,11 @@ unset TRITON_INTERPRET
 {
   nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  fi
   python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
 } 2>&1 | tee "$OUT/env.log"
-python3 -m pytest -p no:cacheprovider -q -rs tests/test_kernels.py 2>&1 | tee "$OUT/tests.log"
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+python3 -m pytest -p no:cacheprovider -q -rs tests 2>&1 | tee "$OUT/tests.log"
 python3 benchmarks/gpu_kernels.py --json "$OUT/gpu.json" "$@" 2>&1 | tee "$OUT/bench.log"
