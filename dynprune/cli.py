@@ -15,6 +15,8 @@ from typing import List, Optional
 
 import torch
 
+from dynprune.gates import DEFAULT_GATE_GROUP
+
 DATA_HELP = ("dataset: an Ultralytics data.yaml, a COCO yaml (format: coco), a Pascal VOC folder "
              "(annotations/, images/, train.txt, val.txt), or 'synthetic' (built in, no download)")
 
@@ -325,10 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=float, default=0.5, help="target mean fraction of hidden channels kept")
     p.add_argument("--gate", default="manidp", choices=["manidp", "fbs"],
                    help="manidp: thresholds + complexity-weighted sparsity + similarity; fbs: top-k baseline")
-    # 8 by default: on raccoon (keep 0.5, --keep-on frames, 20 epochs) group-8 gates held AP (AP50 0.783 vs 0.759
-    # for group 1, dense 0.723), ran as fast or faster on the CPU, and the GPU kernels read them as 16-byte
-    # vectors (network 1.2x faster on the H100); BENCHMARKS.md, session 9.
-    p.add_argument("--group", type=int, default=8, choices=[1, 8, 16],
+    p.add_argument("--group", type=int, default=DEFAULT_GATE_GROUP, choices=[1, 8, 16],
                    help="gate channels in groups of 8 (default), 16 or 1: whole groups let the GPU kernels read "
                         "kept channels as vectors")
     p.add_argument("--sparsity", type=float, default=0.1, help="sparsity loss weight lambda' (ManiDP code: 0.1)")

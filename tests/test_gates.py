@@ -308,7 +308,7 @@ def test_frame_thresholds_keep_the_fraction_of_each_frames_channels(remain):
 @pytest.mark.parametrize("threshold_every", [0, 2])
 def test_gate_training_saves_the_model_it_validated(synthetic_yaml, tmp_path, threshold_every):
     """best.pt is validated with its gates thresholded (not open), at the target keep ratio,
-    and re-validating the saved file reproduces the recorded AP exactly."""
+    and re-validating the saved file gives the recorded FLOPs exactly and its AP to float noise."""
     from dynprune.checkpoint import make_checkpoint, model_from_checkpoint, save_atomic
     from dynprune.data import load_dataset
     from dynprune.train.engine import TrainConfig
@@ -330,8 +330,11 @@ def test_gate_training_saves_the_model_it_validated(synthetic_yaml, tmp_path, th
     if threshold_every == 0:
         assert ckpt["epoch"] == 2  # only the epoch at the target thresholds may be best
     again = run_validation(model, spec.val, spec.names, 64)
-    assert again["ap50_95"] == pytest.approx(ckpt["metrics"]["ap50_95"], abs=1e-9)
+    # The same gating decisions exactly; AP to float noise: training validates its channels_last
+    # copy, and oneDNN's sums in another memory format reorder this random model's near-tied scores
+    # (AP50-95 2.339e-4 recorded, 2.344e-4 again).
     assert again["flops_mean"] == pytest.approx(ckpt["metrics"]["flops_mean"], abs=1e-9)
+    assert again["ap50_95"] == pytest.approx(ckpt["metrics"]["ap50_95"], rel=0.02)
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
@@ -344,3 +347,20 @@ def test_triton_block_pool_is_the_global_average(channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(TritonCompactBottleneck.pool(x), x.mean((2, 3)))
     torch.testing.assert_close(TritonCompactBottleneck.pool(x[:1]), x[:1].mean((2, 3)))  # cached row, new batch
+
+
+def test_gate_bias_starts_ordered_by_importance_and_finite_for_a_single_group():
+    """init_from_importance: saliency ~1, ordered by importance; a layer as wide as its group (one
+    group, whose std() is NaN) starts at exactly 1 instead of NaN (it made group-8 training of an
+    8-channel layer diverge at once)."""
+    from dynprune.gates import Gate, init_from_importance
+
+    importance = torch.tensor([0.1, 0.9, 0.5, 0.3, 0.7, 0.2, 0.8, 0.4])
+    gate = Gate(16, 8, group=1)
+    init_from_importance(gate, importance)
+    bias = gate.fc2.bias.detach()
+    assert torch.equal(bias.argsort(), importance.argsort()) and abs(float(bias.mean()) - 1.0) < 1e-6
+    for group in (8, 16):  # 8 channels: a single group
+        gate = Gate(16, 8, group=group)
+        init_from_importance(gate, importance)
+        assert torch.equal(gate.fc2.bias.detach(), torch.ones(1))

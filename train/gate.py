@@ -9,7 +9,7 @@ import torch
 
 from dynprune.checkpoint import model_from_checkpoint
 from dynprune.data.formats import DatasetSpec
-from dynprune.gates import init_from_importance, set_gate_mode
+from dynprune.gates import DEFAULT_GATE_GROUP, init_from_importance, set_gate_mode
 from dynprune.manidp import (
     BETA,
     COMPLEXITY_FACTOR,
@@ -152,7 +152,7 @@ def train_gates(
     cfg: TrainConfig,
     keep: float = 0.5,
     method: str = "manidp",
-    group: int = 1,
+    group: int = DEFAULT_GATE_GROUP,
     resume: Optional[str] = None,
     log=print,
     **loss_options: Any,
