@@ -111,7 +111,9 @@ def run_bench(bundle_dir: str, source: Optional[str] = None, data: Optional[str]
     out_p = Path(out)
     out_p.mkdir(parents=True, exist_ok=True)
     result = {"bundle": bundle_dir, "source": source or data, "frames": len(images), "device": str(dev),
-              "precision": precision, "threads": torch.get_num_threads(), "imgsz": bundle["imgsz"], "rows": rows,
+              # what the engines ran: on the CPU every engine is float32, whatever was asked for
+              "precision": precision if dev.type == "cuda" else "fp32",
+              "threads": torch.get_num_threads(), "imgsz": bundle["imgsz"], "rows": rows,
               "break_even_keep": be,
               "per_frame": per_frame}
     (out_p / "bench.json").write_text(json.dumps(result, indent=2))
