@@ -25,7 +25,7 @@ class DemoPlan:
     dense_epochs: int = 14
     gate_epochs: int = 4
     # Single-channel gates: on this 4-epoch schedule group-8 gates (the training default, for the
-    # GPU) reached AP50 0.753 at keep 0.31 against 0.79-0.87 for group 1 in earlier runs; they need
+    # GPU) reached a bench AP50 of 0.753 at keep 0.31 against 0.79-0.87 for group 1 in earlier runs; they need
     # the longer schedules `dynprune gate` runs (BENCHMARKS.md, session 9).
     gate_group: int = 1
     prune_epochs: int = 3
