@@ -94,7 +94,9 @@ class EffpTrainer(StaticMaskMixin, Trainer):
                              self.round_to, scope="global", normalize=False)
 
     def extra_loss(self, per_image: torch.Tensor, step: int):
-        tau = max(1e-3, 0.05 * float(torch.cat([g for pair in bn_gamma(self.model) for g in pair]).mean()))
+        # On the model's device, one reduction a step (bn_gamma copies each layer to the CPU for selection).
+        gammas = torch.cat([bn.weight.detach().abs() for b in self.model.blocks for bn in (b.cv1.bn, b.cv2.bn)])
+        tau = max(1e-3, 0.05 * float(gammas.mean()))
         f, p = soft_block_cost(self.model, self.cost, self.threshold, tau)
         loss = torch.relu(f - self.flops_target)
         if self.params_target is not None:
