@@ -328,7 +328,7 @@ class TritonCompactBottleneck(CompactBottleneck):
     use_runs: bool = True
 
     @staticmethod
-    def _run_of(gate: Gate, width: int) -> int:
+    def kept_run(gate: Gate, width: int) -> int:
         """The run length a gate's kept lists are made of: its group size where that is 8 or 16
         (one or two 16-byte vectors in fp16; every tile size divides it) and divides the width,
         else 1."""
@@ -361,8 +361,8 @@ class TritonCompactBottleneck(CompactBottleneck):
         # Five launches a block: the pool, both gates with their index lists, three convolutions.
         i1, s1, i2, s2, counts = block_gates_triton(self.pool(x), self.gate1, self.gate2, x.dtype)
         c1, c2 = counts[0], counts[1]
-        run1 = self._run_of(self.gate1, self.h1) if self.use_runs else 1
-        run2 = self._run_of(self.gate2, self.h2) if self.use_runs else 1
+        run1 = self.kept_run(self.gate1, self.h1) if self.use_runs else 1
+        run2 = self.kept_run(self.gate2, self.h2) if self.use_runs else 1
         y = gather_conv2d_triton(x, self.w1, self.b1, None, None, i1, c1, act="silu", scale=s1, out_run=run1)
         y = gather_conv2d_triton(y, self.w2, self.b2, i1, c1, i2, c2, padding=1, act="silu", scale=s2, in_run=run1,
                                  out_run=run2)

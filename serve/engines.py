@@ -189,7 +189,7 @@ class DynamicEngine(Engine):
             b.profile = self.profile_gates
         self.description = (f"{self.net.backend_reason}, gate step in {self.net.gate_step} "
                             f"({str(self.dtype).replace('torch.', '')})")
-        if self.net.backend == "triton" and any(b._run_of(g, w) == 1 for b in self.net.blocks
+        if self.net.backend == "triton" and any(b.kept_run(g, w) == 1 for b in self.net.blocks
                                                 for g, w in ((b.gate1, b.h1), (b.gate2, b.h2))):
             # Measured on the H100 (GPU_NOTES.md, v5b-v6): the same network 0.415 -> 0.346 ms at 640.
             hint = ("gates of single channels: the GPU kernels gather them 2 bytes at a time; gates trained with "
