@@ -237,6 +237,13 @@ def _check_act(act: Optional[str]) -> int:
     return _ACTS[act]
 
 
+def _check_run(name: str, run: int, listed: bool, side: str, tile_name: str, tile: int, width: int) -> None:
+    """A run length promise is only kept by a kept list, in powers of two dividing the tile and the width."""
+    if run > 1 and (not listed or run & (run - 1) or tile % run or width % run):
+        raise ValueError(f"{name}={run} needs a kept {side} list, a power of two that divides {tile_name} "
+                         f"({tile}) and the {side} width ({width})")
+
+
 def gather_conv2d_triton(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -282,12 +289,8 @@ def gather_conv2d_triton(
     cfg = conv_config(c_out, weight.shape[1], k, ho * wo, in_run)
     block_m, block_n, block_k = block_m or cfg["block_m"], block_n or cfg["block_n"], block_k or cfg["block_k"]
     num_warps, num_stages = num_warps or cfg["num_warps"], num_stages or cfg["num_stages"]
-    if in_run > 1 and (in_dense or in_run & (in_run - 1) or block_k % in_run or c_in_full % in_run):
-        raise ValueError(f"in_run={in_run} needs a kept input list, a power of two that divides block_k "
-                         f"({block_k}) and the input width ({c_in_full})")
-    if out_run > 1 and (out_dense or out_run & (out_run - 1) or block_n % out_run or c_out % out_run):
-        raise ValueError(f"out_run={out_run} needs a kept output list, a power of two that divides block_n "
-                         f"({block_n}) and the output width ({c_out})")
+    _check_run("in_run", in_run, not in_dense, "input", "block_k", block_k, c_in_full)
+    _check_run("out_run", out_run, not out_dense, "output", "block_n", block_n, c_out)
     dummy = weight  # any tensor, for pointer arguments a constexpr flag disables
     res = residual if residual is not None else out
     grid = (triton.cdiv(ho * wo, block_m), triton.cdiv(c_out, block_n), b_sz)
