@@ -55,7 +55,7 @@ class _Block(ctypes.Structure):
         ("thresholds", _float_p), ("rows", _float_p), ("w2_ohwi", _float_p), ("pooled", _double_p),
         ("chunk_sums", _float_p), ("chunk_capacity", ctypes.c_int64), ("hidden", _float_p),
         ("saliency", _float_p), ("index", _int64_p), ("scale", _float_p), ("rows_out", _float_p),
-        ("w2_out", _float_p), ("counts", _int64_p)]
+        ("w2_out", _float_p), ("counts", _int64_p), ("run_bounds", _int64_p)]
 
 
 _library: Optional[ctypes.CDLL] = None
@@ -180,13 +180,14 @@ class BlockPlan:
         self.rows_out = np.zeros((capacity, c + 1), np.float32)
         self.w2_out = np.zeros((h2 + pad_to[1]) * taps * (h1 + pad_to[0]), np.float32)
         self.counts = np.zeros(4, np.int64)
+        self.run_bounds = np.zeros(h1 + pad_to[0] + 1, np.int64)
         fc1, fc2a, fc2b, bias, thr, table, w2 = self._inputs
         self._block = _Block(c, h1, h2, fc2a.shape[0], fc2b.shape[0], groups[0], groups[1], group_sizes[0],
                              group_sizes[1], taps, pad_to[0], pad_to[1], _ptr(fc1), _ptr(fc2a), _ptr(fc2b),
                              _ptr(bias), _ptr(thr), _ptr(table), _ptr(w2), _ptr(self.pooled, _double_p),
                              _ptr(self.chunk_sums), 0, _ptr(self.hidden), _ptr(self.saliency),
                              _ptr(self.index, _int64_p), _ptr(self.scale), _ptr(self.rows_out), _ptr(self.w2_out),
-                             _ptr(self.counts, _int64_p))
+                             _ptr(self.counts, _int64_p), _ptr(self.run_bounds, _int64_p))
         self._ref = ctypes.byref(self._block)
         self._call = lib.dp_block_plan
 

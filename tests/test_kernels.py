@@ -318,7 +318,7 @@ def test_block_gates_kernel_with_no_kept_channel():
 # -- the compiled CPU gate step (kernels/cpu_gate.c) against its NumPy reference ---------------
 
 
-def _threshold_block(c, h1, h2, *, group, threshold, bias_low, seed, weight_std=None):
+def _threshold_block(c, h1, h2, *, group, threshold, bias_low, seed, weight_std=None, pad_to=(4, 8)):
     """A CompactBottleneck of a freshly gated Bottleneck with threshold gates: fc2 bias drawn
     from ``[bias_low, 1)``, fc2 weights from N(0, ``weight_std``) where given, one threshold."""
     from dynprune.compact import CompactBottleneck
@@ -334,19 +334,22 @@ def _threshold_block(c, h1, h2, *, group, threshold, bias_low, seed, weight_std=
             gate.fc2.weight.data.normal_(0, weight_std)
         gate.fc2.bias.data.uniform_(bias_low, 1.0)
         gate.threshold.fill_(threshold)
-    return CompactBottleneck(block)
+    return CompactBottleneck(block, pad_to=pad_to)
 
 
 @pytest.mark.parametrize("group", [1, 8])
 @pytest.mark.parametrize("threshold", [0.0, 0.6, 1e9])
-def test_cpu_gate_step_equals_the_numpy_reference(group, threshold):
+@pytest.mark.parametrize("h1, h2, pad_to", [(36, 20, (4, 8)), (32, 24, (16, 8))])
+def test_cpu_gate_step_equals_the_numpy_reference(group, threshold, h1, h2, pad_to):
     import numpy as np
 
     from tests.conftest import require_native_gate_step
 
     require_native_gate_step()
-    # widths that are not multiples of the group or of 8
-    blk = _threshold_block(24, 36, 20, group=group, threshold=threshold, bias_low=0.0, seed=group, weight_std=1.0)
+    # h1 = 36: widths that are not multiples of the group or of 8; h1 = 32 with group 8: whole
+    # runs of 8 in gate 1's list, then padding slots (copies of its first channel)
+    blk = _threshold_block(24, h1, h2, group=group, threshold=threshold, bias_low=0.0, seed=group, weight_std=1.0,
+                           pad_to=pad_to)
     x = torch.rand(1, 24, 6, 10).contiguous(memory_format=torch.channels_last)
     pixels = x.numpy().transpose(0, 2, 3, 1).reshape(1, 60, 24)
     p = blk.np
@@ -370,7 +373,8 @@ def test_cpu_gate_step_equals_the_numpy_reference(group, threshold):
         torch.testing.assert_close(got_w2, ref_w2, atol=1e-6, rtol=1e-5)
 
 
-def test_cpu_gate_step_large_inputs_are_the_same_on_any_thread_count():
+@pytest.mark.parametrize("group", [1, 8])
+def test_cpu_gate_step_large_inputs_are_the_same_on_any_thread_count(group):
     """Inputs large enough for the parallel pool and W2 gather (where the library is built with
     OpenMP), after a smaller one (the pool's scratch grows): the same result with one thread or
     two, and the NumPy reference's to float rounding."""
@@ -380,7 +384,7 @@ def test_cpu_gate_step_large_inputs_are_the_same_on_any_thread_count():
 
     require_native_gate_step()
     # threshold 0 keeps every positive saliency: a W2 gather of ~128x9x128
-    blk = _threshold_block(64, 128, 128, group=1, threshold=0.0, bias_low=0.5, seed=3)
+    blk = _threshold_block(64, 128, 128, group=group, threshold=0.0, bias_low=0.5, seed=3)
     small = torch.rand(1, 64, 4, 4).contiguous(memory_format=torch.channels_last)
     x = torch.rand(1, 64, 32, 40).contiguous(memory_format=torch.channels_last)  # 1280 x 64 values
     pixels = x.numpy().transpose(0, 2, 3, 1).reshape(1, 1280, 64)
