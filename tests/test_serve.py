@@ -265,6 +265,33 @@ def test_bench_files_agree_with_the_table(bundle, video, tmp_path):
     assert res["frames"] == 12 and data["rows"][0]["keep_mean"] is not None
 
 
+def test_bench_engines_take_turns_after_all_are_warm():
+    """No engine is measured while another is still warming up, and none always goes first."""
+    from dynprune.serve.bench import measure_in_turns
+    from dynprune.serve.engines import Result
+
+    calls = []
+
+    def engine(name, keep=None):
+        def run(img):
+            calls.append((name, int(img[0, 0, 0])))
+            return Result(np.zeros((0, 4)), np.zeros(0), np.zeros(0), {"network_ms": 1.0}, keep_ratio=keep)
+        return run
+
+    images = [np.full((4, 4, 3), i, dtype=np.uint8) for i in range(6)]
+    measured = measure_in_turns({"dense": engine("dense"), "dynamic": engine("dynamic", 0.5),
+                                 "static": engine("static")}, images, warmup=2)
+    warm, timed = calls[:6], calls[6:]
+    assert [n for n, _ in warm] == ["dense"] * 2 + ["dynamic"] * 2 + ["static"] * 2
+    assert len(timed) == 18
+    for i in range(6):  # frame i: every engine once, the first one rotating
+        turn = timed[3 * i : 3 * i + 3]
+        assert {f for _, f in turn} == {i} and sorted(n for n, _ in turn) == ["dense", "dynamic", "static"]
+    assert [timed[3 * i][0] for i in range(3)] == ["dense", "dynamic", "static"]
+    assert measured["dynamic"]["keep"] == [0.5] * 6 and measured["dense"]["keep"] == []
+    assert measured["static"]["lat"] == [1.0] * 6 and measured["static"]["wall"] > 0
+
+
 def test_dynamic_engine_without_triton_kernels_on_a_gpu_runs_on_the_cpu(bundle, caplog):
     """The PyTorch gather path is the CPU runtime: a GPU that gets it (backend torch, or a compute
     capability below Triton's) must not crash the engine, and the log says where it went."""
