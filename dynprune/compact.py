@@ -326,6 +326,18 @@ class TritonCompactBottleneck(CompactBottleneck):
     #: let the 3x3 and the output 1x1 read group gates' kept lists a run at a time (``in_run``);
     #: the GPU benchmark turns it off to measure what it gains
     use_runs: bool = True
+    #: pool the block input inside the gates' kernel (one launch) instead of a matrix-vector
+    #: product before it; the GPU benchmark turns it off to measure what it gains
+    fuse_pool: bool = True
+
+    def __init__(self, block: Bottleneck, pad_to: int | Tuple[int, int] = (4, 8)) -> None:
+        super().__init__(block, pad_to)
+        self._pool_workspace: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state["_pool_workspace"] = {}  # device buffers, remade on the next call
+        return state
 
     @staticmethod
     def kept_run(gate: Gate, width: int) -> int:
@@ -354,12 +366,26 @@ class TritonCompactBottleneck(CompactBottleneck):
         pixels = x.permute(0, 2, 3, 1).reshape(b, h * w, c)  # a view of NHWC memory
         return torch.matmul(row.expand(b, 1, h * w), pixels).view(b, c)
 
+    def gates(self, x: torch.Tensor):
+        """Both gates of the block for input ``x``: ``(index1, scale1, index2, scale2, counts)``
+        on the device (:mod:`dynprune.kernels.gate_index`)."""
+        from dynprune.kernels.gate_index import block_gates_triton, pool_workspace, pooled_block_gates_triton
+
+        if not self.fuse_pool:
+            return block_gates_triton(self.pool(x), self.gate1, self.gate2, x.dtype)
+        # The pooling sums and counters persist between calls (the kernel leaves them zeroed):
+        # made on the first call for a batch size, which is a warm-up before any graph capture.
+        key = (x.shape[0], x.device)
+        workspace = self._pool_workspace.get(key)
+        if workspace is None:
+            workspace = self._pool_workspace[key] = pool_workspace(x.shape[0], self.c, x.device)
+        return pooled_block_gates_triton(x, self.gate1, self.gate2, x.dtype, workspace)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from dynprune.kernels.gate_index import block_gates_triton
         from dynprune.kernels.gather_conv import gather_conv2d_triton
 
-        # Five launches a block: the pool, both gates with their index lists, three convolutions.
-        i1, s1, i2, s2, counts = block_gates_triton(self.pool(x), self.gate1, self.gate2, x.dtype)
+        # Four launches a block: the pool with both gates and their index lists, three convolutions.
+        i1, s1, i2, s2, counts = self.gates(x)
         c1, c2 = counts[0], counts[1]
         run1 = self.kept_run(self.gate1, self.h1) if self.use_runs else 1
         run2 = self.kept_run(self.gate2, self.h2) if self.use_runs else 1

@@ -315,6 +315,37 @@ def test_block_gates_kernel_with_no_kept_channel():
     assert not s1.any() and not s2.any()
 
 
+@pytest.mark.parametrize("mode", ["threshold", "topk"])
+@pytest.mark.parametrize("layout,h,w", [("nhwc", 7, 9), ("nchw", 5, 4), ("nhwc", 1, 1)])
+def test_pool_and_gates_in_one_kernel_match_pool_then_gates(mode, layout, h, w, monkeypatch):
+    """The fused pool (several programs per image adding into one sum, the last one running the
+    gates) equals the pool followed by the gates' kernel, call after call on one workspace."""
+    import dynprune.kernels.gate_index as gate_index
+
+    monkeypatch.setattr(gate_index, "POOL_TILE", 64)  # 32 channels: tiles of 2 pixels,
+    monkeypatch.setattr(gate_index, "POOL_PROGRAMS", 5)  # each program summing several of them
+    gates = _gate_pair(c_in=19, ch1=21, ch2=40, group=8, mode=mode, seed=3)
+    dev = [g.to(DEVICE) for g in gates]
+    workspace = gate_index.pool_workspace(3, 19, DEVICE)
+    with torch.no_grad():
+        for call in range(2):  # the second call reuses the workspace the first left behind
+            x = torch.rand(3, 19, h, w, generator=torch.Generator().manual_seed(call))
+            x = (x * torch.tensor([1.0, 2.0, 6.0])[:, None, None, None]).to(DEVICE)  # three kept sets
+            if layout == "nhwc":
+                x = x.contiguous(memory_format=torch.channels_last)
+            pooled = x.double().mean((2, 3)).float()
+            for g in dev:  # a threshold halfway between two saliencies (see the test above)
+                values = g.group_saliency(pooled).flatten().unique()
+                g.threshold.fill_(float(values[len(values) // 2 - 1] + values[len(values) // 2]) / 2)
+            fused = gate_index.pooled_block_gates_triton(x, *dev, torch.float32, workspace)
+            apart = gate_index.block_gates_triton(pooled, *dev, torch.float32)
+            for a, b in zip(fused, apart):
+                torch.testing.assert_close(a.cpu(), b.cpu(), atol=1e-6, rtol=1e-5)
+            assert not workspace[0].any() and not workspace[1].any(), "the kernel must leave its workspace at zero"
+    with pytest.raises(ValueError, match="pool_workspace"):
+        gate_index.pooled_block_gates_triton(x[:2], *dev, torch.float32, workspace)
+
+
 # -- the compiled CPU gate step (kernels/cpu_gate.c) against its NumPy reference ---------------
 
 
