@@ -244,6 +244,10 @@ def test_stepwise_remain_schedule_reaches_the_target_at_three_quarters(synthetic
     rates = [t.remain_at(s) for s in range(t.total_iters)]
     assert rates[0] < 1.0 and all(a >= b - 1e-12 for a, b in zip(rates, rates[1:]))
     assert rates[int(0.75 * t.total_iters)] == pytest.approx(0.3) and rates[-1] == pytest.approx(0.3)
+    # best.pt may come from the first epoch whose last step is at the target, not only later ones
+    ends = [(e + 1) * t.iters_per_epoch - 1 for e in range(cfg.epochs)]
+    first_at_target = next(e for e, end in enumerate(ends) if rates[end] == pytest.approx(0.3))
+    assert t.min_best_epoch == first_at_target < cfg.epochs - 1
 
 
 def test_remain_rate_schedule():

@@ -75,8 +75,10 @@ class GateTrainer(Trainer):
         # channels and must not become best.pt (FBS keeps the target from the start).
         self.min_best_epoch = cfg.epochs - 1 if method == "manidp" else 0
         if method == "manidp" and threshold_every:
+            # the first epoch whose last step is at the target (0-based; the schedule reaches it
+            # at step 0.75 * total - 1, which ends an epoch when 0.75 * total is a multiple of an epoch)
             reach = 0.75 * self.total_iters
-            self.min_best_epoch = min(cfg.epochs - 1, int(reach // self.iters_per_epoch))
+            self.min_best_epoch = min(cfg.epochs - 1, math.ceil(reach / self.iters_per_epoch) - 1)
 
     def param_groups(self):
         """The base groups, with the freshly added gates at ``gate_lr_mult`` times the learning rate."""
