@@ -15,6 +15,7 @@ Timing: triton.testing.do_bench (CUDA events, median), warm-up excluded; inputs 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
@@ -202,6 +203,19 @@ def gated_nano(keep: float, imgsz: int, group: int):
     return synthetic_gated(keep, imgsz, group, keep_on="frames")
 
 
+@contextlib.contextmanager
+def class_switch(cls: type, name: str, value):
+    """Set one of the compact block's class-wide switches (``use_runs``, ``fuse_pool``) for the
+    duration, then put the old value back, also on an error: a switch left off would change every
+    later engine's measurement."""
+    old = getattr(cls, name)
+    setattr(cls, name, value)
+    try:
+        yield
+    finally:
+        setattr(cls, name, old)
+
+
 def graph_ms(fn, x):
     """GPU time of one forward ``fn(x)`` replayed from a CUDA graph."""
     import triton.testing
@@ -261,17 +275,12 @@ def bench_network(imgsz: int, keep: float, group: int, dtype, batch: int = 1, pr
                "dense_nhwc_graph_ms": graph_ms(dense_cl, x.contiguous(memory_format=torch.channels_last)),
                "dynamic_eager_ms": triton.testing.do_bench(lambda: dyn(x), return_mode="median"),
                "dynamic_graph_ms": graph_ms(dyn, x)}
+        block_cls = type(dyn.blocks[0])
         if any(b.kept_run(b.gate1, b.h1) > 1 for b in dyn.blocks):  # what reading runs gains, same frame
-            type(dyn.blocks[0]).use_runs = False
-            try:
+            with class_switch(block_cls, "use_runs", False):
                 row["dynamic_graph_no_runs_ms"] = graph_ms(dyn, x)
-            finally:  # a class attribute: every later engine would read single channels otherwise
-                type(dyn.blocks[0]).use_runs = True
-        type(dyn.blocks[0]).fuse_pool = False  # what pooling inside the gates' kernel gains, same frame
-        try:
+        with class_switch(block_cls, "fuse_pool", False):  # what pooling inside the gates' kernel gains
             row["dynamic_graph_pool_apart_ms"] = graph_ms(dyn, x)
-        finally:
-            type(dyn.blocks[0]).fuse_pool = True
     row["speedup_graph"] = min(row["dense_graph_ms"], row["dense_nhwc_graph_ms"]) / row["dynamic_graph_ms"]
     if profile:
         with torch.no_grad():

@@ -27,7 +27,7 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu_pool_sweep.py needs a CUDA GPU")
     sys.path.insert(0, "benchmarks")
-    from gpu_kernels import gated_nano, graph_ms
+    from gpu_kernels import class_switch, gated_nano, graph_ms
 
     import dynprune.kernels.gate_index as gate_index
     from dynprune.compact import CompactDetector, TritonCompactBottleneck
@@ -40,11 +40,8 @@ def main() -> None:
             dyn = CompactDetector(gated.cuda(), backend="triton", device="cuda").to(torch.float16)
             x = torch.rand(1, 3, imgsz, imgsz, device="cuda", dtype=torch.float16)
             with torch.no_grad():
-                TritonCompactBottleneck.fuse_pool = False
-                try:
+                with class_switch(TritonCompactBottleneck, "fuse_pool", False):
                     result[f"{imgsz} pool apart"] = graph_ms(dyn, x)
-                finally:
-                    TritonCompactBottleneck.fuse_pool = True
                 print(f"{imgsz} pool apart: {result[f'{imgsz} pool apart']:.4f} ms", flush=True)
                 for tile in args.tiles:
                     for progs in args.programs:
