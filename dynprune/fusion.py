@@ -1,24 +1,70 @@
-"""Fold every BatchNorm into its convolution for inference (no change in output)."""
+"""Inference forms of the detector's layers: BatchNorm folded, one module per layer."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dynprune.layers import ConvBNAct
 
 
+def _pointwise_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A biased 1x1 convolution of channels-last ``x`` as one ``addmm`` over its pixels."""
+    b, c, h, w = x.shape
+    pixels = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # a view of NHWC memory
+    out = torch.addmm(bias, pixels, weight.view(-1, c).t())
+    return out.view(b, h, w, -1).permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
+
+
+class FoldedConv(nn.Module):
+    """A :class:`~dynprune.layers.ConvBNAct` for inference: BatchNorm folded into the convolution's
+    weight and bias, the SiLU applied in place, all in one module.
+
+    Why one module: a PyTorch module call costs a few microseconds on a small CPU, and a
+    ``ConvBNAct`` makes three (convolution, identity BN, SiLU) for each of the detector's 36
+    layers. Measured on the raccoon nano models at 320 px on two cores, the old and new forms
+    interleaved in one process (40 frames x 4): dense 11.69 -> 11.38 ms and dynamic 7.81 -> 7.58
+    ms a frame (a second run: 13.14 -> 12.76 and 8.09 -> 7.87), the same outputs bit for bit.
+
+    ``matmul=True`` (set by :func:`pointwise_as_matmul`) runs a 1x1 stride-1 layer as an
+    ``addmm`` on channels-last CPU input, as :class:`PointwiseConv` does.
+    """
+
+    def __init__(self, layer: ConvBNAct) -> None:
+        super().__init__()
+        conv = layer.conv
+        if isinstance(layer.bn, nn.BatchNorm2d):
+            weight, bias = layer.fold()
+        else:  # already folded: the convolution carries the bias
+            weight = conv.weight.detach()
+            bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(conv.out_channels)
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.stride, self.padding, self.groups = conv.stride, conv.padding, conv.groups
+        self.act = isinstance(layer.act, nn.SiLU)
+        self.pointwise = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
+        self.matmul = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.matmul and x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last):
+            y = _pointwise_matmul(x, self.weight, self.bias)
+        else:
+            y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+        return F.silu(y, inplace=True) if self.act else y
+
+    def extra_repr(self) -> str:
+        o, i, kh, kw = self.weight.shape
+        return f"{i}, {o}, kernel_size=({kh}, {kw}), stride={self.stride}, act={self.act}, matmul={self.matmul}"
+
+
 @torch.no_grad()
 def fuse_conv_bn(model: nn.Module) -> nn.Module:
-    """In place: each :class:`ConvBNAct` becomes a biased convolution and an identity BN."""
-    for m in model.modules():
-        if isinstance(m, ConvBNAct) and isinstance(m.bn, nn.BatchNorm2d):
-            w, b = m.fold()
-            conv = nn.Conv2d(m.conv.in_channels, m.conv.out_channels, m.conv.kernel_size, m.conv.stride,
-                             m.conv.padding, bias=True).to(w.device, w.dtype)
-            conv.weight.copy_(w)
-            conv.bias.copy_(b)
-            m.conv, m.bn = conv, nn.Identity()
+    """In place: each :class:`ConvBNAct` becomes a :class:`FoldedConv` (no change in output)."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, ConvBNAct):
+                setattr(module, name, FoldedConv(child))
     return model
 
 
@@ -46,16 +92,16 @@ class PointwiseConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or not x.is_contiguous(memory_format=torch.channels_last):
-            return nn.functional.conv2d(x, self.weight, self.bias)
-        b, c, h, w = x.shape
-        pixels = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # a view of NHWC memory
-        out = torch.addmm(self.bias, pixels, self.weight.view(-1, c).t())
-        return out.view(b, h, w, -1).permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
+            return F.conv2d(x, self.weight, self.bias)
+        return _pointwise_matmul(x, self.weight, self.bias)
 
 
 def pointwise_as_matmul(model: nn.Module) -> nn.Module:
-    """In place: every biased 1x1 stride-1 convolution becomes a :class:`PointwiseConv`."""
+    """In place: every biased 1x1 stride-1 convolution becomes a :class:`PointwiseConv`, and every
+    1x1 stride-1 :class:`FoldedConv` runs as a matrix product on the CPU."""
     for module in list(model.modules()):
+        if isinstance(module, FoldedConv):
+            module.matmul = module.pointwise
         for name, child in list(module.named_children()):
             if PointwiseConv.replaces(child):
                 setattr(module, name, PointwiseConv(child))

@@ -71,7 +71,8 @@ def test_dense_inference_equals_the_model_and_runs_1x1_layers_as_matmul():
     from torch import nn
 
     from dynprune.compact import DenseInference
-    from dynprune.fusion import PointwiseConv
+    from dynprune.fusion import FoldedConv, PointwiseConv
+    from dynprune.layers import ConvBNAct
 
     torch.manual_seed(0)
     model = build_detector(tiny_config()).eval()
@@ -83,10 +84,37 @@ def test_dense_inference_equals_the_model_and_runs_1x1_layers_as_matmul():
     pointwise = [m for m in fast.modules() if isinstance(m, PointwiseConv)]
     assert pointwise, "no 1x1 layer was replaced"
     assert all(m.kernel_size != (1, 1) or m.stride != (1, 1) for m in fast.modules() if isinstance(m, nn.Conv2d))
+    folded = [m for m in fast.modules() if isinstance(m, FoldedConv)]
+    assert folded and not any(isinstance(m, (ConvBNAct, nn.BatchNorm2d)) for m in fast.modules())
+    assert {m.matmul for m in folded} == {True, False}  # 1x1 stride-1 layers as matmul, the rest convolutions
+    assert all(m.matmul == (m.weight.shape[-1] == 1 and m.stride == (1, 1)) for m in folded)
     x = torch.rand(2, 3, 64, 96)
     with torch.no_grad():
         (b_ref, l_ref), (b, l) = model(x), fast(x)
     assert torch.allclose(l, l_ref, atol=1e-4) and torch.allclose(b, b_ref, atol=1e-3)
+
+
+@pytest.mark.parametrize("k,stride,act", [(3, 2, True), (3, 1, True), (1, 1, True), (1, 1, False)])
+def test_folded_conv_equals_conv_bn_act_in_both_layouts(k, stride, act):
+    from torch import nn
+
+    from dynprune.fusion import FoldedConv, pointwise_as_matmul
+    from dynprune.layers import ConvBNAct
+
+    torch.manual_seed(0)
+    layer = ConvBNAct(6, 10, k, stride, act=act).eval()
+    layer.bn.running_mean.uniform_(-0.5, 0.5)
+    layer.bn.running_var.uniform_(0.5, 2.0)
+    layer.bn.weight.data.uniform_(0.5, 1.5)
+    layer.bn.bias.data.uniform_(-0.5, 0.5)
+    holder = pointwise_as_matmul(nn.Sequential(FoldedConv(layer)))
+    folded = holder[0]
+    assert folded.matmul == (k == 1 and stride == 1)
+    x = torch.randn(2, 6, 8, 12)
+    with torch.no_grad():
+        ref = layer(x)
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            torch.testing.assert_close(folded(inp), ref, atol=1e-5, rtol=1e-5)
 
 
 def test_pointwise_conv_falls_back_to_a_convolution_for_nchw_input():
