@@ -22,7 +22,7 @@ class FoldedConv(nn.Module):
     weight and bias, the SiLU applied in place, all in one module.
 
     Why one module: a PyTorch module call costs a few microseconds on a small CPU, and a
-    ``ConvBNAct`` makes three (convolution, identity BN, SiLU) for each of the detector's 36
+    ``ConvBNAct`` makes three (convolution, identity BN, SiLU) for each of the nano detector's 35
     layers. Measured on the raccoon nano models at 320 px on two cores, the old and new forms
     interleaved in one process (40 frames x 4): dense 11.69 -> 11.38 ms and dynamic 7.81 -> 7.58
     ms a frame (a second run: 13.14 -> 12.76 and 8.09 -> 7.87), the same outputs bit for bit.
