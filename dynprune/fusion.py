@@ -9,8 +9,11 @@ from torch import nn
 from dynprune.layers import ConvBNAct
 
 
-def _pointwise_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """A biased 1x1 convolution of channels-last ``x`` as one ``addmm`` over its pixels."""
+def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """A biased 1x1 stride-1 convolution: one ``addmm`` over the pixels of channels-last CPU input,
+    the convolution itself elsewhere (a GPU, NCHW memory)."""
+    if x.device.type != "cpu" or not x.is_contiguous(memory_format=torch.channels_last):
+        return F.conv2d(x, weight, bias)
     b, c, h, w = x.shape
     pixels = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # a view of NHWC memory
     out = torch.addmm(bias, pixels, weight.view(-1, c).t())
@@ -34,21 +37,17 @@ class FoldedConv(nn.Module):
     def __init__(self, layer: ConvBNAct) -> None:
         super().__init__()
         conv = layer.conv
-        if isinstance(layer.bn, nn.BatchNorm2d):
-            weight, bias = layer.fold()
-        else:  # already folded: the convolution carries the bias
-            weight = conv.weight.detach()
-            bias = conv.bias.detach() if conv.bias is not None else weight.new_zeros(conv.out_channels)
-        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
-        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        weight, bias = layer.fold()  # new tensors, outside autograd
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = nn.Parameter(bias, requires_grad=False)
         self.stride, self.padding, self.groups = conv.stride, conv.padding, conv.groups
         self.act = isinstance(layer.act, nn.SiLU)
         self.pointwise = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
         self.matmul = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.matmul and x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last):
-            y = _pointwise_matmul(x, self.weight, self.bias)
+        if self.matmul:
+            y = _pointwise(x, self.weight, self.bias)
         else:
             y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
         return F.silu(y, inplace=True) if self.act else y
@@ -91,9 +90,7 @@ class PointwiseConv(nn.Module):
         self.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != "cpu" or not x.is_contiguous(memory_format=torch.channels_last):
-            return F.conv2d(x, self.weight, self.bias)
-        return _pointwise_matmul(x, self.weight, self.bias)
+        return _pointwise(x, self.weight, self.bias)
 
 
 def pointwise_as_matmul(model: nn.Module) -> nn.Module:
