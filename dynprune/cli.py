@@ -84,7 +84,7 @@ def cmd_train(args) -> int:
 
 def cmd_gate(args) -> int:
     from dynprune.checkpoint import load_checkpoint
-    from dynprune.train.gate import train_gates
+    from dynprune.train.gate import keep_shortfall, train_gates
 
     spec = _load_spec(args)
     dense = load_checkpoint(args.weights)
@@ -96,6 +96,9 @@ def cmd_gate(args) -> int:
                          gate_lr_mult=args.gate_lr_mult, keep_on=args.keep_on)
     print(f"done: best AP50-95 {result['best_ap50_95']:.4f}; gated weights in {args.out}/best.pt "
           f"(dynprune val --weights {args.out}/best.pt --report {args.out}/report)")
+    note = keep_shortfall(result, args.keep, args.gate, not args.no_complexity, args.keep_on)
+    if note:
+        print(f"note: {note}")
     return 0
 
 

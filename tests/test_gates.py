@@ -365,3 +365,16 @@ def test_gate_bias_starts_ordered_by_importance_and_finite_for_a_single_group():
         gate = Gate(16, 8, group=group)
         init_from_importance(gate, importance)
         assert torch.equal(gate.fc2.bias.detach(), torch.ones(1))
+
+
+def test_keep_shortfall_names_the_cause():
+    from dynprune.train.gate import keep_shortfall
+
+    result = {"last": {"keep_mean": 0.20}}
+    assert keep_shortfall({"last": {"keep_mean": 0.45}}, 0.5) is None  # within the margin
+    assert keep_shortfall({"last": {}}, 0.5) is None  # no gated validation ran
+    assert "--keep 0.9" in keep_shortfall(result, 0.5, method="fbs")
+    assert "--sparsity" in keep_shortfall(result, 0.5, complexity=False)
+    assert "--keep-on frames" in keep_shortfall(result, 0.5, keep_on="mean")
+    note = keep_shortfall(result, 0.5, keep_on="frames")
+    assert note.startswith("the gates keep 0.20") and "calibrate --keep 0.5" in note

@@ -173,3 +173,27 @@ def train_gates(
     if resume:
         trainer.resume(resume)
     return trainer.fit()
+
+
+def keep_shortfall(result: Dict[str, Any], keep: float, method: str = "manidp", complexity: bool = True,
+                   keep_on: str = "mean", margin: float = 0.1) -> Optional[str]:
+    """A note when the trained gates keep far fewer hidden channels on the val images (last epoch) than
+    ``--keep`` asked for, naming the likely cause and what to change; ``None`` when within ``margin``.
+
+    Why it happens (BENCHMARKS.md, gate ablation): ReLU saliencies that reach exactly 0 cannot be kept
+    by any threshold, and ManiDP's thresholds are set on training statistics, not on the val frames."""
+    kept = (result.get("last") or {}).get("keep_mean")
+    if kept is None or kept >= keep - margin:
+        return None
+    head = f"the gates keep {kept:.2f} of the hidden channels on the val images, against --keep {keep:g}: "
+    if method == "fbs":
+        return head + ("FBS's top-k cannot keep channels whose saliency is exactly 0; a higher --keep keeps more "
+                       "(raccoon: --keep 0.9 kept 0.37)")
+    if not complexity:
+        return head + ("without the complexity weight every image gets the full sparsity push and most saliencies "
+                       "reach exactly 0, which no threshold keeps; lower --sparsity (raccoon: 0.02 kept 0.46)")
+    if keep_on == "mean":
+        return head + ("ManiDP's thresholds are the k-th largest mean saliency, so single frames keep less; "
+                       "--keep-on frames sets them on the per-frame saliencies")
+    return head + ("the thresholds were set on the augmented training frames; retrain with a higher --keep, or "
+                   f"move them with dynprune calibrate --keep {keep:g} (which costs AP beyond a few points of FLOPs)")
