@@ -33,6 +33,11 @@ for v in manidp nosim nocx_s02 fbs_k09; do
   dynprune val --weights racs1_$v/best.pt --data "$RAC" --imgsz 320 --json > racs1_$v.val.json
   python $B --dense "$RACCOON_DENSE" --gated racs1_$v/best.pt --data "$RAC" --imgsz 320 --frames 40 --json racs1_$v.cpu.json
 done
+for v in manidp nosim nocx_s02 fbs_k09; do  # and for the synthetic ones (files syns1_*)
+  dynprune gate --weights "$SYN_DENSE" --data "$SYN_DATA" --lr 1e-3 --imgsz 256 $COMMON --seed 1 ${FLAG[$v]} --out syns1_$v
+  dynprune val --weights syns1_$v/best.pt --data "$SYN_DATA" --imgsz 320 --json > syns1_$v.val.json
+  python $B --dense "$SYN_DENSE" --gated syns1_$v/best.pt --data "$SYN_DATA" --imgsz 320 --frames 40 --json syns1_$v.cpu.json
+done
 dynprune val --weights "$SYN_DENSE" --data "$SYN_DATA" --imgsz 320 --json > syn_dense.val.json
 # The raccoon bundle: EFFP 50% with the default 20 epochs, exported with the session-11 gates, benched twice.
 dynprune prune --weights "$RACCOON_DENSE" --data "$RAC" --method effp --flops 0.5 --lr 5e-4 --mosaic 0 --workers 1 \
