@@ -27,8 +27,9 @@ class FoldedConv(nn.Module):
     Why one module: a PyTorch module call costs a few microseconds on a small CPU, and a
     ``ConvBNAct`` makes three (convolution, identity BN, SiLU) for each of the nano detector's 35
     layers. Measured on the raccoon nano models at 320 px on two cores, the old and new forms
-    interleaved in one process (40 frames x 4): dense 11.69 -> 11.38 ms and dynamic 7.81 -> 7.58
-    ms a frame (a second run: 13.14 -> 12.76 and 8.09 -> 7.87), the same outputs bit for bit.
+    interleaved in one process, in both orders (BENCHMARKS.md, session 13): the dense model 3.5-7.6%
+    faster a frame, the dynamic one 0-2% (its compact blocks do not use this class), the same
+    outputs bit for bit.
 
     ``matmul=True`` (set by :func:`pointwise_as_matmul`) runs a 1x1 stride-1 layer as an
     ``addmm`` on channels-last CPU input, as :class:`PointwiseConv` does.

@@ -17,27 +17,23 @@ declare -A FLAG=(
   [fbs_k09]="--keep 0.9 --gate fbs"
 )
 COMMON="--mosaic 0 --threshold-every 10 --keep-on frames --epochs 20 --workers 1"
-for v in manidp nocx nocx_s02 nosim fbs fbs_k09; do
-  dynprune gate --weights "$RACCOON_DENSE" --data "$RAC" --lr 5e-4 $COMMON ${FLAG[$v]} --out rac_$v
-  dynprune val --weights rac_$v/best.pt --data "$RAC" --imgsz 320 --json > rac_$v.val.json
-  python $B --dense "$RACCOON_DENSE" --gated rac_$v/best.pt --data "$RAC" --imgsz 320 --frames 40 --json rac_$v.cpu.json
-done
-for v in manidp nocx nocx_s02 nosim fbs fbs_k09; do
-  dynprune gate --weights "$SYN_DENSE" --data "$SYN_DATA" --lr 1e-3 --imgsz 256 $COMMON ${FLAG[$v]} --out syn_$v
-  dynprune val --weights syn_$v/best.pt --data "$SYN_DATA" --imgsz 320 --json > syn_$v.val.json
-  python $B --dense "$SYN_DENSE" --gated syn_$v/best.pt --data "$SYN_DATA" --imgsz 320 --frames 40 --json syn_$v.cpu.json
-done
-# A second seed for the four raccoon variants at or near matched FLOPs (files racs1_*).
-for v in manidp nosim nocx_s02 fbs_k09; do
-  dynprune gate --weights "$RACCOON_DENSE" --data "$RAC" --lr 5e-4 $COMMON --seed 1 ${FLAG[$v]} --out racs1_$v
-  dynprune val --weights racs1_$v/best.pt --data "$RAC" --imgsz 320 --json > racs1_$v.val.json
-  python $B --dense "$RACCOON_DENSE" --gated racs1_$v/best.pt --data "$RAC" --imgsz 320 --frames 40 --json racs1_$v.cpu.json
-done
-for v in manidp nosim nocx_s02 fbs_k09; do  # and for the synthetic ones (files syns1_*)
-  dynprune gate --weights "$SYN_DENSE" --data "$SYN_DATA" --lr 1e-3 --imgsz 256 $COMMON --seed 1 ${FLAG[$v]} --out syns1_$v
-  dynprune val --weights syns1_$v/best.pt --data "$SYN_DATA" --imgsz 320 --json > syns1_$v.val.json
-  python $B --dense "$SYN_DENSE" --gated syns1_$v/best.pt --data "$SYN_DATA" --imgsz 320 --frames 40 --json syns1_$v.cpu.json
-done
+
+# variant PREFIX DENSE DATA "TRAIN FLAGS" NAME...: train, validate and time each named variant into PREFIX_NAME
+variant() {
+  local prefix=$1 dense=$2 data=$3 train=$4
+  shift 4
+  for v in "$@"; do
+    dynprune gate --weights "$dense" --data "$data" $train $COMMON ${FLAG[$v]} --out ${prefix}_$v
+    dynprune val --weights ${prefix}_$v/best.pt --data "$data" --imgsz 320 --json > ${prefix}_$v.val.json
+    python $B --dense "$dense" --gated ${prefix}_$v/best.pt --data "$data" --imgsz 320 --frames 40 --json ${prefix}_$v.cpu.json
+  done
+}
+ALL="manidp nocx nocx_s02 nosim fbs fbs_k09"
+MATCHED="manidp nosim nocx_s02 fbs_k09"  # at or near matched FLOPs: these got a second seed
+variant rac "$RACCOON_DENSE" "$RAC" "--lr 5e-4" $ALL
+variant syn "$SYN_DENSE" "$SYN_DATA" "--lr 1e-3 --imgsz 256" $ALL
+variant racs1 "$RACCOON_DENSE" "$RAC" "--lr 5e-4 --seed 1" $MATCHED
+variant syns1 "$SYN_DENSE" "$SYN_DATA" "--lr 1e-3 --imgsz 256 --seed 1" $MATCHED
 dynprune val --weights "$SYN_DENSE" --data "$SYN_DATA" --imgsz 320 --json > syn_dense.val.json
 # The raccoon bundle: EFFP 50% with the default 20 epochs, exported with the session-11 gates, benched twice.
 dynprune prune --weights "$RACCOON_DENSE" --data "$RAC" --method effp --flops 0.5 --lr 5e-4 --mosaic 0 --workers 1 \

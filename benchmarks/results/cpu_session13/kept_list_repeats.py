@@ -1,8 +1,9 @@
 """How often each gated block's kept lists equal the previous frame's (BENCHMARKS.md, session 13).
 
-    python benchmarks/results/cpu_session13/kept_list_repeats.py GATED.pt (VIDEO.mp4 | DATASET) [--frames N]
+    python benchmarks/results/cpu_session13/kept_list_repeats.py GATED.pt (SOURCE | DATASET) [--frames N]
 
-A video gives consecutive frames (a stream); a dataset gives its distinct val images. Runs the CPU compact path with
+A source is anything ``dynprune serve --source`` takes (a video file gives consecutive frames, a stream); a dataset
+(``--dataset``) gives its distinct val images. Runs the CPU compact path with
 the compiled gate step and reads each block's kept lists from it.
 """
 
@@ -25,17 +26,13 @@ from dynprune.compact import CompactDetector  # noqa: E402
 from dynprune.data.dataset import to_tensor  # noqa: E402
 
 
-def video_frames(path: str, imgsz: int, limit: int):
-    import cv2
+def stream_frames(uri: str, imgsz: int, limit: int):
+    """The first ``limit`` frames of a serving source, letterboxed as the engines do."""
+    from dynprune.serve.sources import iterate, open_source
 
-    cap, frames = cv2.VideoCapture(path), []
-    while len(frames) < limit:
-        ok, image = cap.read()
-        if not ok:
-            break
-        frames.append(to_tensor(letterbox(image, imgsz)[0]))
+    frames = [to_tensor(letterbox(frame.image, imgsz)[0]) for frame in iterate(open_source(uri), limit)]
     if not frames:
-        raise SystemExit(f"{path}: no frames could be read")
+        raise SystemExit(f"{uri}: no frames could be read")
     return frames
 
 
@@ -60,17 +57,17 @@ def repeat_rates(compact: CompactDetector, frames) -> np.ndarray:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("gated")
-    ap.add_argument("frames", help="a video file, or a dataset whose val images are the frames")
+    ap.add_argument("frames", help="a serving source (video file, camera, folder), or with --dataset a dataset")
+    ap.add_argument("--dataset", action="store_true", help="FRAMES is a dataset: its val images are the frames")
     ap.add_argument("--frames", dest="limit", type=int, default=300)
     ap.add_argument("--imgsz", type=int, default=320)
     args = ap.parse_args()
     torch.set_num_threads(2)
     model, _ = model_from_checkpoint(args.gated)
-    source = pathlib.Path(args.frames)
-    if source.suffix.lower() in {".mp4", ".avi", ".mkv", ".mov"}:
-        frames = video_frames(args.frames, args.imgsz, args.limit)
-    else:
+    if args.dataset:
         frames = frames_from(args.frames, args.imgsz, args.limit)
+    else:
+        frames = stream_frames(args.frames, args.imgsz, args.limit)
     rates = repeat_rates(CompactDetector(model), frames)
     print(f"{len(frames)} frames; kept lists equal to the previous frame's, per block:")
     print(" ".join(f"{r:.2f}" for r in rates), f"(mean {rates.mean():.2f})")
