@@ -30,6 +30,8 @@ from dynprune.gates import Gate
 from dynprune.layers import Bottleneck
 from dynprune.model import Detector
 
+_silu_ = torch._C._nn.silu_  # F.silu(inplace=True) without its Python wrapper
+
 
 class CompactBottleneck(nn.Module):
     """Inference-only replacement of a gated :class:`Bottleneck` that skips dropped channels.
@@ -85,12 +87,37 @@ class CompactBottleneck(nn.Module):
         self.use_native = True
         self._native = None
         self._pool_rows: Dict[int, np.ndarray] = {}
-        # (B, 2) kept counts of the last forward pass, for per-frame accounting: a NumPy array on
-        # the CPU (``torch.tensor`` costs 10 us a call; one conversion per frame in
-        # ``CompactDetector.kept_counts`` serves all blocks), a device tensor for Triton.
-        self.last_kept: Optional[np.ndarray | torch.Tensor] = None
+        # Per-frame state lives in one-slot lists that the forward pass writes into, not in
+        # attributes it sets: nn.Module.__setattr__ costs a microsecond on a quiet core and several
+        # inside the running network (see forward). Read them as ``last_kept`` and ``gate_ms``.
+        self._kept: list = [None]
+        self._gate_ms = [0.0]
         self.profile = False  # time the gates (serving reports them apart from the network)
-        self.gate_ms = 0.0
+        # Views of the compiled step's output buffers for one count of kept channels and slots
+        # (the key: the step's four counts as bytes), made on the first frame with those counts.
+        self._views: Dict[bytes, tuple] = {}
+
+    @property
+    def last_kept(self) -> Optional[np.ndarray | torch.Tensor]:
+        """``(B, 2)`` kept channels of both gates in the last forward pass, for per-frame
+        accounting: a NumPy array on the CPU (``torch.tensor`` costs 10 us a call; one conversion
+        per frame in ``CompactDetector.kept_counts`` serves all blocks), a device tensor for
+        Triton. On the CPU with batch 1 the same array is returned for every frame that keeps the
+        same counts: read it, do not write to it."""
+        return self._kept[0]
+
+    @last_kept.setter
+    def last_kept(self, value: Optional[np.ndarray | torch.Tensor]) -> None:
+        self._kept[0] = value
+
+    @property
+    def gate_ms(self) -> float:
+        """Milliseconds spent in the gate step since last reset (with ``profile`` on)."""
+        return self._gate_ms[0]
+
+    @gate_ms.setter
+    def gate_ms(self, value: float) -> None:
+        self._gate_ms[0] = float(value)
 
     @property
     def np(self) -> Dict[str, np.ndarray | torch.Tensor]:
@@ -137,7 +164,7 @@ class CompactBottleneck(nn.Module):
         # The NumPy copies and the compiled step's buffers are caches, rebuilt on the next call
         # (and ctypes pointers cannot be copied or pickled).
         state = dict(self.__dict__)
-        state["_np"], state["_native"] = None, None
+        state["_np"], state["_native"], state["_views"] = None, None, {}
         return state
 
     def _native_plan(self, fc2a_t: np.ndarray, fc2b_t: np.ndarray):
@@ -246,6 +273,65 @@ class CompactBottleneck(nn.Module):
         return index, scale, kept
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # One image with the compiled step (every serving and benchmark frame): the lean path below.
+        # Inside the running network each Python operation costs several times what it costs in a
+        # loop on its own (the caches are cold after each convolution): measured on two cores
+        # (BENCHMARKS.md, session 14), ``x.device``/``x.dtype`` checks 3-7 us a block, creating the
+        # kept-count array and setting an attribute 8-16 us, where timeit gives 0.4 and 1.4 us.
+        # So this path makes no check that the NumPy conversion does not make for free, builds
+        # nothing that a previous frame with the same kept counts already built (the views of the
+        # step's buffers), and sets no attribute.
+        if self._np is None:
+            self.np  # noqa: B018 (builds the NumPy copies and the compiled step)
+        native = self._native
+        if native is None or x.shape[0] != 1:
+            return self._forward_each(x)
+        try:
+            nhwc = x.numpy().transpose(0, 2, 3, 1)  # raises for a GPU tensor or one that needs grad
+        except (TypeError, RuntimeError):
+            return self._forward_each(x)
+        if nhwc.dtype != np.float32 or not nhwc.flags.c_contiguous:  # half precision, NCHW memory
+            return self._forward_each(x)
+        _, h, w, c = nhwc.shape
+        hw = h * w
+        xi = torch.from_numpy(nhwc.reshape(hw, c))  # (H*W, C), the block input's pixels
+        if self.profile:
+            t0 = time.perf_counter()
+            key = native.step(xi.data_ptr(), hw)
+            self._gate_ms[0] += (time.perf_counter() - t0) * 1e3
+        else:
+            key = native.step(xi.data_ptr(), hw)
+        views = self._views.get(key)
+        if views is None:
+            views = self._views[key] = self._step_views(key, c)
+        kept, n1, n2, slots1, b1, w1_t, b2, w2, w3, b3 = views
+        self._kept[0] = kept
+        if n1 and n2:
+            y = _silu_(torch.addmm(b1, xi, w1_t)).numpy().reshape(1, h, w, slots1).transpose(0, 3, 1, 2)
+            y = _silu_(torch.conv2d(torch.from_numpy(y), w2, b2, 1, 1))  # channels-last map
+            y = torch.addmm(b3, torch.from_numpy(y.numpy().transpose(0, 2, 3, 1).reshape(hw, -1)), w3).add_(xi)
+        elif n2:  # a 3x3 over zeros is its bias at every pixel: the block adds a constant
+            y = xi + torch.addmm(b3, F.silu(b2)[None], w3)
+        else:  # nothing reaches the output projection: shortcut plus bias
+            y = xi + b3
+        # NCHW shape, channels-last memory, made in NumPy (one torch call instead of two views)
+        return torch.from_numpy(y.numpy().reshape(1, h, w, c).transpose(0, 3, 1, 2))
+
+    def _step_views(self, key: bytes, c: int) -> tuple:
+        """What the lean path reads from the compiled step's buffers for one set of counts
+        ``key``: the kept-count array, the counts, and torch views of the gathered weights. The
+        buffers are rewritten by every call, so the views read that call's weights."""
+        native = self._native
+        n1, n2, slots1, slots2 = np.frombuffer(key, dtype=np.int64).tolist()
+        rows = native.rows_out[: slots1 + slots2]
+        w2 = native.w2(slots1, slots2).transpose(0, 3, 1, 2) if n1 and n2 else np.zeros((0, 0, 1, 1), np.float32)
+        return (np.array([[n1, n2]], dtype=np.int64), n1, n2, slots1,
+                torch.from_numpy(rows[:slots1, c]), torch.from_numpy(rows[:slots1, :c].T),
+                torch.from_numpy(rows[slots1:, c]),  # b2: a strided view; conv2d takes it as it is
+                torch.from_numpy(w2), torch.from_numpy(rows[slots1:, :c]), self.b3)
+
+    def _forward_each(self, x: torch.Tensor) -> torch.Tensor:
+        """Any batch, image by image, with the compiled step or the NumPy one."""
         if x.device.type != "cpu" or x.dtype != torch.float32:
             raise ValueError(f"CompactBottleneck runs float32 on the CPU (got {x.dtype} on {x.device}); "
                              "use the Triton backend on a GPU")

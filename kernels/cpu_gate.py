@@ -194,12 +194,18 @@ class BlockPlan:
     def __call__(self, pixels_address: int, pixels: int) -> Tuple[int, int, int, int]:
         """Run on one image's ``(pixels, C)`` float32 NHWC memory at ``pixels_address``;
         returns ``(kept1, kept2, slots1, slots2)``; results are in this object's buffers."""
+        self.step(pixels_address, pixels)
+        kept1, kept2, slots1, slots2 = self.counts.tolist()
+        return kept1, kept2, slots1, slots2
+
+    def step(self, pixels_address: int, pixels: int) -> bytes:
+        """As a call, but the four counts come back as the bytes of ``counts``: hashable, a key
+        for what the caller built for the same counts before, with no Python ints to make."""
         if self._call(self._ref, pixels_address, pixels) != 0:  # the first input this large
             self._reserve(pixels)
             if self._call(self._ref, pixels_address, pixels) != 0:
                 raise RuntimeError(f"CPU gate step: no room for the pool of {pixels} pixels")
-        kept1, kept2, slots1, slots2 = self.counts.tolist()
-        return kept1, kept2, slots1, slots2
+        return self.counts.tobytes()
 
     def _reserve(self, pixels: int) -> None:
         """Room in ``chunk_sums`` for the pool of an input of ``pixels`` pixels (the C step checks

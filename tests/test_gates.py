@@ -61,13 +61,15 @@ def _random_gates(model, seed, empty_every=3):
             gate.threshold.fill_(0.8)
 
 
+@pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("path", ["native", "numpy"])
 @pytest.mark.parametrize("group", [1, 8])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_compact_execution_equals_masked_dense(group, seed, path):
+def test_compact_execution_equals_masked_dense(group, seed, path, batch):
+    # batch 1 with the compiled step is CompactBottleneck's lean path, more is its per-image loop
     model, _ = gated_model(group, seed)
     _random_gates(model, seed)
-    x = torch.rand(3, 3, 64, 64)
+    x = torch.rand(batch, 3, 64, 64)
     with torch.no_grad():
         ref_boxes, ref_logits = model(x)
         compact = compact_on(model, path)
@@ -75,8 +77,10 @@ def test_compact_execution_equals_masked_dense(group, seed, path):
     torch.testing.assert_close(boxes, ref_boxes, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
     kept = compact.kept_counts()
-    assert kept.shape == (3, len(model.blocks), 2)
+    assert kept.shape == (batch, len(model.blocks), 2)
     assert (kept == 0).any() and (kept > 0).any()
+    if path == "native":
+        assert all(bool(blk._views) == (batch == 1) for blk in compact.blocks)
     if group > 1:  # kept widths are whole groups unless the group is cut by the layer width
         for b, blk in enumerate(compact.blocks):
             for j, width in enumerate((blk.h1, blk.h2)):
@@ -165,8 +169,45 @@ def test_batch_images_keep_different_channel_sets(path):
         assert torch.equal(kept[i].sum(), torch.tensor(int(sets[i].sum())))
 
 
-def test_compact_block_really_skips_work():
-    """Counting multiply-adds proves no full-width hidden activation is ever computed."""
+@pytest.mark.parametrize("profile", [False, True])
+def test_lean_path_reads_each_frames_weights_when_counts_repeat(profile):
+    """Frames one at a time (the lean path): views of the compiled step's buffers are made once
+    per set of kept counts and reused, so frames that keep as many channels as an earlier one,
+    but other channels, must still compute with their own gathered weights."""
+    from dynprune.compact import CompactBottleneck
+
+    require_native_gate_step()
+    torch.manual_seed(0)
+    block = Bottleneck(16, 16, 16).eval()
+    randomize_bn(block, 0)
+    block.add_gates(group=8)  # two groups a gate: few distinct counts, many distinct kept sets
+    set_gate_mode(block, "threshold")
+    for gate in (block.gate1, block.gate2):
+        gate.fc1.weight.data.normal_(0, 3.0)
+        gate.fc2.weight.data.normal_(0, 3.0)
+        gate.threshold.fill_(1.0)
+    compact = CompactBottleneck(block)
+    compact.profile = profile
+    sets_by_counts = {}
+    with torch.no_grad():
+        for _ in range(40):
+            x = (torch.randn(1, 16, 6, 6) * 2).contiguous(memory_format=torch.channels_last)
+            ref = block(x)
+            out = compact(x)
+            torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+            masks = [m[0] > 0 for m in block.last["mask"]]
+            counts = [int(m.sum()) for m in masks]
+            assert compact.last_kept.tolist() == [counts]
+            sets_by_counts.setdefault(tuple(counts), set()).add(tuple(torch.cat(masks).tolist()))
+    assert len(compact._views) == len(sets_by_counts) < 40  # views reused
+    assert any(len(sets) > 1 for sets in sets_by_counts.values())  # with other channels kept
+    assert (compact.gate_ms > 0) == profile
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_compact_block_really_skips_work(memory_format):
+    """Counting multiply-adds proves no full-width hidden activation is ever computed (the
+    channels-last frame takes the lean path, the NCHW one the per-image loop)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from dynprune.compact import CompactBottleneck
@@ -176,7 +217,7 @@ def test_compact_block_really_skips_work():
     set_gate_mode(block, "threshold")
     block.gate1.threshold.fill_(1e9)
     compact = CompactBottleneck(block)
-    x = torch.rand(1, 16, 8, 8)
+    x = torch.rand(1, 16, 8, 8).contiguous(memory_format=memory_format)
     with FlopCounterMode(display=False) as fc:
         compact(x)
     # The gates run in C or NumPy (uncounted); no 3x3 at all, at most the constant through the 1x1 out.
