@@ -25,12 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dynprune.fusion import fuse_conv_bn, pointwise_as_matmul
+from dynprune.fusion import bottleneck_pixels, fold_bottlenecks, fuse_conv_bn, image_pixels, pointwise_as_matmul
 from dynprune.gates import Gate
 from dynprune.layers import Bottleneck
 from dynprune.model import Detector
-
-_silu_ = torch._C._nn.silu_  # F.silu(inplace=True) without its Python wrapper
 
 
 class CompactBottleneck(nn.Module):
@@ -160,6 +158,13 @@ class CompactBottleneck(nn.Module):
             self._native = self._native_plan(arr(g1.fc2.weight.t()), arr(g2.fc2.weight.t())) if self.lean else None
         return self._np
 
+    def _apply(self, fn, recurse: bool = True):
+        # .to(), .float(), ...: the NumPy copies, the compiled step and its views hold the old
+        # weights; they are remade on the next call.
+        self._np, self._native = None, None
+        self._views = {}
+        return super()._apply(fn, recurse)
+
     def __getstate__(self) -> dict:
         # The NumPy copies and the compiled step's buffers are caches, rebuilt on the next call
         # (and ctypes pointers cannot be copied or pickled).
@@ -273,26 +278,20 @@ class CompactBottleneck(nn.Module):
         return index, scale, kept
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # One image with the compiled step (every serving and benchmark frame): the lean path below.
-        # Inside the running network each Python operation costs several times what it costs in a
-        # loop on its own (the caches are cold after each convolution): measured on two cores
-        # (BENCHMARKS.md, session 14), ``x.device``/``x.dtype`` checks 3-7 us a block, creating the
-        # kept-count array and setting an attribute 8-16 us, where timeit gives 0.4 and 1.4 us.
-        # So this path makes no check that the NumPy conversion does not make for free, builds
-        # nothing that a previous frame with the same kept counts already built (the views of the
-        # step's buffers), and sets no attribute.
+        # One float32 image with the compiled step (every CPU serving and benchmark frame): the lean
+        # path. It makes no check that the NumPy conversion does not make for free, builds nothing
+        # that an earlier frame with the same kept counts built (the views of the step's buffers),
+        # and sets no attribute: inside the running network each Python operation costs several
+        # times its cost on its own (see :func:`~dynprune.fusion.bottleneck_pixels`). Measured on
+        # two cores, nano at 320 (BENCHMARKS.md, session 14): the dynamic network 5% faster than
+        # with the per-image loop below, the same output bit for bit.
         if self._np is None:
             self.np  # noqa: B018 (builds the NumPy copies and the compiled step)
         native = self._native
-        if native is None or x.shape[0] != 1:
+        nhwc = image_pixels(x) if native is not None else None
+        if nhwc is None:
             return self._forward_each(x)
-        try:
-            nhwc = x.numpy().transpose(0, 2, 3, 1)  # raises for a GPU tensor or one that needs grad
-        except (TypeError, RuntimeError):
-            return self._forward_each(x)
-        if nhwc.dtype != np.float32 or not nhwc.flags.c_contiguous:  # half precision, NCHW memory
-            return self._forward_each(x)
-        _, h, w, c = nhwc.shape
+        h, w, c = nhwc.shape
         hw = h * w
         xi = torch.from_numpy(nhwc.reshape(hw, c))  # (H*W, C), the block input's pixels
         if self.profile:
@@ -304,17 +303,14 @@ class CompactBottleneck(nn.Module):
         views = self._views.get(key)
         if views is None:
             views = self._views[key] = self._step_views(key, c)
-        kept, n1, n2, slots1, b1, w1_t, b2, w2, w3, b3 = views
+        kept, n1, n2, b1, w1_t, w2, b2, w3_t, b3 = views
         self._kept[0] = kept
         if n1 and n2:
-            y = _silu_(torch.addmm(b1, xi, w1_t)).numpy().reshape(1, h, w, slots1).transpose(0, 3, 1, 2)
-            y = _silu_(torch.conv2d(torch.from_numpy(y), w2, b2, 1, 1))  # channels-last map
-            y = torch.addmm(b3, torch.from_numpy(y.numpy().transpose(0, 2, 3, 1).reshape(hw, -1)), w3).add_(xi)
-        elif n2:  # a 3x3 over zeros is its bias at every pixel: the block adds a constant
-            y = xi + torch.addmm(b3, F.silu(b2)[None], w3)
+            return bottleneck_pixels(xi, h, w, b1, w1_t, w2, b2, w3_t, b3)
+        if n2:  # a 3x3 over zeros is its bias at every pixel: the block adds a constant
+            y = xi + torch.addmm(b3, F.silu(b2)[None], w3_t)
         else:  # nothing reaches the output projection: shortcut plus bias
             y = xi + b3
-        # NCHW shape, channels-last memory, made in NumPy (one torch call instead of two views)
         return torch.from_numpy(y.numpy().reshape(1, h, w, c).transpose(0, 3, 1, 2))
 
     def _step_views(self, key: bytes, c: int) -> tuple:
@@ -325,10 +321,10 @@ class CompactBottleneck(nn.Module):
         n1, n2, slots1, slots2 = np.frombuffer(key, dtype=np.int64).tolist()
         rows = native.rows_out[: slots1 + slots2]
         w2 = native.w2(slots1, slots2).transpose(0, 3, 1, 2) if n1 and n2 else np.zeros((0, 0, 1, 1), np.float32)
-        return (np.array([[n1, n2]], dtype=np.int64), n1, n2, slots1,
-                torch.from_numpy(rows[:slots1, c]), torch.from_numpy(rows[:slots1, :c].T),
+        return (np.array([[n1, n2]], dtype=np.int64), n1, n2,
+                torch.from_numpy(rows[:slots1, c]), torch.from_numpy(rows[:slots1, :c].T), torch.from_numpy(w2),
                 torch.from_numpy(rows[slots1:, c]),  # b2: a strided view; conv2d takes it as it is
-                torch.from_numpy(w2), torch.from_numpy(rows[slots1:, :c]), self.b3)
+                torch.from_numpy(rows[slots1:, :c]), self.b3)
 
     def _forward_each(self, x: torch.Tensor) -> torch.Tensor:
         """Any batch, image by image, with the compiled step or the NumPy one."""
@@ -513,7 +509,7 @@ class CompactDetector(nn.Module):
                     setattr(module, child_name, block_cls(child))
         # The un-gated 1x1 layers (laterals, predictions) as in DenseInference: the same code runs
         # in both, so the comparison measures the gated blocks alone.
-        self.net = pointwise_as_matmul(fuse_conv_bn(net))
+        self.net = pointwise_as_matmul(fold_bottlenecks(fuse_conv_bn(net)))
         self.blocks = [m for m in self.net.modules() if isinstance(m, CompactBottleneck)]
         # channels_last on both backends. CPU: oneDNN runs odd channel counts far better in NHWC
         # (measured 3x3 at 40x40, 31->33 channels: 1.02 ms NCHW, 0.66 ms NHWC), and compact widths
@@ -541,12 +537,14 @@ class DenseInference(nn.Module):
     """The fastest PyTorch form of a dense (or statically pruned) model: BN folded into one
     :class:`~dynprune.fusion.FoldedConv` per layer, channels_last (on the CPU as fast or faster for
     every layer shape measured; on the H100 in fp16 the nano detector takes 0.387 ms in a CUDA graph
-    NHWC against 0.489 ms NCHW), and on the CPU the 1x1 convolutions as matrix products, as the
-    compact blocks run theirs."""
+    NHWC against 0.489 ms NCHW), and on the CPU the 1x1 convolutions as matrix products and each
+    bottleneck as one :class:`~dynprune.fusion.FoldedBottleneck` call, as the compact blocks run
+    theirs (the same code, :func:`~dynprune.fusion.bottleneck_pixels`), so that a dense-against-dynamic
+    comparison measures the skipped channels, not a leaner wrapper."""
 
     def __init__(self, model: Detector) -> None:
         super().__init__()
-        self.net = pointwise_as_matmul(fuse_conv_bn(copy.deepcopy(model).eval()))
+        self.net = pointwise_as_matmul(fold_bottlenecks(fuse_conv_bn(copy.deepcopy(model).eval())))
         self.net.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor):

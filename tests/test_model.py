@@ -5,7 +5,7 @@ import torch
 from dynprune.config import config_for
 from dynprune.flops import CostModel, count_flops, count_parameters
 from dynprune.model import build_detector
-from tests.conftest import tiny_config
+from tests.conftest import randomize_bn, tiny_config
 
 
 @pytest.mark.parametrize("size,lo,hi", [("nano", 1.0e6, 2.0e6), ("small", 5.0e6, 7.0e6)])
@@ -71,8 +71,8 @@ def test_dense_inference_equals_the_model_and_runs_1x1_layers_as_matmul():
     from torch import nn
 
     from dynprune.compact import DenseInference
-    from dynprune.fusion import FoldedConv, PointwiseConv
-    from dynprune.layers import ConvBNAct
+    from dynprune.fusion import FoldedBottleneck, FoldedConv, PointwiseConv
+    from dynprune.layers import Bottleneck, ConvBNAct
 
     torch.manual_seed(0)
     model = build_detector(tiny_config()).eval()
@@ -89,10 +89,42 @@ def test_dense_inference_equals_the_model_and_runs_1x1_layers_as_matmul():
     assert folded and not any(isinstance(m, (ConvBNAct, nn.BatchNorm2d)) for m in fast.modules())
     assert {m.matmul for m in folded} == {True, False}  # 1x1 stride-1 layers as matmul, the rest convolutions
     assert all(m.matmul == (m.weight.shape[-1] == 1 and m.stride == (1, 1)) for m in folded)
-    x = torch.rand(2, 3, 64, 96)
+    blocks = [m for m in fast.modules() if isinstance(m, FoldedBottleneck)]
+    assert len(blocks) == len(model.blocks) and not any(isinstance(m, Bottleneck) for m in fast.modules())
+    # a batch runs each block's layers; one image its one-call CPU form
+    for x in (torch.rand(2, 3, 64, 96), torch.rand(1, 3, 64, 96)):
+        with torch.no_grad():
+            (b_ref, l_ref), (b, l) = model(x), fast(x)
+        assert torch.allclose(l, l_ref, atol=1e-4) and torch.allclose(b, b_ref, atol=1e-3)
+    assert all(m._weights for m in blocks)  # the one-image form ran
+
+
+def test_folded_bottleneck_equals_the_block_in_every_form():
+    """One channels-last float32 image takes the one-call form; NCHW memory, a batch, float64
+    or a tensor that needs grad run the layers; all equal the block. .to() drops the cached views."""
+    from dynprune.fusion import FoldedBottleneck, fuse_conv_bn, pointwise_as_matmul
+    from dynprune.layers import Bottleneck
+
+    torch.manual_seed(0)
+    block = Bottleneck(8, 12, 6).eval()
+    randomize_bn(block, 0)
+    folded = pointwise_as_matmul(fuse_conv_bn(torch.nn.Sequential(FoldedBottleneck(block))))[0]
+    cl = torch.channels_last
+    x = torch.randn(1, 8, 5, 7)
     with torch.no_grad():
-        (b_ref, l_ref), (b, l) = model(x), fast(x)
-    assert torch.allclose(l, l_ref, atol=1e-4) and torch.allclose(b, b_ref, atol=1e-3)
+        ref = block(x)
+        for inp in (x.contiguous(memory_format=cl), x, torch.cat([x, x]).contiguous(memory_format=cl)):
+            torch.testing.assert_close(folded(inp)[:1], ref, atol=1e-5, rtol=1e-5)
+    out = folded(x.contiguous(memory_format=cl).requires_grad_())
+    torch.testing.assert_close(out.detach(), ref, atol=1e-5, rtol=1e-5)
+    assert out.requires_grad  # the layers ran, under autograd
+    assert folded._weights
+    folded.double()
+    assert folded._weights is None
+    with torch.no_grad():
+        out = folded(x.double().contiguous(memory_format=cl))
+    assert out.dtype == torch.float64 and folded._weights == ()
+    torch.testing.assert_close(out.float(), ref, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("k,stride,act", [(3, 2, True), (3, 1, True), (1, 1, True), (1, 1, False)])
