@@ -132,10 +132,11 @@ def bottleneck_pixels(xi: torch.Tensor, h: int, w: int, b1: torch.Tensor, w1_t: 
     channels-last memory. The dense blocks (:class:`FoldedBottleneck`) and the compact ones
     (gathered weights, :class:`~dynprune.compact.CompactBottleneck`) both run it.
 
-    Why so few calls, each a plain op or a NumPy view: inside the running network, every Python
-    operation costs several times what it costs in a loop on its own, the caches being cold after
-    each convolution. Measured on two cores (BENCHMARKS.md, session 14): ``x.device``/``x.dtype``
-    checks 3-7 us a block and setting a module attribute 5-8 us, where timeit gives 0.4 and 1.2 us.
+    Why so few calls, each a plain op or a NumPy view: inside the running network every Python
+    statement costs several times what it costs in a loop on its own (most likely cold caches after
+    each convolution). Measured on two cores with real block inputs (BENCHMARKS.md, session 14):
+    ``x.device``/``x.dtype`` checks add 7 us to a block, a fresh kept-count array and a module
+    attribute set 14 us, where timeit gives 0.5 and 2.3 us.
     """
     hw = h * w
     y = _silu_(torch.addmm(b1, xi, w1_t)).numpy().reshape(1, h, w, -1).transpose(0, 3, 1, 2)
