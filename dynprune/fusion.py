@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Optional, Tuple
 
 import numpy as np
@@ -11,7 +12,13 @@ from torch import nn
 
 from dynprune.layers import Bottleneck, ConvBNAct
 
+log = logging.getLogger(__name__)
+
 _silu_ = torch._C._nn.silu_  # F.silu(inplace=True) without its Python wrapper
+# oneDNN's convolution with a fused activation, on a weight reordered once into its own layout
+# (PyTorch's eager conv2d reorders the weight on every call); the op TorchInductor uses on the CPU.
+_conv_pointwise = torch.ops.mkldnn._convolution_pointwise
+_UNIT = [1, 1]
 
 
 def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -38,6 +45,11 @@ class FoldedConv(nn.Module):
 
     ``matmul=True`` (set by :func:`pointwise_as_matmul`) runs a 1x1 stride-1 layer as an
     ``addmm`` on channels-last CPU input, as :class:`PointwiseConv` does.
+
+    ``prepack=True`` (set by :func:`prepack_convolutions`) runs any other layer, on float32 CPU
+    input, as oneDNN's convolution with the SiLU fused, on a weight reordered into oneDNN's layout
+    on the first call and kept (:func:`packed_conv_weight`). Where that cannot be done (a GPU, half
+    precision, a PyTorch without oneDNN) the layer runs as ``conv2d`` + SiLU.
     """
 
     def __init__(self, layer: ConvBNAct) -> None:
@@ -50,17 +62,80 @@ class FoldedConv(nn.Module):
         self.act = isinstance(layer.act, nn.SiLU)
         self.pointwise = conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1
         self.matmul = False
+        self.prepack = False
+        self._packed: Optional[torch.Tensor | bool] = None  # None: not tried yet; False: cannot be had
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.matmul:
             y = _pointwise(x, self.weight, self.bias)
         else:
+            packed = self._packed
+            if packed is None and self.prepack:
+                packed = self.packed_weight(x.shape, x)
+            if packed is not None and packed is not False:
+                return _conv_pointwise(x, packed, self.bias, self.padding, self.stride, _UNIT, self.groups,
+                                       "swish" if self.act else "none", [], "")
             y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
         return F.silu(y, inplace=True) if self.act else y
+
+    def packed_weight(self, input_size: Tuple[int, ...], x: Optional[torch.Tensor] = None) -> torch.Tensor | bool:
+        """The weight in oneDNN's layout for inputs like ``input_size`` (made once and kept; it
+        serves other sizes too), or ``False`` where it cannot be had for ``x`` (or, without ``x``,
+        for float32 CPU input)."""
+        if self._packed is None:
+            self._packed = packed_conv_weight(self.weight, self.padding, self.stride, self.groups, input_size, x)
+        return self._packed
+
+    def _apply(self, fn, recurse: bool = True):
+        self._packed = None  # made from the old weight: remade on the next call
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_packed"] = None  # an opaque oneDNN tensor cannot be copied or pickled; remade on use
+        return state
 
     def extra_repr(self) -> str:
         o, i, kh, kw = self.weight.shape
         return f"{i}, {o}, kernel_size=({kh}, {kw}), stride={self.stride}, act={self.act}, matmul={self.matmul}"
+
+
+_prepack_failure_logged = False
+
+
+def packed_conv_weight(weight: torch.Tensor, padding, stride, groups: int, input_size: Tuple[int, ...],
+                       x: Optional[torch.Tensor] = None) -> torch.Tensor | bool:
+    """``weight`` reordered once into oneDNN's layout for a convolution with inputs like
+    ``input_size``, or ``False`` where oneDNN cannot run it: a GPU or non-float32 weight or input
+    ``x``, or a PyTorch built without oneDNN (said once in the log).
+
+    Why: PyTorch's eager ``conv2d`` on the CPU reorders the weight into oneDNN's layout on every
+    call. Reordered once, with the SiLU fused into the convolution, the dense nano network at 320 px
+    ran 6.4-8.9% faster on two cores (BENCHMARKS.md, session 14); a 3x3 at 256 channels and 10x10,
+    731 -> 512 us. The compact blocks' gathered weights change every frame and cannot be kept so.
+    """
+    global _prepack_failure_logged
+    for t in (weight,) if x is None else (weight, x):
+        if t.device.type != "cpu" or t.dtype != torch.float32:
+            return False
+    try:
+        return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.detach().to_mkldnn(), list(padding), list(stride),
+                                                         _UNIT, groups, list(input_size))
+    except (RuntimeError, NotImplementedError) as err:  # no oneDNN in this PyTorch build
+        if not _prepack_failure_logged:
+            _prepack_failure_logged = True
+            log.info("oneDNN weight prepacking unavailable (%s); convolutions run as conv2d", str(err).splitlines()[0])
+        return False
+
+
+def prepack_convolutions(model: nn.Module) -> nn.Module:
+    """In place: every :class:`FoldedConv` that is not a matrix product runs on a oneDNN weight
+    made once, with its SiLU fused, where its input is float32 on the CPU (see
+    :func:`packed_conv_weight`)."""
+    for module in model.modules():
+        if isinstance(module, FoldedConv):
+            module.prepack = not module.matmul
+    return model
 
 
 @torch.no_grad()
@@ -129,8 +204,9 @@ def bottleneck_pixels(xi: torch.Tensor, h: int, w: int, b1: torch.Tensor, w1_t: 
                       b2: torch.Tensor, w3_t: torch.Tensor, b3: torch.Tensor) -> torch.Tensor:
     """A residual bottleneck on one image's channels-last pixels ``xi`` ``(H*W, C)``, BN folded:
     ``xi + silu(conv3x3(silu(xi @ w1_t + b1), w2) + b2) @ w3_t + b3``, returned NCHW-shaped in
-    channels-last memory. The dense blocks (:class:`FoldedBottleneck`) and the compact ones
-    (gathered weights, :class:`~dynprune.compact.CompactBottleneck`) both run it.
+    channels-last memory. ``w2`` is a plain weight or one in oneDNN's layout. The dense blocks
+    (:class:`FoldedBottleneck`) and the compact ones (gathered weights,
+    :class:`~dynprune.compact.CompactBottleneck`) both run it.
 
     Why so few calls, each a plain op or a NumPy view: inside the running network every Python
     statement costs several times what it costs in a loop on its own (most likely cold caches after
@@ -139,8 +215,11 @@ def bottleneck_pixels(xi: torch.Tensor, h: int, w: int, b1: torch.Tensor, w1_t: 
     attribute set 14 us, where timeit gives 0.5 and 2.3 us.
     """
     hw = h * w
-    y = _silu_(torch.addmm(b1, xi, w1_t)).numpy().reshape(1, h, w, -1).transpose(0, 3, 1, 2)
-    y = _silu_(torch.conv2d(torch.from_numpy(y), w2, b2, 1, 1))  # channels-last map
+    y = torch.from_numpy(_silu_(torch.addmm(b1, xi, w1_t)).numpy().reshape(1, h, w, -1).transpose(0, 3, 1, 2))
+    if w2.is_mkldnn:  # a dense block's weight in oneDNN's layout, made once (FoldedConv.packed_weight)
+        y = _conv_pointwise(y, w2, b2, _UNIT, _UNIT, _UNIT, 1, "swish", [], "")
+    else:
+        y = _silu_(torch.conv2d(y, w2, b2, 1, 1))  # channels-last map
     y = torch.addmm(b3, torch.from_numpy(y.numpy().transpose(0, 2, 3, 1).reshape(hw, -1)), w3_t).add_(xi)
     # NCHW shape, channels-last memory, made in NumPy (one torch call instead of two views)
     return torch.from_numpy(y.numpy().reshape(1, h, w, xi.shape[1]).transpose(0, 3, 1, 2))
@@ -167,23 +246,30 @@ class FoldedBottleneck(nn.Module):
         self._weights = None  # views of the old tensors: remade on the next call
         return super()._apply(fn, recurse)
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_weights"] = None  # may hold a oneDNN weight, which cannot be copied; remade on use
+        return state
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights = self._weights
         if weights is None:
-            weights = self._weights = self._pixel_weights()
+            weights = self._weights = self._pixel_weights(x.shape)
         nhwc = image_pixels(x) if weights else None
         if nhwc is None:
             return x + self.cv3(self.cv2(self.cv1(x)))
         h, w, c = nhwc.shape
         return bottleneck_pixels(torch.from_numpy(nhwc.reshape(h * w, c)), h, w, *weights)
 
-    def _pixel_weights(self) -> Tuple[torch.Tensor, ...]:
-        """The arguments of :func:`bottleneck_pixels` after the pixels, as views of the layers'
-        weights; empty where the weights are not float32 on the CPU (the layers run as they are)."""
+    def _pixel_weights(self, input_size: Tuple[int, ...]) -> Tuple[torch.Tensor, ...]:
+        """The arguments of :func:`bottleneck_pixels` after the pixels: views of the layers'
+        weights, the 3x3's in oneDNN's layout where ``cv2.prepack`` is set; empty where the weights
+        are not float32 on the CPU (the layers then run as they are)."""
         cv1, cv2, cv3 = self.cv1, self.cv2, self.cv3
         if cv1.weight.device.type != "cpu" or cv1.weight.dtype != torch.float32:
             return ()
-        return (cv1.bias, cv1.weight.view(self.h1, self.c).t(), cv2.weight, cv2.bias,
+        w2 = cv2.packed_weight((1, self.h1, *input_size[2:])) if cv2.prepack else False
+        return (cv1.bias, cv1.weight.view(self.h1, self.c).t(), cv2.weight if w2 is False else w2, cv2.bias,
                 cv3.weight.view(self.c, self.h2).t(), cv3.bias)
 
 

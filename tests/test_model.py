@@ -97,6 +97,8 @@ def test_dense_inference_equals_the_model_and_runs_1x1_layers_as_matmul():
             (b_ref, l_ref), (b, l) = model(x), fast(x)
         assert torch.allclose(l, l_ref, atol=1e-4) and torch.allclose(b, b_ref, atol=1e-3)
     assert all(m._weights for m in blocks)  # the one-image form ran
+    if torch.backends.mkldnn.is_available():  # with the 3x3 weights in oneDNN's layout
+        assert all(m._weights[2].is_mkldnn for m in blocks)
 
 
 def test_folded_bottleneck_equals_the_block_in_every_form():
@@ -128,10 +130,11 @@ def test_folded_bottleneck_equals_the_block_in_every_form():
 
 
 @pytest.mark.parametrize("k,stride,act", [(3, 2, True), (3, 1, True), (1, 1, True), (1, 1, False)])
-def test_folded_conv_equals_conv_bn_act_in_both_layouts(k, stride, act):
+@pytest.mark.parametrize("prepack", [False, True])
+def test_folded_conv_equals_conv_bn_act_in_both_layouts(k, stride, act, prepack):
     from torch import nn
 
-    from dynprune.fusion import FoldedConv, pointwise_as_matmul
+    from dynprune.fusion import FoldedConv, pointwise_as_matmul, prepack_convolutions
     from dynprune.layers import ConvBNAct
 
     torch.manual_seed(0)
@@ -141,13 +144,48 @@ def test_folded_conv_equals_conv_bn_act_in_both_layouts(k, stride, act):
     layer.bn.weight.data.uniform_(0.5, 1.5)
     layer.bn.bias.data.uniform_(-0.5, 0.5)
     holder = pointwise_as_matmul(nn.Sequential(FoldedConv(layer)))
+    if prepack:
+        prepack_convolutions(holder)
     folded = holder[0]
     assert folded.matmul == (k == 1 and stride == 1)
+    assert folded.prepack == (prepack and not folded.matmul)
     x = torch.randn(2, 6, 8, 12)
     with torch.no_grad():
         ref = layer(x)
-        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
-            torch.testing.assert_close(folded(inp), ref, atol=1e-5, rtol=1e-5)
+        for inp in (x, x.contiguous(memory_format=torch.channels_last), x[:1]):  # batch and size change too
+            torch.testing.assert_close(folded(inp), ref[: inp.shape[0]], atol=1e-5, rtol=1e-5)
+    if folded.prepack and torch.backends.mkldnn.is_available():
+        assert isinstance(folded._packed, torch.Tensor) and folded._packed.is_mkldnn
+
+
+def test_prepacked_layers_copy_save_and_change_dtype():
+    """A oneDNN weight cannot be copied or pickled: copies, saves and .to() drop it and remake it
+    on use; a float64 model runs as conv2d."""
+    import copy
+    import io
+
+    from dynprune.compact import DenseInference
+    from dynprune.fusion import FoldedConv
+
+    torch.manual_seed(0)
+    model = build_detector(tiny_config()).eval()
+    randomize_bn(model, 0)
+    fast = DenseInference(model)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        out = fast(x)
+        copied = copy.deepcopy(fast)(x)
+        buf = io.BytesIO()
+        torch.save(fast, buf)
+        buf.seek(0)
+        loaded = torch.load(buf, weights_only=False)(x)
+        fast.double()
+        assert all(m._packed is None for m in fast.modules() if isinstance(m, FoldedConv))
+        doubled = fast(x.double())
+    for got in (out, copied, loaded, doubled):
+        torch.testing.assert_close(got[1].float(), ref[1], atol=1e-4, rtol=1e-4)
+    assert all(m._packed is False for m in fast.modules() if isinstance(m, FoldedConv) and m.prepack)
 
 
 def test_pointwise_conv_falls_back_to_a_convolution_for_nchw_input():
