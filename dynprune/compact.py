@@ -546,7 +546,7 @@ class DenseInference(nn.Module):
     every layer shape measured; on the H100 in fp16 the nano detector takes 0.387 ms in a CUDA graph
     NHWC against 0.489 ms NCHW), and on the CPU the 1x1 convolutions as matrix products, the other
     convolutions on oneDNN weights made once with the SiLU fused
-    (:func:`~dynprune.fusion.prepack_convolutions`: 6-9% off the dense nano network at 320 px on two
+    (:func:`~dynprune.fusion.prepack_convolutions`: 8-10% off the dense nano network at 320 px on two
     cores), and each bottleneck as one :class:`~dynprune.fusion.FoldedBottleneck` call, as the
     compact blocks run theirs (the same code, :func:`~dynprune.fusion.bottleneck_pixels`). So a
     dense-against-dynamic comparison measures the skipped channels against the fastest dense form

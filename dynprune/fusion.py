@@ -111,8 +111,8 @@ def packed_conv_weight(weight: torch.Tensor, padding, stride, groups: int, input
 
     Why: PyTorch's eager ``conv2d`` on the CPU reorders the weight into oneDNN's layout on every
     call. Reordered once, with the SiLU fused into the convolution, the dense nano network at 320 px
-    ran 6.4-8.9% faster on two cores (BENCHMARKS.md, session 14); a 3x3 at 256 channels and 10x10,
-    731 -> 512 us. The compact blocks' gathered weights change every frame and cannot be kept so.
+    ran 8-10% faster on two cores (BENCHMARKS.md, session 14); a 3x3 at 256 channels and 10x10,
+    623 -> 505 us. The compact blocks' gathered weights change every frame and cannot be kept so.
     """
     global _prepack_failure_logged
     for t in (weight,) if x is None else (weight, x):
