@@ -17,7 +17,10 @@ log = logging.getLogger(__name__)
 _silu_ = torch._C._nn.silu_  # F.silu(inplace=True) without its Python wrapper
 # oneDNN's convolution with a fused activation, on a weight reordered once into its own layout
 # (PyTorch's eager conv2d reorders the weight on every call); the op TorchInductor uses on the CPU.
-_conv_pointwise = torch.ops.mkldnn._convolution_pointwise
+try:
+    _conv_pointwise = torch.ops.mkldnn._convolution_pointwise
+except (AttributeError, RuntimeError):  # a PyTorch build without it: the convolutions stay conv2d
+    _conv_pointwise = None
 _UNIT = [1, 1]
 
 
@@ -119,9 +122,11 @@ def packed_conv_weight(weight: torch.Tensor, padding, stride, groups: int, input
         if t.device.type != "cpu" or t.dtype != torch.float32:
             return False
     try:
+        if _conv_pointwise is None:
+            raise RuntimeError("torch.ops.mkldnn._convolution_pointwise is missing")
         return torch._C._nn.mkldnn_reorder_conv2d_weight(weight.detach().to_mkldnn(), list(padding), list(stride),
                                                          _UNIT, groups, list(input_size))
-    except (RuntimeError, NotImplementedError) as err:  # no oneDNN in this PyTorch build
+    except (AttributeError, RuntimeError, NotImplementedError) as err:  # no oneDNN in this PyTorch build
         if not _prepack_failure_logged:
             _prepack_failure_logged = True
             log.info("oneDNN weight prepacking unavailable (%s); convolutions run as conv2d", str(err).splitlines()[0])

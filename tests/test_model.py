@@ -204,3 +204,26 @@ def test_pointwise_conv_falls_back_to_a_convolution_for_nchw_input():
         assert torch.allclose(out, ref, atol=1e-5)
     with pytest.raises(ValueError, match="1x1"):
         PointwiseConv(nn.Conv2d(5, 7, 3))
+
+
+def test_convolutions_run_as_conv2d_where_onednn_cannot_prepack(monkeypatch, caplog):
+    """A PyTorch without oneDNN's prepacking: said once in the log, and the layers run as conv2d."""
+    import logging
+
+    from dynprune import fusion
+    from dynprune.compact import DenseInference
+
+    def missing(*args, **kwargs):
+        raise RuntimeError("mkldnn_reorder_conv2d_weight: not built with oneDNN")
+
+    monkeypatch.setattr(torch._C._nn, "mkldnn_reorder_conv2d_weight", missing)
+    monkeypatch.setattr(fusion, "_prepack_failure_logged", False)
+    torch.manual_seed(0)
+    model = build_detector(tiny_config()).eval()
+    fast = DenseInference(model)
+    x = torch.rand(1, 3, 64, 64)
+    with caplog.at_level(logging.INFO, logger="dynprune.fusion"), torch.no_grad():
+        ref, out = model(x), fast(x)
+    torch.testing.assert_close(out[1], ref[1], atol=1e-4, rtol=1e-4)
+    assert all(m._packed is False for m in fast.modules() if isinstance(m, fusion.FoldedConv) and m.prepack)
+    assert sum("prepacking unavailable" in r.message for r in caplog.records) == 1
