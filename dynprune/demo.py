@@ -53,7 +53,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False) -> int:
     from dynprune.serve.bundle import export_bundle
     from dynprune.train.dense import train_dense
     from dynprune.train.engine import TrainConfig
-    from dynprune.train.gate import train_gates
+    from dynprune.train.gate import keep_shortfall, train_gates
     from dynprune.train.prune import prune_checkpoint
     from dynprune.validate import run_validation
 
@@ -86,8 +86,11 @@ def run_demo(out: str = "runs/demo", quick: bool = False) -> int:
                            out=str(root / "gate"), warmup_epochs=0.5, mosaic=0.0,
                            extra={"dense": dense_w})
     # Thresholds every 10 steps: on a 4-epoch schedule a per-epoch jump drops too much at once.
-    train_gates(dense_w, spec, gate_cfg, keep=plan.keep, method="manidp", group=plan.gate_group,
-                threshold_every=plan.threshold_every)
+    gate_result = train_gates(dense_w, spec, gate_cfg, keep=plan.keep, method="manidp", group=plan.gate_group,
+                              threshold_every=plan.threshold_every)
+    note = keep_shortfall(gate_result, plan.keep)  # why the bench below shows a lower keep than asked for
+    if note:
+        print(f"note: {note}")
     timings["gate_train_s"] = time.time() - t
     gate_w = str(root / "gate" / "best.pt")
 
