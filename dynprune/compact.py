@@ -100,6 +100,7 @@ class CompactBottleneck(nn.Module):
         self.profile = False  # time the gates (serving reports them apart from the network)
         # Views of the compiled step's output buffers for one count of kept channels and slots
         # (the key: the step's four counts as bytes), made on the first frame with those counts.
+        # Bounded by the counts a block can have; a few hundred bytes of views each.
         self._views: Dict[bytes, tuple] = {}
 
     @property
