@@ -47,9 +47,10 @@ class FallbackPolicy:
         best_ap = max((ap.get(e, 0.0) for e in engines), default=0.0)
         self.eligible = [e for e in engines if ap.get(e) is None or ap.get(e, 0.0) >= best_ap - ap_margin]
         dropped = sorted(set(engines) - set(self.eligible))
-        if dropped:
-            log.info("policy: %s below the accuracy bar (AP50-95 within %.3f of %.4f); not used", dropped,
-                     ap_margin, best_ap)
+        if dropped:  # an engine the bundle ships will never serve a frame: say so without -v
+            log.warning("engines %s not used: AP50-95 %s, more than %.3f below the best engine's %.4f",
+                        ", ".join(dropped), ", ".join(f"{ap[e]:.4f}" for e in dropped), ap_margin, best_ap)
+        self.dropped = dropped
         self.engines, self.ap = engines, ap
         self.warmup, self.probe_every, self.hysteresis, self.alpha = warmup, probe_every, hysteresis, alpha
         self.route_by_keep = route_by_keep

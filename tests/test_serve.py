@@ -229,9 +229,14 @@ def test_policy_picks_the_faster_engine_and_switches_with_hysteresis():
     assert pol.switches[-1]["to"] == "static" and "static" in pol.switches[-1]["why"]
 
 
-def test_policy_respects_the_accuracy_bar():
-    pol = FallbackPolicy(["dense", "static"], {"dense": 0.50, "static": 0.40}, ap_margin=0.02, warmup=2)
-    assert pol.eligible == ["dense"]
+def test_policy_respects_the_accuracy_bar(caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="dynprune.serve"):
+        pol = FallbackPolicy(["dense", "static"], {"dense": 0.50, "static": 0.40}, ap_margin=0.02, warmup=2)
+    assert pol.eligible == ["dense"] and pol.dropped == ["static"]
+    # said without -v: the user shipped that engine and it will never serve a frame
+    assert any("static not used: AP50-95 0.4000" in r.message for r in caplog.records)
 
 
 def test_serve_auto_policy_with_an_artificially_slow_engine(bundle, video, monkeypatch):
