@@ -75,7 +75,7 @@ class FoldedConv(nn.Module):
             packed = self._packed
             if packed is None and self.prepack:
                 packed = self.packed_weight(x.shape, x)
-            if packed is not None and packed is not False:
+            if packed is not None and packed is not False and not x.requires_grad:  # (no autograd kernel)
                 return _conv_pointwise(x, packed, self.bias, self.padding, self.stride, _UNIT, self.groups,
                                        "swish" if self.act else "none", [], "")
             y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)

@@ -156,6 +156,10 @@ def test_folded_conv_equals_conv_bn_act_in_both_layouts(k, stride, act, prepack)
             torch.testing.assert_close(folded(inp), ref[: inp.shape[0]], atol=1e-5, rtol=1e-5)
     if folded.prepack and torch.backends.mkldnn.is_available():
         assert isinstance(folded._packed, torch.Tensor) and folded._packed.is_mkldnn
+    # an input that needs grad runs through conv2d (oneDNN's fused op has no autograd kernel)
+    x.requires_grad_()
+    folded(x).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
 
 
 def test_prepacked_layers_copy_save_and_change_dtype():
