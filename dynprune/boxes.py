@@ -8,7 +8,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, nms
 
 
 def make_anchor_points(
@@ -62,6 +62,40 @@ def postprocess(
     return out
 
 
+def detections_numpy(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    conf: float = 0.25,
+    iou: float = 0.6,
+    max_det: int = 100,
+    pre_nms: int = 1000,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`postprocess` for one image held in NumPy: ``boxes (A, 4)`` xyxy and ``scores (A, C)``
+    -> ``(boxes (N, 4), scores (N,), labels (N,))``, the same detections in the same order.
+
+    The CPU serving path. It filters by ``conf`` before ranking, and all of it runs as a dozen NumPy
+    calls and one call of torchvision's NMS kernel, where :func:`postprocess` makes about forty torch
+    calls. That matters right after a network has run, when each call finds cold caches: on the
+    raccoon bundle, a frame's post-processing took 0.33-0.59 ms in the pipeline against 0.12 ms
+    warm (BENCHMARKS.md, session 14)."""
+    num_classes = scores.shape[-1]
+    flat = scores.reshape(-1)
+    index = np.flatnonzero(flat > conf)
+    if index.size > pre_nms:  # the pre_nms best of those above conf, as topk-then-filter keeps
+        index = index[np.argpartition(-flat[index], pre_nms - 1)[:pre_nms]]
+    if index.size == 0:
+        return np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)
+    top = flat[index].astype(np.float32)
+    anchor, label = np.divmod(index, num_classes)
+    picked = boxes[anchor].astype(np.float32)
+    if num_classes == 1:  # one class: batched NMS is plain NMS
+        kept = nms(torch.from_numpy(picked), torch.from_numpy(top), iou)
+    else:
+        kept = batched_nms(torch.from_numpy(picked), torch.from_numpy(top), torch.from_numpy(label), iou)
+    kept = kept[:max_det].numpy()
+    return picked[kept], top[kept], label[kept]
+
+
 @dataclass
 class Letterbox:
     """How an image was fitted into the model input: ``model = image * scale + pad``."""
@@ -74,11 +108,9 @@ class Letterbox:
 
     def to_image(self, boxes: np.ndarray) -> np.ndarray:
         """Model-pixel ``xyxy`` boxes -> original-image pixels, clipped to the image."""
-        b = boxes.astype(np.float32).copy()
-        b[:, [0, 2]] = (b[:, [0, 2]] - self.pad_x) / self.scale
-        b[:, [1, 3]] = (b[:, [1, 3]] - self.pad_y) / self.scale
-        b[:, [0, 2]] = b[:, [0, 2]].clip(0, self.width)
-        b[:, [1, 3]] = b[:, [1, 3]].clip(0, self.height)
+        b = boxes.astype(np.float32)  # a copy
+        b[:, 0::2] = ((b[:, 0::2] - self.pad_x) / self.scale).clip(0, self.width)
+        b[:, 1::2] = ((b[:, 1::2] - self.pad_y) / self.scale).clip(0, self.height)
         return b
 
     def to_model(self, boxes: np.ndarray) -> np.ndarray:
@@ -101,3 +133,52 @@ def letterbox(image: np.ndarray, size: int, color: int = 114) -> Tuple[np.ndarra
     out = np.full((size, size, 3), color, dtype=np.uint8)
     out[pad_y : pad_y + nh, pad_x : pad_x + nw] = image
     return out, Letterbox(scale, float(pad_x), float(pad_y), w, h)
+
+
+class LetterboxInput:
+    """Letterbox and model input for a stream of frames, with its buffers kept between calls.
+
+    ``__call__(image)`` gives ``(input (1, 3, S, S) float32 RGB in [0, 1], Letterbox)``, bit for bit
+    :func:`~dynprune.data.dataset.to_tensor` of :func:`letterbox`'s image, but the canvas keeps its
+    padding while the frame size stays the same, the resize writes straight into it, and the float
+    input is one NumPy division into a kept buffer. Serving runs it once per frame, right after a
+    network has left the caches cold; the input tensor is that buffer, so the next call overwrites
+    it (use it before then).
+    """
+
+    def __init__(self, size: int, color: int = 114) -> None:
+        self.size, self.color = size, color
+        self._canvas = np.full((size, size, 3), color, dtype=np.uint8)
+        self._input = np.empty((1, 3, size, size), dtype=np.float32)
+        self._tensor = torch.from_numpy(self._input)
+        self._frame_shape: Tuple[int, ...] = ()
+        self._roi = self._canvas
+        self._fitted = Letterbox(1.0, 0.0, 0.0, size, size)
+
+    def __call__(self, image: np.ndarray) -> Tuple[torch.Tensor, Letterbox]:
+        import cv2
+
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            from dynprune.data.dataset import to_tensor
+
+            boxed, fitted = letterbox(image, self.size, self.color)  # (and its error for bad input)
+            return to_tensor(boxed), fitted
+        if image.shape != self._frame_shape:  # a new frame size: new padding
+            h, w = image.shape[:2]
+            scale = min(self.size / h, self.size / w)
+            nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+            pad_y, pad_x = (self.size - nh) // 2, (self.size - nw) // 2
+            self._canvas.fill(self.color)
+            self._roi = self._canvas[pad_y : pad_y + nh, pad_x : pad_x + nw]
+            self._fitted = Letterbox(scale, float(pad_x), float(pad_y), w, h)
+            self._frame_shape = image.shape
+        roi = self._roi
+        if roi.shape != image.shape:
+            resized = cv2.resize(image, (roi.shape[1], roi.shape[0]), dst=roi, interpolation=cv2.INTER_LINEAR)
+            if resized is not roi:  # OpenCV made its own array after all
+                roi[...] = resized
+        else:
+            roi[...] = image
+        np.divide(self._canvas[:, :, ::-1].transpose(2, 0, 1), np.float32(255), out=self._input[0])  # BGR -> RGB
+        return self._tensor, self._fitted
+

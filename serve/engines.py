@@ -17,9 +17,8 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from dynprune.boxes import letterbox, postprocess
+from dynprune.boxes import LetterboxInput, detections_numpy, postprocess
 from dynprune.checkpoint import model_from_checkpoint
-from dynprune.data.dataset import to_tensor
 
 log = logging.getLogger("dynprune.serve")
 
@@ -51,6 +50,7 @@ class Engine:
 
     def __init__(self, imgsz: int, conf: float, iou: float, device: torch.device) -> None:
         self.imgsz, self.conf, self.iou, self.device = imgsz, conf, iou, device
+        self.input = LetterboxInput(imgsz)  # buffers kept from frame to frame
         self.description = ""
 
     def network(self, x: torch.Tensor):
@@ -58,21 +58,26 @@ class Engine:
 
     def __call__(self, image: np.ndarray) -> Result:
         t0 = time.perf_counter()
-        boxed, lb = letterbox(image, self.imgsz)
-        x = to_tensor(boxed).to(self.device)
+        x, lb = self.input(image)
+        x = x.to(self.device)
         _sync(self.device)
         t1 = time.perf_counter()
         boxes, scores, extra = self.network(x)
         _sync(self.device)
         t2 = time.perf_counter()
-        det = postprocess(boxes, scores, self.conf, self.iou)[0]
-        out_boxes = lb.to_image(det["boxes"].float().cpu().numpy())
+        if boxes.device.type == "cpu":  # NumPy and one NMS call (see detections_numpy)
+            det_boxes, det_scores, det_labels = detections_numpy(boxes[0].numpy(), scores[0].numpy(), self.conf,
+                                                                 self.iou)
+        else:
+            det = postprocess(boxes, scores, self.conf, self.iou)[0]
+            det_boxes, det_scores, det_labels = (det["boxes"].float().cpu().numpy(),
+                                                 det["scores"].float().cpu().numpy(), det["labels"].cpu().numpy())
+        out_boxes = lb.to_image(det_boxes)
         t3 = time.perf_counter()
         gates_ms = extra.pop("gates_ms", 0.0)
         timings = {"preprocess_ms": (t1 - t0) * 1e3, "gates_ms": gates_ms,
                    "network_ms": (t2 - t1) * 1e3 - gates_ms, "postprocess_ms": (t3 - t2) * 1e3}
-        return Result(out_boxes, det["scores"].float().cpu().numpy(), det["labels"].cpu().numpy(), timings,
-                      engine=self.name, **extra)
+        return Result(out_boxes, det_scores, det_labels, timings, engine=self.name, **extra)
 
 
 def network_dtype(device: torch.device, precision: str) -> torch.dtype:
