@@ -124,15 +124,20 @@ def letterbox(image: np.ndarray, size: int, color: int = 114) -> Tuple[np.ndarra
     """Resize keeping the aspect ratio and pad to ``size x size`` (HWC uint8 in, out)."""
     import cv2
 
-    h, w = image.shape[:2]
+    fitted, (nh, nw) = _fit(image.shape[0], image.shape[1], size)
+    if (nh, nw) != image.shape[:2]:
+        image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
+    out = np.full((size, size, 3), color, dtype=np.uint8)
+    out[int(fitted.pad_y) : int(fitted.pad_y) + nh, int(fitted.pad_x) : int(fitted.pad_x) + nw] = image
+    return out, fitted
+
+
+def _fit(h: int, w: int, size: int) -> Tuple[Letterbox, Tuple[int, int]]:
+    """How an ``h x w`` image fits a ``size x size`` input: the transform and the resized ``(h, w)``."""
     scale = min(size / h, size / w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    if (nh, nw) != (h, w):
-        image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
     pad_y, pad_x = (size - nh) // 2, (size - nw) // 2
-    out = np.full((size, size, 3), color, dtype=np.uint8)
-    out[pad_y : pad_y + nh, pad_x : pad_x + nw] = image
-    return out, Letterbox(scale, float(pad_x), float(pad_y), w, h)
+    return Letterbox(scale, float(pad_x), float(pad_y), w, h), (nh, nw)
 
 
 class LetterboxInput:
@@ -164,13 +169,10 @@ class LetterboxInput:
             boxed, fitted = letterbox(image, self.size, self.color)  # (and its error for bad input)
             return to_tensor(boxed), fitted
         if image.shape != self._frame_shape:  # a new frame size: new padding
-            h, w = image.shape[:2]
-            scale = min(self.size / h, self.size / w)
-            nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-            pad_y, pad_x = (self.size - nh) // 2, (self.size - nw) // 2
+            self._fitted, (nh, nw) = _fit(image.shape[0], image.shape[1], self.size)
+            pad_y, pad_x = int(self._fitted.pad_y), int(self._fitted.pad_x)
             self._canvas.fill(self.color)
             self._roi = self._canvas[pad_y : pad_y + nh, pad_x : pad_x + nw]
-            self._fitted = Letterbox(scale, float(pad_x), float(pad_y), w, h)
             self._frame_shape = image.shape
         roi = self._roi
         if roi.shape != image.shape:
