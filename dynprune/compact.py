@@ -315,11 +315,7 @@ class CompactBottleneck(nn.Module):
         self._kept[0] = kept
         if n1 and n2:
             return bottleneck_pixels(xi, h, w, b1, w1_t, w2, b2, w3_t, b3)
-        if n2:  # a 3x3 over zeros is its bias at every pixel: the block adds a constant
-            y = xi + torch.addmm(b3, F.silu(b2)[None], w3_t)
-        else:  # nothing reaches the output projection: shortcut plus bias
-            y = xi + b3
-        return torch.from_numpy(y.numpy().reshape(1, h, w, c).transpose(0, 3, 1, 2))
+        return _block_without_3x3(xi, h, w, n2, b2, w3_t, b3)
 
     def _step_views(self, key: bytes, c: int) -> tuple:
         """What the lean path reads from the compiled step's buffers for one set of counts
@@ -354,7 +350,7 @@ class CompactBottleneck(nn.Module):
             table = p["rows"]
         if self.profile:
             self.gate_ms += (time.perf_counter() - t0) * 1e3
-        out = np.empty((b, hw, c), dtype=np.float32) if b > 1 else None
+        out = np.empty((b, h, w, c), dtype=np.float32) if b > 1 else None
         kept = np.empty((b, 2), dtype=np.int64)
         for i in range(b):  # each image keeps its own channel set
             xi = torch.from_numpy(pixels[i])  # (H*W, C), the block input's pixels
@@ -369,30 +365,35 @@ class CompactBottleneck(nn.Module):
                 rows = table.take(index, axis=0)  # W1 | b1 rows, then W3^T | b2 rows: one gather
                 rows[slots1:, :c] *= scale[slots1:, None]  # scale 2 folded into W3's rows (not into b2)
             kept[i] = n1, n2
-            if n2 == 0:  # nothing reaches the output projection: shortcut plus bias
-                yi = xi + self.b3
-            else:
-                w3 = torch.from_numpy(rows[slots1:, :c])  # a strided view: BLAS reads it in place
-                b2 = torch.from_numpy(np.ascontiguousarray(rows[slots1:, c]))
-                if n1 == 0:  # a 3x3 over zeros is its bias at every pixel: the block adds a constant
-                    yi = xi + torch.addmm(self.b3, F.silu(b2)[None], w3)
+            w3_t = torch.from_numpy(rows[slots1:, :c])  # a strided view: BLAS reads it in place
+            b2 = torch.from_numpy(rows[slots1:, c])  # strided too; conv2d takes it as it is
+            if n1 and n2:
+                if native is not None:  # OHWI, scale 1 folded in
+                    w2 = torch.from_numpy(native.w2(slots1, slots2).transpose(0, 3, 1, 2))
                 else:
-                    y = torch.addmm(torch.from_numpy(rows[:slots1, c]), xi, torch.from_numpy(rows[:slots1, :c].T))
-                    y = F.silu(y, inplace=True).numpy().reshape(1, h, w, slots1).transpose(0, 3, 1, 2)
-                    if native is not None:  # OHWI, scale 1 folded in
-                        w2 = torch.from_numpy(native.w2(slots1, slots2).transpose(0, 3, 1, 2))
-                    else:
-                        w2 = self.gather_w2(index[slots1:] - self.h1, index[:slots1], scale[:slots1])  # scale 1 in
-                    y = F.silu(F.conv2d(torch.from_numpy(y), w2, b2, padding=1), inplace=True)  # channels-last map
-                    y = y.numpy().transpose(0, 2, 3, 1).reshape(hw, -1)
-                    yi = torch.addmm(self.b3, torch.from_numpy(y), w3).add_(xi)
-            if out is None:
-                out = yi.numpy()[None]
+                    w2 = self.gather_w2(index[slots1:] - self.h1, index[:slots1], scale[:slots1])  # scale 1 in
+                yi = bottleneck_pixels(xi, h, w, torch.from_numpy(rows[:slots1, c]),
+                                       torch.from_numpy(rows[:slots1, :c].T), w2, b2, w3_t, self.b3)
             else:
-                out[i] = yi.numpy()
+                yi = _block_without_3x3(xi, h, w, n2, b2, w3_t, self.b3)
+            if b == 1:
+                out = yi
+            else:  # (1, C, H, W) in channels-last memory: its NumPy pixels are (H, W, C)
+                out[i] = yi.numpy()[0].transpose(1, 2, 0)
         self.last_kept = kept
         # NCHW shape, channels-last memory, made in NumPy (one torch call instead of two views)
-        return torch.from_numpy(out.reshape(b, h, w, c).transpose(0, 3, 1, 2))
+        return out if b == 1 else torch.from_numpy(out.transpose(0, 3, 1, 2))
+
+
+def _block_without_3x3(xi: torch.Tensor, h: int, w: int, n2: int, b2: torch.Tensor, w3_t: torch.Tensor,
+                       b3: torch.Tensor) -> torch.Tensor:
+    """A compact block whose gate 1 or gate 2 keeps nothing, on one image's ``(H*W, C)`` pixels:
+    NCHW-shaped, channels-last, as :func:`~dynprune.fusion.bottleneck_pixels` returns."""
+    if n2:  # a 3x3 over zeros is its bias at every pixel: the block adds a constant
+        y = xi + torch.addmm(b3, F.silu(b2)[None], w3_t)
+    else:  # nothing reaches the output projection: shortcut plus bias
+        y = xi + b3
+    return torch.from_numpy(y.numpy().reshape(1, h, w, -1).transpose(0, 3, 1, 2))
 
 
 def _group_keep(gate: Gate, saliency: np.ndarray) -> np.ndarray:
