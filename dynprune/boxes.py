@@ -45,21 +45,35 @@ def postprocess(
 ) -> List[Dict[str, torch.Tensor]]:
     """Per image: top scores above ``conf`` -> class-wise NMS -> at most ``max_det`` boxes.
 
-    ``boxes`` is ``(B, A, 4)`` xyxy, ``scores`` ``(B, A, C)`` probabilities.
+    ``boxes`` is ``(B, A, 4)`` xyxy, ``scores`` ``(B, A, C)`` probabilities. Float32 CPU tensors go
+    through :func:`detections_numpy` (the same detections, a dozen calls instead of about forty);
+    anything else (a GPU, half precision) through the same steps in torch.
     """
+    on_numpy = (boxes.device.type == "cpu" and boxes.dtype == scores.dtype == torch.float32
+                and not (boxes.requires_grad or scores.requires_grad))
     out = []
-    num_classes = scores.shape[-1]
     for b in range(boxes.shape[0]):
-        s = scores[b].reshape(-1)
-        k = min(pre_nms, s.numel())
-        top_s, top_i = s.topk(k)
-        keep = top_s > conf
-        top_s, top_i = top_s[keep], top_i[keep]
-        anchor, label = top_i // num_classes, top_i % num_classes
-        bx = boxes[b, anchor]
-        kept = batched_nms(bx.float(), top_s.float(), label, iou)[:max_det]
-        out.append({"boxes": bx[kept], "scores": top_s[kept], "labels": label[kept]})
+        if on_numpy:
+            bx, top_s, label = (torch.from_numpy(a) for a in detections_numpy(
+                boxes[b].numpy(), scores[b].numpy(), conf, iou, max_det, pre_nms))
+            out.append({"boxes": bx, "scores": top_s, "labels": label})
+        else:
+            out.append(_detections_torch(boxes[b], scores[b], conf, iou, max_det, pre_nms))
     return out
+
+
+def _detections_torch(boxes: torch.Tensor, scores: torch.Tensor, conf: float, iou: float, max_det: int,
+                      pre_nms: int) -> Dict[str, torch.Tensor]:
+    """One image's detections in torch ops, for tensors on a GPU or in other dtypes."""
+    num_classes = scores.shape[-1]
+    s = scores.reshape(-1)
+    top_s, top_i = s.topk(min(pre_nms, s.numel()))
+    keep = top_s > conf
+    top_s, top_i = top_s[keep], top_i[keep]
+    anchor, label = top_i // num_classes, top_i % num_classes
+    bx = boxes[anchor]
+    kept = batched_nms(bx.float(), top_s.float(), label, iou)[:max_det]
+    return {"boxes": bx[kept], "scores": top_s[kept], "labels": label[kept]}
 
 
 def detections_numpy(
@@ -71,13 +85,14 @@ def detections_numpy(
     pre_nms: int = 1000,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`postprocess` for one image held in NumPy: ``boxes (A, 4)`` xyxy and ``scores (A, C)``
-    -> ``(boxes (N, 4), scores (N,), labels (N,))``, the same detections in the same order.
+    -> ``(boxes (N, 4), scores (N,), labels (N,))``, the same detections in the same order as its
+    torch steps give.
 
-    The CPU serving path. It filters by ``conf`` before ranking, and all of it runs as a dozen NumPy
-    calls and one call of torchvision's NMS kernel, where :func:`postprocess` makes about forty torch
-    calls. That matters right after a network has run, when each call finds cold caches: on the
-    raccoon bundle, a frame's post-processing took 0.33-0.59 ms in the pipeline against 0.12 ms
-    warm (BENCHMARKS.md, session 14)."""
+    The CPU path of :func:`postprocess` (serving, validation). It filters by ``conf`` before ranking,
+    and all of it runs as a dozen NumPy calls and one call of torchvision's NMS kernel, where the
+    torch steps make about forty calls. That matters right after a network has run, when each call
+    finds cold caches: on the raccoon bundle, a frame's post-processing took 0.33-0.59 ms in the
+    pipeline against 0.12 ms warm (BENCHMARKS.md, session 14)."""
     num_classes = scores.shape[-1]
     flat = scores.reshape(-1)
     index = np.flatnonzero(flat > conf)

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from dynprune.boxes import LetterboxInput, detections_numpy, postprocess
+from dynprune.boxes import LetterboxInput, postprocess
 from dynprune.checkpoint import model_from_checkpoint
 
 log = logging.getLogger("dynprune.serve")
@@ -65,19 +65,14 @@ class Engine:
         boxes, scores, extra = self.network(x)
         _sync(self.device)
         t2 = time.perf_counter()
-        if boxes.device.type == "cpu":  # NumPy and one NMS call (see detections_numpy)
-            det_boxes, det_scores, det_labels = detections_numpy(boxes[0].numpy(), scores[0].numpy(), self.conf,
-                                                                 self.iou)
-        else:
-            det = postprocess(boxes, scores, self.conf, self.iou)[0]
-            det_boxes, det_scores, det_labels = (det["boxes"].float().cpu().numpy(),
-                                                 det["scores"].float().cpu().numpy(), det["labels"].cpu().numpy())
-        out_boxes = lb.to_image(det_boxes)
+        det = postprocess(boxes, scores, self.conf, self.iou)[0]
+        out_boxes = lb.to_image(det["boxes"].float().cpu().numpy())
         t3 = time.perf_counter()
         gates_ms = extra.pop("gates_ms", 0.0)
         timings = {"preprocess_ms": (t1 - t0) * 1e3, "gates_ms": gates_ms,
                    "network_ms": (t2 - t1) * 1e3 - gates_ms, "postprocess_ms": (t3 - t2) * 1e3}
-        return Result(out_boxes, det_scores, det_labels, timings, engine=self.name, **extra)
+        return Result(out_boxes, det["scores"].float().cpu().numpy(), det["labels"].cpu().numpy(), timings,
+                      engine=self.name, **extra)
 
 
 def network_dtype(device: torch.device, precision: str) -> torch.dtype:

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from dynprune.boxes import Letterbox, detections_numpy, postprocess
+from dynprune.boxes import Letterbox, _detections_torch, detections_numpy, postprocess
 
 
 def _random_detections(anchors: int, classes: int, seed: int):
@@ -17,16 +17,22 @@ def _random_detections(anchors: int, classes: int, seed: int):
 @pytest.mark.parametrize("classes", [1, 3])
 @pytest.mark.parametrize("conf,pre_nms", [(0.25, 1000), (0.05, 50), (0.999999, 1000)])
 def test_numpy_detections_equal_postprocess(classes, conf, pre_nms):
-    """The serving path's NumPy post-processing keeps the same boxes, scores and labels in the same
-    order as the torch one: with many boxes above conf, more than pre_nms of them, and none."""
+    """The CPU post-processing in NumPy keeps the same boxes, scores and labels in the same order as
+    the torch steps (the GPU's): with many boxes above conf, more than pre_nms of them, and none.
+    postprocess() takes the NumPy one for float32 CPU tensors and the torch one for float64."""
     for seed in range(3):
         boxes, scores = _random_detections(400, classes, seed)
-        ref = postprocess(boxes, scores, conf, 0.5, max_det=30, pre_nms=pre_nms)[0]
+        ref = _detections_torch(boxes[0], scores[0], conf, 0.5, max_det=30, pre_nms=pre_nms)
         got = detections_numpy(boxes[0].numpy(), scores[0].numpy(), conf, 0.5, max_det=30, pre_nms=pre_nms)
         np.testing.assert_array_equal(got[0], ref["boxes"].numpy())
         np.testing.assert_array_equal(got[1], ref["scores"].numpy())
         np.testing.assert_array_equal(got[2], ref["labels"].numpy())
         assert got[0].dtype == np.float32 and got[2].dtype == np.int64
+        via = postprocess(boxes, scores, conf, 0.5, max_det=30, pre_nms=pre_nms)[0]
+        assert all(torch.equal(via[k], torch.from_numpy(v)) for k, v in zip(("boxes", "scores", "labels"), got))
+        via64 = postprocess(boxes.double(), scores.double(), conf, 0.5, max_det=30, pre_nms=pre_nms)[0]
+        assert via64["boxes"].dtype == torch.float64  # the torch steps
+        torch.testing.assert_close(via64["boxes"].float(), ref["boxes"])
 
 
 def test_letterbox_maps_boxes_back_and_clips():
