@@ -102,6 +102,10 @@ class CompactBottleneck(nn.Module):
         # (the key: the step's four counts as bytes), made on the first frame with those counts.
         # Bounded by the counts a block can have; a few hundred bytes of views each.
         self._views: Dict[bytes, tuple] = {}
+        # The whole block as one compiled call (``BlockPlan.forward``) where the step is compiled;
+        # False runs the step, then PyTorch's products (the path the tests compare it with).
+        self.fused = True
+        self._counts: Dict[bytes, np.ndarray] = {}  # the kept-count array for each key of counts
 
     @property
     def last_kept(self) -> Optional[np.ndarray | torch.Tensor]:
@@ -170,14 +174,14 @@ class CompactBottleneck(nn.Module):
         # .to(), .float(), ...: the NumPy copies, the compiled step and its views hold the old
         # weights; they are remade on the next call.
         self._np, self._native = None, None
-        self._views = {}
+        self._views, self._counts = {}, {}
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:
         # The NumPy copies and the compiled step's buffers are caches, rebuilt on the next call
         # (and ctypes pointers cannot be copied or pickled).
         state = dict(self.__dict__)
-        state["_np"], state["_native"], state["_views"] = None, None, {}
+        state["_np"], state["_native"], state["_views"], state["_counts"] = None, None, {}, {}
         return state
 
     def _native_plan(self, fc2a_t: np.ndarray, fc2b_t: np.ndarray):
@@ -194,7 +198,8 @@ class CompactBottleneck(nn.Module):
         return BlockPlan(lib, fc1_t=p["fc1_t"], fc2a_t=fc2a_t, fc2b_t=fc2b_t, fc2_b=p["fc2_b"],
                          thresholds=p["thresholds"], rows=p["rows"], w2_ohwi=p["w2_ohwi"],
                          groups=(self.gate1.groups, self.gate2.groups),
-                         group_sizes=(self.gate1.group, self.gate2.group), pad_to=self.pad_to)
+                         group_sizes=(self.gate1.group, self.gate2.group), pad_to=self.pad_to,
+                         b3=self.b3.detach().cpu().float().numpy())
 
     def pool_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """Global average pool ``(B, C)`` of the block input's ``(B, H*W, C)`` pixels, as a NumPy
@@ -300,6 +305,16 @@ class CompactBottleneck(nn.Module):
         if nhwc is None:
             return self._forward_each(x)
         h, w, c = nhwc.shape
+        if self.fused and native.fused:  # the whole block in one compiled call
+            out = torch.from_numpy(np.empty((1, h, w, c), np.float32).transpose(0, 3, 1, 2))
+            key = native.forward(x.data_ptr(), h, w, out.data_ptr())
+            kept = self._counts.get(key)
+            if kept is None:
+                kept = self._counts[key] = np.frombuffer(key, dtype=np.int64)[None, :2].copy()
+            self._kept[0] = kept
+            if self.profile:
+                self._gate_ms[0] += native.gate_seconds[0] * 1e3
+            return out
         hw = h * w
         xi = torch.from_numpy(nhwc.reshape(hw, c))  # (H*W, C), the block input's pixels
         if self.profile:

@@ -9,8 +9,11 @@
  * five times slower inside the running network, where every call finds cold caches; here it is
  * one call whose cost is the memory it reads.
  */
+#define _POSIX_C_SOURCE 199309L  /* clock_gettime under -std=c99 */
 #include <stdint.h>
 #include <string.h>
+#include <math.h>
+#include <time.h>
 
 /* Built with -fopenmp where PyTorch runs on GNU OpenMP (kernels/cpu_gate.py checks): the
    parallel loops below then run on PyTorch's own thread pool, whose workers are still spinning
@@ -41,6 +44,20 @@ typedef struct {
     float *w2_out;           /* out (h2 + pad_to2, taps, h1 + pad_to1) as (slots2, taps, slots1) */
     int64_t *counts;         /* out: kept1, kept2, slots1, slots2 */
     int64_t *run_bounds;     /* scratch (h1 + pad_to1 + 1): first slot of each run of gate 1's list */
+    int64_t *run_bounds2;    /* scratch (h2 + pad_to2 + 1): the same for gate 2's list (dp_block_forward) */
+    /* dp_block_forward only (NULL where it is not used) */
+    const float *w1_kn;      /* (c, h1): W1 transposed, a row per input channel */
+    const float *w2_tio;     /* (taps, h1, h2): W2 with the input channel before the output one */
+    const float *b3;         /* (round16(c) + 16): cv3's bias, zero padded */
+    float *w1_out;           /* out (c, round16(h1 + pad_to1)): kept columns of W1 transposed */
+    float *b1_out;           /* out (round16(h1 + pad_to1) + 16) */
+    float *w2t_out;          /* out (taps, h1 + pad_to1, round16(h2 + pad_to2)) */
+    float *b2_out;           /* out (round16(h2 + pad_to2) + 16) */
+    float *maps;             /* scratch (map_capacity): cv1's zero-bordered output, then the 3x3's */
+    int64_t map_capacity;
+    double *gate_seconds;    /* out: dp_block_forward's time before its products (the gates' cost) */
+    int64_t *macs;           /* out: multiply-adds dp_block_forward's products ran, vector lanes included */
+    float *constant_row;     /* scratch (c): the block's constant output where a gate keeps nothing */
 } dp_block;
 
 /* Kept channels of one gate from its group decisions, padded; returns the slot count. */
@@ -67,13 +84,8 @@ static int64_t kept_list(const float *saliency, const float *thresholds, int64_t
     return slots;
 }
 
-/* On x86-64 with GCC, an AVX2+FMA clone of the whole step is picked at load time where the CPU
-   has them (vector gathers for W2, wider pool and MLP loops); elsewhere the portable build. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("arch=x86-64-v3", "default")))
-#endif
-int dp_block_plan(const dp_block *b, const float *pixels, int64_t hw) {
-    const int64_t c = b->c, hid = b->hid1 + b->hid2, width = c + 1;
+static inline int plan_lists(const dp_block *b, const float *pixels, int64_t hw) {
+    const int64_t c = b->c, hid = b->hid1 + b->hid2;
 
     /* global average pool: float sums over chunks of POOL_CHUNK pixels (vectorized loops),
        then the chunks added in double (hw is up to 6400 at 320 px). The chunks are fixed, so
@@ -124,10 +136,15 @@ int dp_block_plan(const dp_block *b, const float *pixels, int64_t hw) {
     b->counts[1] = kept2;
     b->counts[2] = slots1;
     b->counts[3] = slots2;
+    return 0;
+}
 
-    /* W1 | b1 rows for gate 1's slots; W3^T | b2 rows for gate 2's, W3 scaled by saliency */
-    #pragma omp parallel for schedule(static) if ((slots1 + slots2) * width >= GATHER_PARALLEL_MIN)
-    for (int64_t r = 0; r < slots1 + slots2; ++r) {
+/* W1 | b1 rows for gate 1's slots; W3^T | b2 rows for gate 2's, W3 scaled by saliency; rows
+   [first, slots1 + slots2) of them. */
+static inline void gather_rows(const dp_block *b, int64_t first) {
+    const int64_t c = b->c, width = c + 1, slots1 = b->counts[2], slots2 = b->counts[3];
+    #pragma omp parallel for schedule(static) if ((slots1 + slots2 - first) * width >= GATHER_PARALLEL_MIN)
+    for (int64_t r = first; r < slots1 + slots2; ++r) {
         float *row = b->rows_out + r * width;
         memcpy(row, b->rows + b->index[r] * width, (size_t)width * sizeof(float));
         if (r >= slots1) {
@@ -135,6 +152,18 @@ int dp_block_plan(const dp_block *b, const float *pixels, int64_t hw) {
             for (int64_t k = 0; k < c; ++k) row[k] *= s;
         }
     }
+}
+
+/* Built for the machine itself (-march=native, DP_NATIVE) where the compiler can; otherwise, on
+   x86-64 with GCC, an AVX2+FMA clone of the whole step is picked at load time where the CPU has
+   them (vector gathers for W2, wider pool and MLP loops), and the portable build elsewhere. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(DP_NATIVE)
+__attribute__((target_clones("arch=x86-64-v3", "default")))
+#endif
+int dp_block_plan(const dp_block *b, const float *pixels, int64_t hw) {
+    if (plan_lists(b, pixels, hw) != 0) return -1;
+    gather_rows(b, 0);
+    const int64_t kept1 = b->counts[0], kept2 = b->counts[1], slots1 = b->counts[2], slots2 = b->counts[3];
     /* W2 rows of gate 2's slots, columns of gate 1's, each column scaled by its saliency, as
        (slots2, taps, slots1). Where gate 1's list is made of long runs of consecutive channels
        (group gates: runs of 8 or 16) they are copied a run at a time, with contiguous loads
@@ -176,3 +205,268 @@ int dp_block_plan(const dp_block *b, const float *pixels, int64_t hw) {
 
 /* Pixels per chunk of the pool, for the caller sizing chunk_sums. */
 int64_t dp_pool_chunk(void) { return POOL_CHUNK; }
+
+/* ---------------------------------------------------------------------------------------------
+ * The whole compact block in one call: dp_block_forward.
+ *
+ * The step above, then the block's three products on the kept channels, each fused with what
+ * follows it: cv1 + b1 + SiLU into a zero-bordered map, the 3x3 + b2 + SiLU, cv3 + b3 + the
+ * shortcut, in one OpenMP region with a barrier between the three (threads take whole image
+ * rows, so most of what a thread reads it wrote itself). Why not PyTorch's matrix products and
+ * oneDNN's convolution, as the dense network runs: on compact widths (16-144 channels) these run
+ * at half the dense layers' speed per FLOP on two cores, and each call costs a pass over its
+ * output for the bias, the SiLU or the add, plus a weight reorder and a call of Python; measured
+ * in BENCHMARKS.md (session 15). The products use GCC's vector extensions (also in clang), as
+ * wide as the target's registers: AVX-512 or AVX2 on x86-64, NEON on ARM.
+ */
+/* The tile of one product: MR pixels of an image row x NV vectors of VL output channels, all
+   its sums in registers. Sized to the register file of the target the library is built for
+   (-march=native where the compiler has it; kernels/cpu_gate.py keys its cache on the CPU). */
+#if defined(__AVX512F__)
+#define VL 16  /* 32 zmm registers: 20 sums, 2 weight vectors, a broadcast */
+#define NV 2
+#define MR 10
+#elif defined(__AVX__)
+#define VL 8   /* 16 ymm registers: 10 sums */
+#define NV 2
+#define MR 5
+#elif defined(__aarch64__)
+#define VL 4   /* NEON, 32 q registers: 20 sums */
+#define NV 4
+#define MR 5
+#else
+#define VL 4   /* SSE2 and anything else: 16 registers or fewer: 10 sums */
+#define NV 2
+#define MR 5
+#endif
+#define NR (VL * NV)
+#define ROUND16(n) (((n) + 15) / 16 * 16)
+#define INLINE static inline __attribute__((always_inline))
+
+typedef float vec __attribute__((vector_size(VL * 4)));
+typedef float vecu __attribute__((vector_size(VL * 4), aligned(4)));  /* unaligned loads and stores */
+typedef int32_t veci __attribute__((vector_size(VL * 4)));
+
+INLINE vec vload(const float *p) { return *(const vecu *)p; }
+INLINE void vstore(float *p, vec v) { *(vecu *)p = v; }
+
+/* exp of VL lanes: Cephes' expf (range reduction by ln 2, degree-6 polynomial; about 1 ulp). */
+INLINE vec vexp(vec x) {
+    const vec hi = (vec){0} + 88.3762626647949f, lo = (vec){0} - 88.3762626647949f;
+    veci m = x > hi;
+    x = (vec)(((veci)hi & m) | ((veci)x & ~m));
+    m = x < lo;
+    x = (vec)(((veci)lo & m) | ((veci)x & ~m));
+    vec fx = x * 1.44269504088896341f + 0.5f;
+    veci n = __builtin_convertvector(fx, veci);
+    vec nf = __builtin_convertvector(n, vec);
+    n += (veci)(nf > fx);  /* floor, not truncation, for negative arguments */
+    nf = __builtin_convertvector(n, vec);
+    x = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    vec p = (vec){0} + 1.9875691500e-4f;
+    p = p * x + 1.3981999507e-3f;
+    p = p * x + 8.3334519073e-3f;
+    p = p * x + 4.1665795894e-2f;
+    p = p * x + 1.6666665459e-1f;
+    p = p * x + 5.0000001201e-1f;
+    vec y = p * x * x + x + 1.0f;
+    veci e = (n + 127) << 23;
+    vec scale;
+    memcpy(&scale, &e, sizeof scale);
+    return y * scale;
+}
+
+/* One product of the block: out[p, n] = epilogue(sum_t sum_k x[p + tap t][k] w[t][k][n] + bias[n]). */
+typedef struct {
+    const float *x;        /* the input map, pixels of xs floats, rows of xrow floats */
+    int64_t xs, xrow;
+    int64_t taps, K;       /* taps (1 or 9) and input channels */
+    int64_t tap_off[9];    /* each tap's offset in floats from a pixel's top-left input */
+    const float *w;        /* (taps, K, ldw); reads go up to NR floats past a row's N */
+    int64_t ldw, N;
+    const float *bias;     /* (N), readable up to NR floats past N */
+    const float *res;      /* shortcut added after the bias, or NULL: pixels of rs floats, rows of rrow */
+    int64_t rs, rrow;
+    float *out;            /* pixels of os floats, rows of orow floats */
+    int64_t os, orow;
+    int silu;
+} product;
+
+/* Pixels [x0, x0 + mr) of output row y, output channels [n0, n0 + NR) (fewer at the end). */
+INLINE void product_tile(const product *q, int64_t y, int64_t x0, int64_t mr, int64_t n0) {
+    const int64_t left = (q->N - n0 + VL - 1) / VL, nv = left < NV ? left : NV;  /* vectors with real lanes */
+    vec acc[MR][NV];
+    for (int j = 0; j < NV; ++j) {
+        const vec bias = vload(q->bias + n0 + j * VL);
+        for (int i = 0; i < MR; ++i) acc[i][j] = bias;
+    }
+    const float *xbase = q->x + y * q->xrow + x0 * q->xs;
+    for (int64_t t = 0; t < q->taps; ++t) {
+        const float *xt = xbase + q->tap_off[t];
+        const float *wt = q->w + t * q->K * q->ldw + n0;
+        if (mr == MR && nv == NV) {  /* the common case: every loop bound a constant */
+            for (int64_t k = 0; k < q->K; ++k) {
+                vec wv[NV];
+                for (int j = 0; j < NV; ++j) wv[j] = vload(wt + k * q->ldw + j * VL);
+                for (int i = 0; i < MR; ++i) {
+                    const float v = xt[i * q->xs + k];
+                    for (int j = 0; j < NV; ++j) acc[i][j] += wv[j] * v;
+                }
+            }
+        } else {
+            for (int64_t k = 0; k < q->K; ++k) {
+                vec wv[NV];
+                for (int j = 0; j < NV; ++j) wv[j] = vload(wt + k * q->ldw + j * VL);
+                for (int64_t i = 0; i < mr; ++i) {
+                    const float v = xt[i * q->xs + k];
+                    for (int j = 0; j < nv; ++j) acc[i][j] += wv[j] * v;
+                }
+            }
+        }
+    }
+    for (int64_t i = 0; i < mr; ++i) {
+        float *o = q->out + y * q->orow + (x0 + i) * q->os + n0;
+        const float *r = q->res ? q->res + y * q->rrow + (x0 + i) * q->rs + n0 : NULL;
+        for (int j = 0; j < nv; ++j) {
+            const int64_t lanes = q->N - n0 - j * VL;
+            vec v = acc[i][j];
+            if (q->silu) v = v / (1.0f + vexp(-v));
+            if (lanes >= VL) {
+                if (r) v += vload(r + j * VL);
+                vstore(o + j * VL, v);
+            } else {  /* the last, partial vector: only the real lanes are read and written */
+                vec add = {0};
+                if (r) memcpy(&add, r + j * VL, (size_t)lanes * sizeof(float));
+                v += add;
+                memcpy(o + j * VL, &v, (size_t)lanes * sizeof(float));
+            }
+        }
+    }
+}
+
+/* Every tile of an h x w output, shared among the threads of the enclosing parallel region
+   (called by all of them; the loop's end is a barrier). Adds the multiply-adds its tiles ran
+   (vector lanes past N included) to *macs. */
+INLINE void product_run(const product *q, int64_t h, int64_t w, int64_t *macs) {
+    const int64_t xtiles = (w + MR - 1) / MR, ntiles = (q->N + NR - 1) / NR;
+    int64_t done = 0;
+    #pragma omp for schedule(static) collapse(2)
+    for (int64_t y = 0; y < h; ++y)
+        for (int64_t tile = 0; tile < xtiles * ntiles; ++tile) {
+            const int64_t x0 = tile / ntiles * MR, n0 = tile % ntiles * NR;
+            const int64_t mr = w - x0 < MR ? w - x0 : MR, left = (q->N - n0 + VL - 1) / VL;
+            product_tile(q, y, x0, mr, n0);
+            done += mr * (left < NV ? left : NV) * VL * q->taps * q->K;
+        }
+    #pragma omp atomic
+    *macs += done;
+}
+
+/* The block on one image: pixels (h * w, c) float32 NHWC in, out (h * w, c) NHWC. Returns 0,
+   -1 where chunk_sums is too small for the pool, -2 where maps is too small for this input and
+   these kept widths (the caller grows them and calls again). counts as for dp_block_plan. */
+int dp_block_forward(const dp_block *b, const float *pixels, int64_t h, int64_t w, float *out) {
+    const int64_t c = b->c, hw = h * w, taps = b->taps;
+    struct timespec start, ready;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    if (plan_lists(b, pixels, hw) != 0) return -1;
+    const int64_t slots1 = b->counts[2], slots2 = b->counts[3];
+    const int64_t ld1 = ROUND16(slots1), ld2 = ROUND16(slots2), pw = w + 2;
+    const int64_t map1 = (h + 2) * pw * slots1, map2 = hw * slots2;
+    if (map1 + map2 > b->map_capacity) return -2;
+    float *y1 = b->maps, *y2 = b->maps + map1;
+
+    gather_rows(b, slots1);  /* W3^T rows (saliency 2 folded in) and b2 of gate 2's slots */
+    const float *w3 = b->rows_out + slots1 * (c + 1);
+    *b->macs = 0;
+    if (slots1 == 0 || slots2 == 0) {
+        /* A gate keeps nothing: the 3x3's output is its bias (or nothing reaches cv3), so the
+           block adds one constant row to its shortcut: b3 + silu(b2) @ W3^T over gate 2's slots */
+        float *row = b->constant_row;
+        memcpy(row, b->b3, (size_t)c * sizeof(float));
+        for (int64_t o = 0; o < slots2; ++o) {
+            const float v = b->rows[b->index[slots1 + o] * (c + 1) + c], silu = v / (1.0f + expf(-v));
+            for (int64_t n = 0; n < c; ++n) row[n] += silu * w3[o * (c + 1) + n];
+        }
+        *b->macs = slots2 * c;
+        clock_gettime(CLOCK_MONOTONIC, &ready);
+        *b->gate_seconds = (double)(ready.tv_sec - start.tv_sec) + 1e-9 * (double)(ready.tv_nsec - start.tv_nsec);
+        #pragma omp parallel for schedule(static) if (hw * c >= POOL_PARALLEL_MIN)
+        for (int64_t p = 0; p < hw; ++p)
+            for (int64_t n = 0; n < c; ++n) out[p * c + n] = pixels[p * c + n] + row[n];
+        return 0;
+    }
+    /* Runs of consecutive channels in both kept lists (group gates: runs of 8 or 16), so that the
+       gathers below copy a run at a time */
+    int64_t *bounds1 = b->run_bounds, runs1 = 0, runs2 = 0;
+    for (int64_t i = 0; i < slots1; ++i)
+        if (i == 0 || b->index[i] != b->index[i - 1] + 1) bounds1[runs1++] = i;
+    bounds1[runs1] = slots1;
+    int64_t *bounds2 = b->run_bounds2;
+    const int64_t *out_index = b->index + slots1;
+    for (int64_t o = 0; o < slots2; ++o)
+        if (o == 0 || out_index[o] != out_index[o - 1] + 1) bounds2[runs2++] = o;
+    bounds2[runs2] = slots2;
+    /* W1 transposed, the kept output channels as columns, padded with zeros to ld1 */
+    for (int64_t k = 0; k < c; ++k) {
+        const float *src = b->w1_kn + k * b->h1;
+        float *dst = b->w1_out + k * ld1;
+        for (int64_t r = 0; r < runs1; ++r) {
+            const int64_t i0 = bounds1[r];
+            memcpy(dst + i0, src + b->index[i0], (size_t)(bounds1[r + 1] - i0) * sizeof(float));
+        }
+        for (int64_t i = slots1; i < ld1; ++i) dst[i] = 0.0f;
+    }
+    for (int64_t i = 0; i < ld1 + 16; ++i) b->b1_out[i] = i < slots1 ? b->rows[b->index[i] * (c + 1) + c] : 0.0f;
+    for (int64_t o = 0; o < ld2 + 16; ++o) b->b2_out[o] = o < slots2 ? b->rows[out_index[o] * (c + 1) + c] : 0.0f;
+    /* W2 as (tap, kept input, kept output), saliency 1 folded into each input's row, padded with
+       zeros to ld2 */
+    #pragma omp parallel for schedule(static) if (taps * slots1 * ld2 >= GATHER_PARALLEL_MIN)
+    for (int64_t ti = 0; ti < taps * slots1; ++ti) {
+        const int64_t t = ti / slots1, i = ti % slots1;
+        const float *src = b->w2_tio + (t * b->h1 + b->index[i]) * b->h2 - b->h1;  /* gate 2's index is offset by h1 */
+        const float s = b->scale[i];
+        float *dst = b->w2t_out + ti * ld2;
+        for (int64_t r = 0; r < runs2; ++r) {
+            const int64_t o0 = bounds2[r], n = bounds2[r + 1] - o0;
+            const float *from = src + out_index[o0];
+            for (int64_t o = 0; o < n; ++o) dst[o0 + o] = from[o] * s;
+        }
+        for (int64_t o = slots2; o < ld2; ++o) dst[o] = 0.0f;
+    }
+
+    product cv1 = {.x = pixels, .xs = c, .xrow = w * c, .taps = 1, .K = c, .tap_off = {0}, .w = b->w1_out,
+                   .ldw = ld1, .N = slots1, .bias = b->b1_out, .res = NULL,
+                   .out = y1 + (pw + 1) * slots1, .os = slots1, .orow = pw * slots1, .silu = 1};
+    product cv2 = {.x = y1, .xs = slots1, .xrow = pw * slots1, .taps = taps, .K = slots1, .w = b->w2t_out,
+                   .ldw = ld2, .N = slots2, .bias = b->b2_out, .res = NULL,
+                   .out = y2, .os = slots2, .orow = w * slots2, .silu = 1};
+    for (int64_t t = 0; t < taps; ++t) cv2.tap_off[t] = (t / 3 * pw + t % 3) * slots1;
+    product cv3 = {.x = y2, .xs = slots2, .xrow = w * slots2, .taps = 1, .K = slots2, .tap_off = {0}, .w = w3,
+                   .ldw = c + 1, .N = c, .bias = b->b3, .res = pixels, .rs = c, .rrow = w * c,
+                   .out = out, .os = c, .orow = w * c, .silu = 0};
+    clock_gettime(CLOCK_MONOTONIC, &ready);
+    *b->gate_seconds = (double)(ready.tv_sec - start.tv_sec) + 1e-9 * (double)(ready.tv_nsec - start.tv_nsec);
+    #pragma omp parallel if (hw * c >= POOL_PARALLEL_MIN / 4)
+    {
+        /* cv1's map has a zero border (the 3x3's padding): its top and bottom rows, then the
+           left and right pixel of every row */
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < h + 2; ++r) {
+            float *row = y1 + r * pw * slots1;
+            if (r == 0 || r == h + 1) {
+                memset(row, 0, (size_t)(pw * slots1) * sizeof(float));
+            } else {
+                memset(row, 0, (size_t)slots1 * sizeof(float));
+                memset(row + (pw - 1) * slots1, 0, (size_t)slots1 * sizeof(float));
+            }
+        }
+        product_run(&cv1, h, w, b->macs);
+        product_run(&cv2, h, w, b->macs);
+        product_run(&cv3, h, w, b->macs);
+    }
+    return 0;
+}
+
+/* Floats per vector of dp_block_forward's products (its multiply-adds count whole vectors). */
+int64_t dp_vector_floats(void) { return VL; }

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_gate.c")
 CFLAGS = ("-O3", "-std=c99", "-shared", "-fPIC")
 OPENMP_FLAGS = ("-fopenmp",)
+NATIVE_FLAGS = ("-march=native", "-DDP_NATIVE")
 _GOMP_FILE = re.compile(r"/libgomp\.so\.1(\.\d+)*$")
 
 _float_p = ctypes.POINTER(ctypes.c_float)
@@ -55,7 +56,18 @@ class _Block(ctypes.Structure):
         ("thresholds", _float_p), ("rows", _float_p), ("w2_ohwi", _float_p), ("pooled", _double_p),
         ("chunk_sums", _float_p), ("chunk_capacity", ctypes.c_int64), ("hidden", _float_p),
         ("saliency", _float_p), ("index", _int64_p), ("scale", _float_p), ("rows_out", _float_p),
-        ("w2_out", _float_p), ("counts", _int64_p), ("run_bounds", _int64_p)]
+        ("w2_out", _float_p), ("counts", _int64_p), ("run_bounds", _int64_p), ("run_bounds2", _int64_p),
+        ("w1_kn", _float_p), ("w2_tio", _float_p), ("b3", _float_p), ("w1_out", _float_p), ("b1_out", _float_p),
+        ("w2t_out", _float_p), ("b2_out", _float_p), ("maps", _float_p), ("map_capacity", ctypes.c_int64),
+        ("gate_seconds", _double_p), ("macs", _int64_p), ("constant_row", _float_p)]
+
+#: floats of slack after every buffer the block's products read: they load whole vectors of 16
+#: floats (the lanes past a row's end are never stored)
+_SLACK = 32
+
+
+def _round16(n: int) -> int:
+    return -(-n // 16) * 16
 
 
 _library: Optional[ctypes.CDLL] = None
@@ -97,36 +109,61 @@ def native_library() -> Optional[ctypes.CDLL]:
         log.warning("no C compiler (%r) found: the CPU gate step runs in NumPy, about 2 ms (10%%) a frame slower "
                     "for the nano detector; install gcc (apt install gcc) or set CC", compiler)
         return None
-    flags = CFLAGS + OPENMP_FLAGS if shares_torch_openmp() else CFLAGS
-    try:
+    # The best build first: for this CPU (-march=native: the block's products as wide as its
+    # vector registers), on PyTorch's OpenMP pool; then without -march=native (a compiler that
+    # lacks it), then serial.
+    openmp = OPENMP_FLAGS if shares_torch_openmp() else ()
+    native = NATIVE_FLAGS if os.environ.get("DYNPRUNE_NATIVE_ARCH", "1") != "0" else ()
+    builds = [CFLAGS + native + openmp] + ([CFLAGS + openmp] if native else []) + ([CFLAGS] if openmp else [])
+    lib, errors = None, []
+    for flags in builds:
         try:
             lib = _load(compiler, flags)
-        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-            if flags == CFLAGS:
-                raise
-            log.info("OpenMP build of the CPU gate step failed (%s); building it serial", err)
-            flags = CFLAGS
-            lib = _load(compiler, flags)
-    except (OSError, RuntimeError, subprocess.SubprocessError) as err:  # (RuntimeError: also no home directory)
+            break
+        except (OSError, RuntimeError, subprocess.SubprocessError) as err:  # (RuntimeError: also no home directory)
+            errors.append(err)
+            log.info("build of the CPU gate step with %s failed (%s)", " ".join(flags), err)
+    if lib is None:
         log.warning("could not build the CPU gate kernel (%s); the CPU gate step runs in NumPy. "
-                    "Set DYNPRUNE_CACHE_DIR to a writable folder if the cache is the problem", err)
+                    "Set DYNPRUNE_CACHE_DIR to a writable folder if the cache is the problem", errors[-1])
         return None
     lib.dp_block_plan.argtypes = [ctypes.POINTER(_Block), ctypes.c_void_p, ctypes.c_int64]
     lib.dp_block_plan.restype = ctypes.c_int
+    lib.dp_block_forward.argtypes = [ctypes.POINTER(_Block), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                     ctypes.c_void_p]
+    lib.dp_block_forward.restype = ctypes.c_int
+    lib.dp_vector_floats.argtypes = []
+    lib.dp_vector_floats.restype = ctypes.c_int64
     lib.dp_pool_chunk.argtypes = []
     lib.dp_pool_chunk.restype = ctypes.c_int64
     lib.openmp = OPENMP_FLAGS[0] in flags
+    lib.native = NATIVE_FLAGS[0] in flags
     _library = lib
     return lib
 
 
 def _load(compiler: str, flags: Tuple[str, ...]) -> ctypes.CDLL:
     """The library built from SOURCE with ``flags``, from the cache or compiled now."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *flags, platform.machine())).encode())
+    # A -march=native build runs only on CPUs like this one: the key names the CPU too, so that a
+    # cache folder shared between machines (a network home) never hands one another's build.
+    cpu = cpu_signature() if NATIVE_FLAGS[0] in flags else ""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler, *flags, platform.machine(), cpu)).encode())
     target = cache_dir() / f"dynprune_cpu_gate_{key.hexdigest()[:16]}.so"
     if not target.exists():
         _compile(target, compiler, flags)
     return ctypes.CDLL(str(target))
+
+
+def cpu_signature() -> str:
+    """The CPU's model and instruction-set flags (``/proc/cpuinfo``; elsewhere what ``platform``
+    knows), for the cache key of a build for this CPU."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            lines = fh.read().split("\n\n")[0].splitlines()
+        wanted = ("model name", "flags", "features", "cpu part", "cpu implementer")
+        return "\n".join(line for line in lines if line.split(":")[0].strip().lower() in wanted)
+    except OSError:
+        return f"{platform.processor()} {platform.machine()}"
 
 
 def shares_torch_openmp() -> bool:
@@ -157,11 +194,16 @@ def _ptr(array: np.ndarray, kind=_float_p):
 
 class BlockPlan:
     """The native step of one gated block, with its output buffers (reused every call, so one
-    forward pass at a time per model, as for any PyTorch module)."""
+    forward pass at a time per model, as for any PyTorch module).
+
+    Two entry points: :meth:`step` (pool, gates, kept lists and the gathered weights that
+    PyTorch's products then read) and, where ``b3`` is given, :meth:`forward` (the whole block,
+    its products included, in one call)."""
 
     def __init__(self, lib: ctypes.CDLL, *, fc1_t: np.ndarray, fc2a_t: np.ndarray, fc2b_t: np.ndarray,
                  fc2_b: np.ndarray, thresholds: np.ndarray, rows: np.ndarray, w2_ohwi: np.ndarray,
-                 groups: Tuple[int, int], group_sizes: Tuple[int, int], pad_to: Tuple[int, int]) -> None:
+                 groups: Tuple[int, int], group_sizes: Tuple[int, int], pad_to: Tuple[int, int],
+                 b3: Optional[np.ndarray] = None) -> None:
         h2, kh, kw, h1 = w2_ohwi.shape
         c = rows.shape[1] - 1
         taps = kh * kw
@@ -177,19 +219,45 @@ class BlockPlan:
         self.saliency = np.zeros(groups[0] + groups[1], np.float32)
         self.index = np.zeros(capacity, np.int64)
         self.scale = np.zeros(capacity, np.float32)
-        self.rows_out = np.zeros((capacity, c + 1), np.float32)
+        self._rows_out = np.zeros(capacity * (c + 1) + _SLACK, np.float32)
+        self.rows_out = self._rows_out[: capacity * (c + 1)].reshape(capacity, c + 1)
         self.w2_out = np.zeros((h2 + pad_to[1]) * taps * (h1 + pad_to[0]), np.float32)
         self.counts = np.zeros(4, np.int64)
         self.run_bounds = np.zeros(h1 + pad_to[0] + 1, np.int64)
+        self.run_bounds2 = np.zeros(h2 + pad_to[1] + 1, np.int64)
         fc1, fc2a, fc2b, bias, thr, table, w2 = self._inputs
         self._block = _Block(c, h1, h2, fc2a.shape[0], fc2b.shape[0], groups[0], groups[1], group_sizes[0],
                              group_sizes[1], taps, pad_to[0], pad_to[1], _ptr(fc1), _ptr(fc2a), _ptr(fc2b),
                              _ptr(bias), _ptr(thr), _ptr(table), _ptr(w2), _ptr(self.pooled, _double_p),
                              _ptr(self.chunk_sums), 0, _ptr(self.hidden), _ptr(self.saliency),
-                             _ptr(self.index, _int64_p), _ptr(self.scale), _ptr(self.rows_out), _ptr(self.w2_out),
-                             _ptr(self.counts, _int64_p), _ptr(self.run_bounds, _int64_p))
+                             _ptr(self.index, _int64_p), _ptr(self.scale), _ptr(self._rows_out), _ptr(self.w2_out),
+                             _ptr(self.counts, _int64_p), _ptr(self.run_bounds, _int64_p),
+                             _ptr(self.run_bounds2, _int64_p))
+        self.fused = b3 is not None and (kh, kw) == (3, 3)  # the C side's taps are 3x3
+        if self.fused:  # the tables and buffers of forward()
+            ld1, ld2 = _round16(h1 + pad_to[0]), _round16(h2 + pad_to[1])
+            b3_padded = np.zeros(_round16(c) + _SLACK, np.float32)
+            b3_padded[:c] = b3
+            self._fused_inputs = [f32(table[:h1, :c].T), f32(w2.transpose(1, 2, 3, 0).reshape(taps, h1, h2)),
+                                  b3_padded]
+            self._fused_outputs = [np.zeros(c * ld1 + _SLACK, np.float32), np.zeros(ld1 + _SLACK, np.float32),
+                                   np.zeros(taps * (h1 + pad_to[0]) * ld2 + _SLACK, np.float32),
+                                   np.zeros(ld2 + _SLACK, np.float32)]
+            for name, array in zip(("w1_kn", "w2_tio", "b3", "w1_out", "b1_out", "w2t_out", "b2_out"),
+                                   self._fused_inputs + self._fused_outputs):
+                setattr(self._block, name, _ptr(array))
+            self.maps = np.zeros(0, np.float32)  # grows with the largest input seen (see forward)
+            self.gate_seconds = np.zeros(1, np.float64)  # forward's time before its products
+            self.macs = np.zeros(1, np.int64)  # multiply-adds forward's products ran (whole vectors)
+            self.constant_row = np.zeros(c, np.float32)
+            self._block.gate_seconds = _ptr(self.gate_seconds, _double_p)
+            self._block.macs = _ptr(self.macs, _int64_p)
+            self._block.constant_row = _ptr(self.constant_row)
+            self.vector_floats = int(lib.dp_vector_floats())
+            self._widths = (h1 + pad_to[0], h2 + pad_to[1])
         self._ref = ctypes.byref(self._block)
         self._call = lib.dp_block_plan
+        self._forward = lib.dp_block_forward
 
     def __call__(self, pixels_address: int, pixels: int) -> Tuple[int, int, int, int]:
         """Run on one image's ``(pixels, C)`` float32 NHWC memory at ``pixels_address``;
@@ -207,10 +275,29 @@ class BlockPlan:
                 raise RuntimeError(f"CPU gate step: no room for the pool of {pixels} pixels")
         return self.counts.tobytes()
 
+    def forward(self, pixels_address: int, height: int, width: int, out_address: int) -> bytes:
+        """The whole block on one image: ``(height * width, C)`` float32 NHWC pixels at
+        ``pixels_address`` in, the block's output in the same layout written at ``out_address``;
+        returns the counts as :meth:`step` does. Needs ``b3`` at construction."""
+        status = self._forward(self._ref, pixels_address, height, width, out_address)
+        if status != 0:  # the first input this large: room for its pool and maps, then again
+            self._reserve(height * width)
+            width1, width2 = self._widths
+            need = (height + 2) * (width + 2) * width1 + height * width * width2
+            if need > self._block.map_capacity:
+                self.maps = np.zeros(need + _SLACK, np.float32)
+                self._block.maps = _ptr(self.maps)
+                self._block.map_capacity = need
+            if self._forward(self._ref, pixels_address, height, width, out_address) != 0:
+                raise RuntimeError(f"CPU block step: no room for a {height}x{width} input")
+        return self.counts.tobytes()
+
     def _reserve(self, pixels: int) -> None:
         """Room in ``chunk_sums`` for the pool of an input of ``pixels`` pixels (the C step checks
         the room before it starts and returns -1 without it)."""
         chunks = -(-pixels // self._pool_chunk)
+        if chunks <= self._block.chunk_capacity:
+            return
         self.chunk_sums = np.zeros(chunks * self.pooled.size, np.float32)
         self._block.chunk_sums = _ptr(self.chunk_sums)
         self._block.chunk_capacity = chunks

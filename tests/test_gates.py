@@ -37,13 +37,18 @@ def test_open_gates_equal_the_dense_model():
 
 
 def compact_on(model, path):
-    """CompactDetector on the CPU with its gate step compiled ("native") or in NumPy."""
+    """CompactDetector on the CPU: each block one compiled call ("fused"), the compiled gate step
+    then PyTorch's products ("native"), or the gate step in NumPy ("numpy")."""
     compact = CompactDetector(model)
-    if path == "native":
+    if path != "numpy":
         require_native_gate_step()
     for blk in compact.blocks:
-        blk.use_native = path == "native"
+        blk.use_native = path != "numpy"
+        blk.fused = path == "fused"
     return compact
+
+
+PATHS = ["fused", "native", "numpy"]
 
 
 def _random_gates(model, seed, empty_every=3):
@@ -62,11 +67,12 @@ def _random_gates(model, seed, empty_every=3):
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("path", ["native", "numpy"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("group", [1, 8])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_compact_execution_equals_masked_dense(group, seed, path, batch):
-    # batch 1 with the compiled step is CompactBottleneck's lean path, more is its per-image loop
+    # batch 1 with the compiled step is CompactBottleneck's lean path (one compiled call a block
+    # where fused), more is its per-image loop
     model, _ = gated_model(group, seed)
     _random_gates(model, seed)
     x = torch.rand(batch, 3, 64, 64)
@@ -80,7 +86,9 @@ def test_compact_execution_equals_masked_dense(group, seed, path, batch):
     assert kept.shape == (batch, len(model.blocks), 2)
     assert (kept == 0).any() and (kept > 0).any()
     if path == "native":
-        assert all(bool(blk._views) == (batch == 1) for blk in compact.blocks)
+        assert all(bool(blk._views) == (batch == 1) and not blk._counts for blk in compact.blocks)
+    if path == "fused":
+        assert all(bool(blk._counts) == (batch == 1) and not blk._views for blk in compact.blocks)
     if group > 1:  # kept widths are whole groups unless the group is cut by the layer width
         for b, blk in enumerate(compact.blocks):
             for j, width in enumerate((blk.h1, blk.h2)):
@@ -88,14 +96,17 @@ def test_compact_execution_equals_masked_dense(group, seed, path, batch):
                 assert torch.all((k % group == 0) | (k == width) | (k % group == width % group))
 
 
-@pytest.mark.parametrize("path", ["native", "numpy"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("pad_to", [1, 3, (4, 8), (8, 1)])
 def test_padded_kept_lists_change_nothing(pad_to, path, monkeypatch):
     """Each gate's kept list padded to its own multiple with zero-scaled slots: the same output
-    and accounting, and every compact 3x3 runs on padded widths."""
+    and accounting, and every compact 3x3 runs on padded widths (PyTorch's, on a batch of two;
+    the fused blocks on single images)."""
     model, _ = gated_model(1, seed=4)
     _random_gates(model, 4)
     x = torch.rand(2, 3, 64, 64)
+    if path == "fused":
+        x = x[:1].contiguous(memory_format=torch.channels_last)
     widths = []
     plain_conv2d = torch.conv2d
 
@@ -106,7 +117,7 @@ def test_padded_kept_lists_change_nothing(pad_to, path, monkeypatch):
     monkeypatch.setattr(torch, "conv2d", conv2d)
     with torch.no_grad():
         ref_boxes, ref_logits = model(x)
-        ref_kept = [[int((m[i] > 0).sum()) for b in model.blocks for m in b.last["mask"]] for i in range(2)]
+        ref_kept = [[int((m[i] > 0).sum()) for b in model.blocks for m in b.last["mask"]] for i in range(len(x))]
         compact = compact_on(model, path)
         pad1, pad2 = (pad_to, pad_to) if isinstance(pad_to, int) else pad_to
         for blk in compact.blocks:
@@ -115,7 +126,14 @@ def test_padded_kept_lists_change_nothing(pad_to, path, monkeypatch):
     torch.testing.assert_close(boxes, ref_boxes, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
     assert compact.kept_counts().flatten(1).tolist() == ref_kept
-    assert widths and all(out % pad2 == 0 and inp % pad1 == 0 for out, inp in widths)
+    if path == "fused":  # no torch.conv2d: the slot counts of the compiled step
+        assert not widths
+        slots = [blk._native.counts[2:].tolist() for blk in compact.blocks]
+        assert all(s1 % pad1 == 0 and s2 % pad2 == 0 for s1, s2 in slots)
+        if max(pad1, pad2) > 1:  # some list was padded
+            assert any(s1 > k1 or s2 > k2 for (s1, s2), (k1, k2) in zip(slots, compact.kept_counts()[0].tolist()))
+    else:
+        assert widths and all(out % pad2 == 0 and inp % pad1 == 0 for out, inp in widths)
 
 
 @pytest.mark.parametrize("group", [1, 8])
@@ -138,7 +156,7 @@ def test_compact_fbs_topk_equals_masked_dense(group, keep):
     assert compact.kept_counts().flatten(1).tolist() == kept_ref
 
 
-@pytest.mark.parametrize("path", ["native", "numpy"])
+@pytest.mark.parametrize("path", PATHS)
 def test_batch_images_keep_different_channel_sets(path):
     model, _ = gated_model()
     set_gate_mode(model, "threshold")
@@ -164,11 +182,13 @@ def test_batch_images_keep_different_channel_sets(path):
         assert torch.equal(kept[i].sum(), torch.tensor(int(sets[i].sum())))
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("profile", [False, True])
-def test_lean_path_reads_each_frames_weights_when_counts_repeat(profile):
-    """Frames one at a time (the lean path): views of the compiled step's buffers are made once
-    per set of kept counts and reused, so frames that keep as many channels as an earlier one,
-    but other channels, must still compute with their own gathered weights."""
+def test_lean_path_reads_each_frames_weights_when_counts_repeat(profile, fused):
+    """Frames one at a time (the lean path): views of the compiled step's buffers (or, fused,
+    the kept-count arrays) are made once per set of kept counts and reused, so frames that keep
+    as many channels as an earlier one, but other channels, must still compute with their own
+    gathered weights."""
     from dynprune.compact import CompactBottleneck
 
     require_native_gate_step()
@@ -183,6 +203,7 @@ def test_lean_path_reads_each_frames_weights_when_counts_repeat(profile):
         gate.threshold.fill_(1.0)
     compact = CompactBottleneck(block)
     compact.profile = profile
+    compact.fused = fused
     sets_by_counts = {}
     with torch.no_grad():
         for _ in range(40):
@@ -194,7 +215,7 @@ def test_lean_path_reads_each_frames_weights_when_counts_repeat(profile):
             counts = [int(m.sum()) for m in masks]
             assert compact.last_kept.tolist() == [counts]
             sets_by_counts.setdefault(tuple(counts), set()).add(tuple(torch.cat(masks).tolist()))
-    assert len(compact._views) == len(sets_by_counts) < 40  # views reused
+    assert len(compact._counts if fused else compact._views) == len(sets_by_counts) < 40  # reused
     assert any(len(sets) > 1 for sets in sets_by_counts.values())  # with other channels kept
     assert (compact.gate_ms > 0) == profile
 
@@ -202,7 +223,8 @@ def test_lean_path_reads_each_frames_weights_when_counts_repeat(profile):
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_compact_block_really_skips_work(memory_format):
     """Counting multiply-adds proves no full-width hidden activation is ever computed (the
-    channels-last frame takes the lean path, the NCHW one the per-image loop)."""
+    channels-last frame takes the lean path with PyTorch's products, the NCHW one the per-image
+    loop)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from dynprune.compact import CompactBottleneck
@@ -212,6 +234,7 @@ def test_compact_block_really_skips_work(memory_format):
     set_gate_mode(block, "threshold")
     block.gate1.threshold.fill_(1e9)
     compact = CompactBottleneck(block)
+    compact.fused = False
     x = torch.rand(1, 16, 8, 8).contiguous(memory_format=memory_format)
     with FlopCounterMode(display=False) as fc:
         compact(x)
@@ -219,9 +242,84 @@ def test_compact_block_really_skips_work(memory_format):
     assert fc.get_total_flops() <= 2 * 16 * 32
     block.gate1.threshold.fill_(0.0)
     block.gate2.threshold.fill_(1e9)
+    compact = CompactBottleneck(block)
+    compact.fused = False
     with FlopCounterMode(display=False) as fc:
-        CompactBottleneck(block)(x)
+        compact(x)
     assert fc.get_total_flops() == 0  # nothing reaches the output projection: shortcut plus bias
+
+
+@pytest.mark.parametrize("c,h1,h2,group", [(8, 5, 37, 1), (24, 24, 24, 8), (40, 37, 19, 1), (20, 48, 64, 16)])
+@pytest.mark.parametrize("size", [(1, 1), (3, 7), (9, 13), (20, 12)])
+def test_fused_block_equals_torch_products_on_odd_shapes(c, h1, h2, group, size):
+    """The fused block's tiles at their edges: widths that are no multiple of a vector, rows that
+    are no multiple of a tile, maps down to one pixel; against the compiled step with PyTorch's
+    products, over frames whose gates keep different channels."""
+    from dynprune.compact import CompactBottleneck
+
+    require_native_gate_step()
+    torch.manual_seed(c + h1 + size[1])
+    block = Bottleneck(c, h1, h2).eval()
+    randomize_bn(block, 1)
+    block.add_gates(group=group)
+    set_gate_mode(block, "threshold")
+    for gate in (block.gate1, block.gate2):
+        gate.fc1.weight.data.normal_(0, 2.0)
+        gate.fc2.weight.data.normal_(0, 2.0)
+        gate.threshold.fill_(0.5)
+    fused, plain = CompactBottleneck(block), CompactBottleneck(block)
+    plain.fused = False
+    with torch.no_grad():
+        for _ in range(6):
+            x = (torch.randn(1, c, *size) * 2).contiguous(memory_format=torch.channels_last)
+            out = fused(x)
+            torch.testing.assert_close(out, plain(x), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(out, block(x), atol=1e-4, rtol=1e-4)
+            assert fused.last_kept.tolist() == plain.last_kept.tolist()
+            assert out.is_contiguous(memory_format=torch.channels_last)
+    assert fused._counts and not fused._views
+
+
+def test_fused_block_really_skips_work():
+    """The fused block's products count the multiply-adds they run (whole vectors): the compact
+    widths' work, not the dense block's, and none past a gate that keeps nothing."""
+    from dynprune.compact import CompactBottleneck
+
+    require_native_gate_step()
+    torch.manual_seed(0)
+    c, hidden, h, w = 16, 64, 8, 10
+    block = Bottleneck(c, hidden, hidden).eval()
+    randomize_bn(block, 0)
+    block.add_gates(group=8)
+    set_gate_mode(block, "threshold")
+    for gate in (block.gate1, block.gate2):
+        gate.fc2.weight.data.normal_(0, 1.0)
+        gate.fc2.bias.data.uniform_(0.0, 1.0)
+        gate.threshold.fill_(0.8)
+    x = torch.rand(1, c, h, w).contiguous(memory_format=torch.channels_last)
+
+    def run():
+        compact = CompactBottleneck(block)
+        with torch.no_grad():
+            out, ref = compact(x), block(x)
+        torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+        native = compact._native
+        assert native is not None and native.fused and compact._counts  # the fused path ran
+        return native, [int(v) for v in native.counts]
+
+    native, (kept1, kept2, slots1, slots2) = run()
+    assert 0 < kept1 < hidden and 0 < kept2 < hidden
+    vl = native.vector_floats
+    up = lambda n: -(-n // vl) * vl  # noqa: E731
+    compact_macs = h * w * (c * up(slots1) + 9 * slots1 * up(slots2) + slots2 * up(c))
+    assert int(native.macs[0]) == compact_macs
+    assert compact_macs < 0.8 * h * w * (c * hidden + 9 * hidden * hidden + hidden * c)
+    block.gate1.threshold.fill_(1e9)  # gate 1 keeps nothing: one constant row through cv3
+    native, (kept1, kept2, _, slots2) = run()
+    assert kept1 == 0 and kept2 > 0 and int(native.macs[0]) == slots2 * c
+    block.gate2.threshold.fill_(1e9)  # nothing reaches cv3: shortcut plus bias
+    native, (_, kept2, _, _) = run()
+    assert kept2 == 0 and int(native.macs[0]) == 0
 
 
 def test_complexity_weights_by_hand():

@@ -457,6 +457,62 @@ def test_cpu_gate_step_builds_serial_when_asked(monkeypatch, tmp_path):
     assert lib is not None and not lib.openmp and len(list(tmp_path.glob("*.so"))) == 1
 
 
+def _fused_and_plain(c=64, hidden=96, seed=5):
+    """A gated block twice: the fused compiled call and the compiled step with PyTorch's products."""
+    import copy
+
+    blk = _threshold_block(c, hidden, hidden, group=8, threshold=0.6, bias_low=0.2, seed=seed)
+    plain = copy.deepcopy(blk)
+    plain.fused = False
+    return blk, plain
+
+
+def test_fused_block_is_the_same_on_any_thread_count():
+    """Each tile of the fused block sums in a fixed order whichever thread runs it: one thread and
+    two give the same bits."""
+    import numpy as np
+
+    from tests.conftest import require_native_gate_step
+
+    require_native_gate_step()
+    blk, _ = _fused_and_plain()
+    x = torch.rand(1, 64, 20, 30).contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.no_grad():
+                outs.append(blk(x).numpy().copy())
+    finally:
+        torch.set_num_threads(threads)
+    assert blk._counts
+    np.testing.assert_array_equal(outs[0], outs[1])
+
+
+def test_fused_block_portable_build(monkeypatch, tmp_path):
+    """DYNPRUNE_NATIVE_ARCH=0 builds without -march=native (a cache shared by unlike CPUs): the
+    fused block then runs on the baseline vector width, with the same results."""
+    from dynprune.kernels import cpu_gate
+    from tests.conftest import require_native_gate_step
+
+    require_native_gate_step()
+    native_lib = cpu_gate.native_library()
+    monkeypatch.setattr(cpu_gate, "_tried", False)
+    monkeypatch.setattr(cpu_gate, "_library", None)
+    monkeypatch.setenv("DYNPRUNE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("DYNPRUNE_NATIVE_ARCH", "0")
+    lib = cpu_gate.native_library()
+    assert lib is not None and not lib.native and len(list(tmp_path.glob("*.so"))) == 1
+    assert int(lib.dp_vector_floats()) <= int(native_lib.dp_vector_floats())
+    blk, plain = _fused_and_plain(c=40, hidden=72)
+    for size in ((7, 9), (16, 16)):
+        x = (torch.randn(1, 40, *size) * 2).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            torch.testing.assert_close(blk(x), plain(x), atol=1e-4, rtol=1e-4)
+    assert blk._counts and blk._native.vector_floats == int(lib.dp_vector_floats())
+
+
 def test_openmp_runtime_is_recognised_by_its_file_name():
     """Only GNU OpenMP under its soname counts: a renamed copy (auditwheel's libgomp-<hash>.so.1)
     would be a second runtime beside the build's libgomp.so.1."""
