@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from typing import Optional, Tuple
+import time
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -232,11 +233,18 @@ def bottleneck_pixels(xi: torch.Tensor, h: int, w: int, b1: torch.Tensor, w1_t: 
 
 class FoldedBottleneck(nn.Module):
     """An un-gated :class:`~dynprune.layers.Bottleneck` for inference: its three layers as
-    :class:`FoldedConv` and, for one float32 image in channels-last memory on the CPU, the block as
-    one :func:`bottleneck_pixels` call on cached weight views (2-3% off the dense nano network at
-    320 px on two cores, BENCHMARKS.md session 14, the same output bit for bit). Anything else (a
-    batch, a GPU, half precision) runs the three layers and the add as the block does.
+    :class:`FoldedConv`. For one float32 image in channels-last memory on the CPU, the block runs
+    as one call of whichever is faster: the compiled block of the compact path on every channel
+    (:class:`~dynprune.kernels.cpu_gate.DenseBlockPlan`, where a C compiler works; ``native``)
+    or :func:`bottleneck_pixels` on cached weight views, the 3x3 on oneDNN. Each block measures
+    both on its first frames (:attr:`choice_frames` of each) and keeps the faster one, so the
+    dense network is the fastest dense form found whatever the CPU (measured on two cores at 320
+    px: the compiled block wins at 80x80 and loses at 10x10, BENCHMARKS.md session 15). Anything
+    else (a batch, a GPU, half precision) runs the three layers and the add as the block does.
     """
+
+    #: first frames each form runs before a block keeps the faster one
+    choice_frames = 3
 
     def __init__(self, block: Bottleneck) -> None:
         super().__init__()
@@ -246,14 +254,20 @@ class FoldedBottleneck(nn.Module):
         self.cv1, self.cv2, self.cv3 = (c if isinstance(c, FoldedConv) else FoldedConv(c)
                                         for c in (block.cv1, block.cv2, block.cv3))
         self._weights: Optional[Tuple[torch.Tensor, ...]] = None
+        self.native = True  # may the compiled block run (False: always bottleneck_pixels)
+        self._plan = None  # the compiled block, made on the first call
+        self._trials: Dict[Tuple[int, int], list] = {}  # per input size: seconds of each form so far
+        self._chosen: Dict[Tuple[int, int], bool] = {}  # per input size: whether the compiled form won
 
     def _apply(self, fn, recurse: bool = True):
-        self._weights = None  # views of the old tensors: remade on the next call
+        self._weights = self._plan = None  # views or copies of the old tensors: remade on the next call
+        self._trials, self._chosen = {}, {}
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_weights"] = None  # may hold a oneDNN weight, which cannot be copied; remade on use
+        # a oneDNN weight and the compiled block's pointers cannot be copied; remade on use
+        state["_weights"], state["_plan"], state["_trials"], state["_chosen"] = None, None, {}, {}
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -264,7 +278,54 @@ class FoldedBottleneck(nn.Module):
         if nhwc is None:
             return x + self.cv3(self.cv2(self.cv1(x)))
         h, w, c = nhwc.shape
+        compiled = self._chosen.get((h, w))
+        if compiled is None:  # still measuring both forms on this input size
+            return self._trial(x, nhwc, weights)
+        if compiled:
+            out = torch.from_numpy(np.empty((1, h, w, c), np.float32).transpose(0, 3, 1, 2))
+            self._plan.forward(x.data_ptr(), h, w, out.data_ptr())
+            return out
         return bottleneck_pixels(torch.from_numpy(nhwc.reshape(h * w, c)), h, w, *weights)
+
+    def _trial(self, x: torch.Tensor, nhwc: np.ndarray, weights: Tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """One of the first frames of an input size: run the form with fewer trials so far, time
+        it, and once each has had ``choice_frames``, keep the faster (by median)."""
+        h, w, c = nhwc.shape
+        plan = self._plan if self._plan is not None else self._compiled_plan()
+        trials = self._trials.setdefault((h, w), [[], []])  # seconds: [bottleneck_pixels, compiled]
+        compiled = plan is not None and len(trials[1]) < len(trials[0])
+        start = time.perf_counter()
+        if compiled:
+            out = torch.from_numpy(np.empty((1, h, w, c), np.float32).transpose(0, 3, 1, 2))
+            plan.forward(x.data_ptr(), h, w, out.data_ptr())
+        else:
+            out = bottleneck_pixels(torch.from_numpy(nhwc.reshape(h * w, c)), h, w, *weights)
+        trials[compiled].append(time.perf_counter() - start)
+        if plan is None:
+            self._chosen[(h, w)] = False
+        elif min(len(t) for t in trials) >= self.choice_frames:
+            self._chosen[(h, w)] = float(np.median(trials[1])) < float(np.median(trials[0]))
+        return out
+
+    def _compiled_plan(self):
+        """The compiled block (:class:`~dynprune.kernels.cpu_gate.DenseBlockPlan`), or ``None``
+        where ``native`` is off or no C compiler works; kept in ``_plan`` (False once refused)."""
+        if self._plan is False or not self.native:
+            return None
+        from dynprune.kernels.cpu_gate import DenseBlockPlan, native_library
+
+        lib = native_library()
+        if lib is None:
+            self._plan = False
+            return None
+
+        def arr(t: torch.Tensor) -> np.ndarray:
+            return t.detach().float().contiguous().numpy()
+
+        self._plan = DenseBlockPlan(lib, w1=arr(self.cv1.weight.view(self.h1, self.c)), b1=arr(self.cv1.bias),
+                                    w2=arr(self.cv2.weight), b2=arr(self.cv2.bias),
+                                    w3=arr(self.cv3.weight.view(self.c, self.h2)), b3=arr(self.cv3.bias))
+        return self._plan
 
     def _pixel_weights(self, input_size: Tuple[int, ...]) -> Tuple[torch.Tensor, ...]:
         """The arguments of :func:`bottleneck_pixels` after the pixels: views of the layers'

@@ -362,6 +362,46 @@ INLINE void product_run(const product *q, int64_t h, int64_t w, int64_t *macs) {
     *macs += done;
 }
 
+/* The three products of a block on one image, given its weights laid out for them: cv1 (c ->
+   n1, W1 transposed (c, ld1)) + b1 + SiLU into y1, a zero-bordered (h + 2, w + 2, n1) map; the
+   3x3 (W2 as (taps, n1, ld2)) + b2 + SiLU into y2 (h * w, n2); cv3 (W3^T rows (n2, ld3)) + b3 +
+   the shortcut into out. n1 and n2 > 0. */
+static void block_products(const float *pixels, int64_t h, int64_t w, int64_t c, int64_t n1, int64_t n2,
+                           int64_t taps, const float *w1, int64_t ld1, const float *b1, const float *w2,
+                           int64_t ld2, const float *b2, const float *w3, int64_t ld3, const float *b3,
+                           float *y1, float *y2, float *out, int64_t *macs) {
+    const int64_t pw = w + 2;
+    product cv1 = {.x = pixels, .xs = c, .xrow = w * c, .taps = 1, .K = c, .tap_off = {0}, .w = w1,
+                   .ldw = ld1, .N = n1, .bias = b1, .res = NULL,
+                   .out = y1 + (pw + 1) * n1, .os = n1, .orow = pw * n1, .silu = 1};
+    product cv2 = {.x = y1, .xs = n1, .xrow = pw * n1, .taps = taps, .K = n1, .w = w2,
+                   .ldw = ld2, .N = n2, .bias = b2, .res = NULL,
+                   .out = y2, .os = n2, .orow = w * n2, .silu = 1};
+    for (int64_t t = 0; t < taps; ++t) cv2.tap_off[t] = (t / 3 * pw + t % 3) * n1;
+    product cv3 = {.x = y2, .xs = n2, .xrow = w * n2, .taps = 1, .K = n2, .tap_off = {0}, .w = w3,
+                   .ldw = ld3, .N = c, .bias = b3, .res = pixels, .rs = c, .rrow = w * c,
+                   .out = out, .os = c, .orow = w * c, .silu = 0};
+    *macs = 0;
+    #pragma omp parallel if (h * w * c >= POOL_PARALLEL_MIN / 4)
+    {
+        /* cv1's map has a zero border (the 3x3's padding): its top and bottom rows, then the
+           left and right pixel of every row */
+        #pragma omp for schedule(static)
+        for (int64_t r = 0; r < h + 2; ++r) {
+            float *row = y1 + r * pw * n1;
+            if (r == 0 || r == h + 1) {
+                memset(row, 0, (size_t)(pw * n1) * sizeof(float));
+            } else {
+                memset(row, 0, (size_t)n1 * sizeof(float));
+                memset(row + (pw - 1) * n1, 0, (size_t)n1 * sizeof(float));
+            }
+        }
+        product_run(&cv1, h, w, macs);
+        product_run(&cv2, h, w, macs);
+        product_run(&cv3, h, w, macs);
+    }
+}
+
 /* The block on one image: pixels (h * w, c) float32 NHWC in, out (h * w, c) NHWC. Returns 0,
    -1 where chunk_sums is too small for the pool, -2 where maps is too small for this input and
    these kept widths (the caller grows them and calls again). counts as for dp_block_plan. */
@@ -371,14 +411,13 @@ int dp_block_forward(const dp_block *b, const float *pixels, int64_t h, int64_t 
     clock_gettime(CLOCK_MONOTONIC, &start);
     if (plan_lists(b, pixels, hw) != 0) return -1;
     const int64_t slots1 = b->counts[2], slots2 = b->counts[3];
-    const int64_t ld1 = ROUND16(slots1), ld2 = ROUND16(slots2), pw = w + 2;
-    const int64_t map1 = (h + 2) * pw * slots1, map2 = hw * slots2;
+    const int64_t ld1 = ROUND16(slots1), ld2 = ROUND16(slots2);
+    const int64_t map1 = (h + 2) * (w + 2) * slots1, map2 = hw * slots2;
     if (map1 + map2 > b->map_capacity) return -2;
     float *y1 = b->maps, *y2 = b->maps + map1;
 
     gather_rows(b, slots1);  /* W3^T rows (saliency 2 folded in) and b2 of gate 2's slots */
     const float *w3 = b->rows_out + slots1 * (c + 1);
-    *b->macs = 0;
     if (slots1 == 0 || slots2 == 0) {
         /* A gate keeps nothing: the 3x3's output is its bias (or nothing reaches cv3), so the
            block adds one constant row to its shortcut: b3 + silu(b2) @ W3^T over gate 2's slots */
@@ -435,38 +474,37 @@ int dp_block_forward(const dp_block *b, const float *pixels, int64_t h, int64_t 
         for (int64_t o = slots2; o < ld2; ++o) dst[o] = 0.0f;
     }
 
-    product cv1 = {.x = pixels, .xs = c, .xrow = w * c, .taps = 1, .K = c, .tap_off = {0}, .w = b->w1_out,
-                   .ldw = ld1, .N = slots1, .bias = b->b1_out, .res = NULL,
-                   .out = y1 + (pw + 1) * slots1, .os = slots1, .orow = pw * slots1, .silu = 1};
-    product cv2 = {.x = y1, .xs = slots1, .xrow = pw * slots1, .taps = taps, .K = slots1, .w = b->w2t_out,
-                   .ldw = ld2, .N = slots2, .bias = b->b2_out, .res = NULL,
-                   .out = y2, .os = slots2, .orow = w * slots2, .silu = 1};
-    for (int64_t t = 0; t < taps; ++t) cv2.tap_off[t] = (t / 3 * pw + t % 3) * slots1;
-    product cv3 = {.x = y2, .xs = slots2, .xrow = w * slots2, .taps = 1, .K = slots2, .tap_off = {0}, .w = w3,
-                   .ldw = c + 1, .N = c, .bias = b->b3, .res = pixels, .rs = c, .rrow = w * c,
-                   .out = out, .os = c, .orow = w * c, .silu = 0};
     clock_gettime(CLOCK_MONOTONIC, &ready);
     *b->gate_seconds = (double)(ready.tv_sec - start.tv_sec) + 1e-9 * (double)(ready.tv_nsec - start.tv_nsec);
-    #pragma omp parallel if (hw * c >= POOL_PARALLEL_MIN / 4)
-    {
-        /* cv1's map has a zero border (the 3x3's padding): its top and bottom rows, then the
-           left and right pixel of every row */
-        #pragma omp for schedule(static)
-        for (int64_t r = 0; r < h + 2; ++r) {
-            float *row = y1 + r * pw * slots1;
-            if (r == 0 || r == h + 1) {
-                memset(row, 0, (size_t)(pw * slots1) * sizeof(float));
-            } else {
-                memset(row, 0, (size_t)slots1 * sizeof(float));
-                memset(row + (pw - 1) * slots1, 0, (size_t)slots1 * sizeof(float));
-            }
-        }
-        product_run(&cv1, h, w, b->macs);
-        product_run(&cv2, h, w, b->macs);
-        product_run(&cv3, h, w, b->macs);
-    }
+    block_products(pixels, h, w, c, slots1, slots2, taps, b->w1_out, ld1, b->b1_out, b->w2t_out, ld2, b->b2_out,
+                   w3, c + 1, b->b3, y1, y2, out, b->macs);
     return 0;
 }
 
 /* Floats per vector of dp_block_forward's products (its multiply-adds count whole vectors). */
 int64_t dp_vector_floats(void) { return VL; }
+
+/* An un-gated block for the dense network, on weights laid out once (dp_dense_forward): the
+   same products as a compact block's, on every channel. */
+typedef struct {
+    int64_t c, h1, h2, taps;
+    const float *w1;   /* (c, ld1): W1 transposed */
+    const float *b1;   /* (ld1 + 16) */
+    const float *w2;   /* (taps, h1, ld2) */
+    const float *b2;   /* (ld2 + 16) */
+    const float *w3;   /* (h2, ld3): W3 transposed */
+    const float *b3;   /* (ld3 + 16) */
+    int64_t ld1, ld2, ld3;
+    float *maps;       /* scratch (map_capacity) */
+    int64_t map_capacity;
+    int64_t *macs;     /* out */
+} dp_dense;
+
+/* Returns 0, or -2 where maps is too small for an h x w input (the caller grows it). */
+int dp_dense_forward(const dp_dense *d, const float *pixels, int64_t h, int64_t w, float *out) {
+    const int64_t map1 = (h + 2) * (w + 2) * d->h1;
+    if (map1 + h * w * d->h2 > d->map_capacity) return -2;
+    block_products(pixels, h, w, d->c, d->h1, d->h2, d->taps, d->w1, d->ld1, d->b1, d->w2, d->ld2, d->b2, d->w3,
+                   d->ld3, d->b3, d->maps, d->maps + map1, out, d->macs);
+    return 0;
+}

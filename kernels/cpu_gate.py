@@ -62,6 +62,15 @@ class _Block(ctypes.Structure):
         ("w2t_out", _float_p), ("b2_out", _float_p), ("maps", _float_p), ("map_capacity", ctypes.c_int64),
         ("gate_seconds", _double_p), ("macs", _int64_p), ("constant_row", _float_p)]
 
+class _Dense(ctypes.Structure):
+    """Mirror of ``dp_dense`` in cpu_gate.c."""
+
+    _fields_ = [(name, ctypes.c_int64) for name in ("c", "h1", "h2", "taps")] + [
+        (name, _float_p) for name in ("w1", "b1", "w2", "b2", "w3", "b3")] + [
+        (name, ctypes.c_int64) for name in ("ld1", "ld2", "ld3")] + [
+        ("maps", _float_p), ("map_capacity", ctypes.c_int64), ("macs", _int64_p)]
+
+
 #: floats of slack after every buffer the block's products read: they load whole vectors of 16
 #: floats (the lanes past a row's end are never stored)
 _SLACK = 32
@@ -133,6 +142,9 @@ def native_library() -> Optional[ctypes.CDLL]:
     lib.dp_block_forward.argtypes = [ctypes.POINTER(_Block), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                      ctypes.c_void_p]
     lib.dp_block_forward.restype = ctypes.c_int
+    lib.dp_dense_forward.argtypes = [ctypes.POINTER(_Dense), ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                     ctypes.c_void_p]
+    lib.dp_dense_forward.restype = ctypes.c_int
     lib.dp_vector_floats.argtypes = []
     lib.dp_vector_floats.restype = ctypes.c_int64
     lib.dp_pool_chunk.argtypes = []
@@ -307,3 +319,47 @@ class BlockPlan:
         """The gathered 3x3 weight as ``(slots2, kh, kw, slots1)`` (OHWI) of the last call."""
         kh, kw = self.kernel
         return self.w2_out[: slots2 * kh * kw * slots1].reshape(slots2, kh, kw, slots1)
+
+
+class DenseBlockPlan:
+    """An un-gated bottleneck (BN folded) as one compiled call: the fused block's products on
+    every channel, its weights laid out for them once. ``w1`` ``(h1, c)``, ``w2`` ``(h2, h1, 3,
+    3)``, ``w3`` ``(c, h2)``, float32 NumPy arrays; biases ``(h1,)``, ``(h2,)``, ``(c,)``."""
+
+    def __init__(self, lib: ctypes.CDLL, *, w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray,
+                 w3: np.ndarray, b3: np.ndarray) -> None:
+        h2, h1, kh, kw = w2.shape
+        if (kh, kw) != (3, 3):
+            raise ValueError(f"DenseBlockPlan runs 3x3 middle layers (got {kh}x{kw})")
+        c = w1.shape[1]
+        ld1, ld2, ld3 = _round16(h1), _round16(h2), _round16(c)
+
+        def padded(matrix: np.ndarray, ld: int) -> np.ndarray:
+            """Rows padded with zeros to ``ld`` columns, then slack for whole-vector reads."""
+            rows = matrix.reshape(-1, matrix.shape[-1])
+            out = np.zeros(rows.shape[0] * ld + _SLACK, np.float32)
+            out[: rows.shape[0] * ld].reshape(rows.shape[0], ld)[:, : rows.shape[1]] = rows
+            return out
+
+        self._arrays = [padded(w1.T, ld1), padded(b1[None], ld1),
+                        padded(w2.transpose(2, 3, 1, 0).reshape(9 * h1, h2), ld2), padded(b2[None], ld2),
+                        padded(w3.T, ld3), padded(b3[None], ld3)]
+        self.macs = np.zeros(1, np.int64)
+        self.maps = np.zeros(0, np.float32)
+        self._widths = (h1, h2)
+        self._dense = _Dense(c, h1, h2, 9, *(_ptr(a) for a in self._arrays), ld1, ld2, ld3,
+                             _ptr(self.maps), 0, _ptr(self.macs, _int64_p))
+        self._ref = ctypes.byref(self._dense)
+        self._forward = lib.dp_dense_forward
+
+    def forward(self, pixels_address: int, height: int, width: int, out_address: int) -> None:
+        """The block on one image's ``(height * width, C)`` float32 NHWC pixels, its output
+        written in the same layout at ``out_address``."""
+        if self._forward(self._ref, pixels_address, height, width, out_address) != 0:
+            width1, width2 = self._widths
+            need = (height + 2) * (width + 2) * width1 + height * width * width2
+            self.maps = np.zeros(need + _SLACK, np.float32)
+            self._dense.maps = _ptr(self.maps)
+            self._dense.map_capacity = need
+            if self._forward(self._ref, pixels_address, height, width, out_address) != 0:
+                raise RuntimeError(f"CPU dense block: no room for a {height}x{width} input")
