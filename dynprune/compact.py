@@ -51,10 +51,14 @@ class CompactBottleneck(nn.Module):
     For threshold gates that is one call of the compiled step
     (:mod:`dynprune.kernels.cpu_gate`); FBS's top-k, and any block where no compiler works,
     take the NumPy path (about 1 us a call), which is also the C step's reference in the
-    tests. PyTorch runs only the real products: the 1x1 convolutions as matrix products on the
-    channels-last pixels (``(H*W, C) @ (C, keep)``, bias inside ``addmm``, no oneDNN
-    primitive to build for each new kept width), the 3x3 convolution, the two SiLUs and the
-    residual add.
+    tests. For one float32 image with the compiled step (every CPU serving and benchmark frame)
+    the whole block is one compiled call (``fused``, :meth:`BlockPlan.forward
+    <dynprune.kernels.cpu_gate.BlockPlan.forward>`): the step, then the three products on the kept
+    channels with bias, SiLU and shortcut fused, 18% faster for the dynamic nano network than
+    PyTorch's products (two cores, 320 px; BENCHMARKS.md, session 15). Otherwise PyTorch runs
+    the products: the 1x1 convolutions as matrix products on the channels-last pixels
+    (``(H*W, C) @ (C, keep)``, bias inside ``addmm``, no oneDNN primitive to build for each new
+    kept width), the 3x3 convolution, the two SiLUs and the residual add.
 
     ``pad_to = (pad1, pad2)``: gate 1's and gate 2's kept lists are padded to a multiple of
     that many slots with *zero-scaled* copies of a kept channel, because the libraries run some

@@ -1,21 +1,35 @@
-"""Native CPU step of a gated block: pool, both gates, kept lists and weight gathers in one call.
+"""Compiled CPU kernels of the blocks: the gate step, the whole compact block, the dense block.
 
 ``cpu_gate.c`` is compiled on first use with the system C compiler (``$CC``, else ``cc``) into
 a per-user cache (``$DYNPRUNE_CACHE_DIR``, else ``~/.cache/dynprune``) and loaded with
 ``ctypes``; later runs load the cached library. Where no compiler works, or with
 ``DYNPRUNE_NATIVE=0``, :func:`native_library` says why once in the log and returns ``None``,
-and :class:`~dynprune.compact.CompactBottleneck` keeps its NumPy path, the reference this
-kernel is tested against.
+and :class:`~dynprune.compact.CompactBottleneck` keeps its NumPy path, the reference these
+kernels are tested against.
 
-Where PyTorch runs on GNU OpenMP (its Linux wheels), the library is built with ``-fopenmp``
-and its large loops (the pool of big inputs, the W2 gather of wide layers) run on PyTorch's
-own thread pool (:func:`shares_torch_openmp`); elsewhere it is built serial.
+Three entry points, one object each here:
 
-Why: in NumPy this step is a few dozen calls of about a microsecond each, and inside the
+- :meth:`BlockPlan.step`: pool, both gates, kept lists and weight gathers of a gated block in
+  one call; PyTorch then runs the products on the gathered weights.
+- :meth:`BlockPlan.forward`: the same step, then the block's three products on the kept
+  channels with their bias, SiLU and shortcut fused, tiled in registers: the CPU runtime's
+  path for one image (BENCHMARKS.md, session 15: the dynamic nano network 18% faster than the
+  step with PyTorch's products, on two cores at 320 px).
+- :meth:`DenseBlockPlan.forward`: the same products on every channel of an un-gated block,
+  which :class:`~dynprune.fusion.FoldedBottleneck` runs where it measures faster than oneDNN.
+
+The library is built for the CPU it runs on (``-march=native``: the products' vectors as wide
+as its registers; the cache key names the CPU) where the compiler takes it, else for the
+architecture's baseline (also with ``DYNPRUNE_NATIVE_ARCH=0``). Where PyTorch runs on GNU
+OpenMP (its Linux wheels), it is built with ``-fopenmp`` and its parallel loops run on
+PyTorch's own thread pool (:func:`shares_torch_openmp`); elsewhere it is built serial.
+
+Why: in NumPy the gate step is a few dozen calls of about a microsecond each, and inside the
 running network each call finds cold caches and costs three to five times that (4.5 ms a frame
 for the nano detector at 320 on two cores, measured with perf counters in the forward pass,
-against 10.7 ms for the blocks' convolutions, matrix products and SiLUs in the same run). Here it
-is one call per block and image.
+against 10.7 ms for the blocks' convolutions, matrix products and SiLUs in the same run). And
+PyTorch's products on compact widths run at half the dense layers' speed per FLOP, each with a
+pass of its own for the bias, the SiLU or the add.
 """
 
 from __future__ import annotations
