@@ -55,8 +55,10 @@ def main() -> None:
     ab("dense", "oneDNN blocks", onednn, "faster form", chosen, frames)
     with torch.inference_mode():
         chosen(frames[0])
-    print("dense blocks' choice (True: compiled):",
-          [dict(m._chosen) for m in chosen.modules() if isinstance(m, FoldedBottleneck)])
+    print(
+        "dense blocks' choice (True: compiled):",
+        [dict(m._chosen) for m in chosen.modules() if isinstance(m, FoldedBottleneck)],
+    )
 
     with torch.no_grad():  # every gate open at saliency 1: full widths, unscaled
         for b in gated.blocks:
