@@ -292,6 +292,25 @@ typedef struct {
     int silu;
 } product;
 
+/* acc += the tile's sums over every tap and input channel: mr pixels from x0 in row y, nv vectors
+   from output channel n0. Inlined twice: with constant bounds (MR, NV) for the common tile, so
+   that the compiler unrolls the pixels and keeps every sum in a register, and with the edge's. */
+INLINE void tile_sums(const product *q, int64_t y, int64_t x0, int64_t mr, int64_t n0, int64_t nv, vec acc[MR][NV]) {
+    const float *xbase = q->x + y * q->xrow + x0 * q->xs;
+    for (int64_t t = 0; t < q->taps; ++t) {
+        const float *xt = xbase + q->tap_off[t];
+        const float *wt = q->w + t * q->K * q->ldw + n0;
+        for (int64_t k = 0; k < q->K; ++k) {
+            vec wv[NV];
+            for (int j = 0; j < NV; ++j) wv[j] = vload(wt + k * q->ldw + j * VL);
+            for (int64_t i = 0; i < mr; ++i) {
+                const float v = xt[i * q->xs + k];
+                for (int64_t j = 0; j < nv; ++j) acc[i][j] += wv[j] * v;
+            }
+        }
+    }
+}
+
 /* Pixels [x0, x0 + mr) of output row y, output channels [n0, n0 + NR) (fewer at the end). */
 INLINE void product_tile(const product *q, int64_t y, int64_t x0, int64_t mr, int64_t n0) {
     const int64_t left = (q->N - n0 + VL - 1) / VL, nv = left < NV ? left : NV;  /* vectors with real lanes */
@@ -300,30 +319,10 @@ INLINE void product_tile(const product *q, int64_t y, int64_t x0, int64_t mr, in
         const vec bias = vload(q->bias + n0 + j * VL);
         for (int i = 0; i < MR; ++i) acc[i][j] = bias;
     }
-    const float *xbase = q->x + y * q->xrow + x0 * q->xs;
-    for (int64_t t = 0; t < q->taps; ++t) {
-        const float *xt = xbase + q->tap_off[t];
-        const float *wt = q->w + t * q->K * q->ldw + n0;
-        if (mr == MR && nv == NV) {  /* the common case: every loop bound a constant */
-            for (int64_t k = 0; k < q->K; ++k) {
-                vec wv[NV];
-                for (int j = 0; j < NV; ++j) wv[j] = vload(wt + k * q->ldw + j * VL);
-                for (int i = 0; i < MR; ++i) {
-                    const float v = xt[i * q->xs + k];
-                    for (int j = 0; j < NV; ++j) acc[i][j] += wv[j] * v;
-                }
-            }
-        } else {
-            for (int64_t k = 0; k < q->K; ++k) {
-                vec wv[NV];
-                for (int j = 0; j < NV; ++j) wv[j] = vload(wt + k * q->ldw + j * VL);
-                for (int64_t i = 0; i < mr; ++i) {
-                    const float v = xt[i * q->xs + k];
-                    for (int j = 0; j < nv; ++j) acc[i][j] += wv[j] * v;
-                }
-            }
-        }
-    }
+    if (mr == MR && nv == NV)  /* the common case, compiled with every loop bound a constant */
+        tile_sums(q, y, x0, MR, n0, NV, acc);
+    else
+        tile_sums(q, y, x0, mr, n0, nv, acc);
     for (int64_t i = 0; i < mr; ++i) {
         float *o = q->out + y * q->orow + (x0 + i) * q->os + n0;
         const float *r = q->res ? q->res + y * q->rrow + (x0 + i) * q->rs + n0 : NULL;
