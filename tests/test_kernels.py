@@ -513,6 +513,70 @@ def test_fused_block_portable_build(monkeypatch, tmp_path):
     assert blk._counts and blk._native.vector_floats == int(lib.dp_vector_floats())
 
 
+_ASAN_SCRIPT = """
+import copy
+
+import torch
+from dynprune.kernels import cpu_gate
+cpu_gate.CFLAGS = cpu_gate.CFLAGS + ("-fsanitize=address,undefined", "-fno-omit-frame-pointer")
+assert cpu_gate.native_library() is not None
+from dynprune.compact import CompactBottleneck
+from dynprune.fusion import FoldedBottleneck, fuse_conv_bn, pointwise_as_matmul
+from dynprune.gates import set_gate_mode
+from dynprune.layers import Bottleneck
+
+torch.manual_seed(0)
+for c, h1, h2, group, size in [(8, 5, 37, 1, (1, 1)), (24, 24, 24, 8, (3, 7)), (40, 37, 19, 1, (9, 13)),
+                               (20, 48, 64, 16, (20, 12))]:
+    block = Bottleneck(c, h1, h2).eval()
+    plain = copy.deepcopy(block)
+    dense = pointwise_as_matmul(fuse_conv_bn(torch.nn.Sequential(FoldedBottleneck(block))))[0]
+    block.add_gates(group=group)
+    set_gate_mode(block, "threshold")
+    for gate in (block.gate1, block.gate2):
+        gate.fc1.weight.data.normal_(0, 2.0)
+        gate.fc2.weight.data.normal_(0, 2.0)
+        gate.threshold.fill_(0.5)
+    fused = CompactBottleneck(block)
+    with torch.no_grad():
+        for _ in range(8):  # the dense block tries both forms on its first frames
+            x = (torch.randn(1, c, *size) * 2).contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(fused(x), block(x), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(dense(x), plain(x), atol=1e-4, rtol=1e-4)
+    assert fused._counts and dense._plan
+print("clean")
+"""
+
+
+def test_compiled_blocks_under_address_sanitizer(tmp_path):
+    """The fused and dense compiled blocks read whole vectors past their rows' ends (into the
+    buffers' slack): built with AddressSanitizer and UBSan, on shapes whose widths and rows
+    are no multiple of a tile, no read or write leaves its buffer."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import require_native_gate_step
+
+    require_native_gate_step()
+    compiler = os.environ.get("CC") or "cc"
+    runtimes = []
+    for name in ("libasan.so", "libubsan.so"):
+        found = subprocess.run([compiler, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+        if not os.path.isabs(found) or not os.path.exists(found):
+            pytest.skip(f"{compiler} has no {name}")
+        runtimes.append(found)
+    if shutil.which(compiler) is None:
+        pytest.skip("no C compiler")
+    env = dict(os.environ, DYNPRUNE_CACHE_DIR=str(tmp_path), LD_PRELOAD=":".join(runtimes),
+               ASAN_OPTIONS="detect_leaks=0", UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1",
+               PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    done = subprocess.run([sys.executable, "-c", _ASAN_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0 and "clean" in done.stdout, done.stderr[-4000:]
+    assert "runtime error" not in done.stderr, done.stderr[-4000:]
+
+
 def test_openmp_runtime_is_recognised_by_its_file_name():
     """Only GNU OpenMP under its soname counts: a renamed copy (auditwheel's libgomp-<hash>.so.1)
     would be a second runtime beside the build's libgomp.so.1."""
