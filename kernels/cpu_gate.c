@@ -247,6 +247,23 @@ typedef float vec __attribute__((vector_size(VL * 4)));
 typedef float vecu __attribute__((vector_size(VL * 4), aligned(4)));  /* unaligned loads and stores */
 typedef int32_t veci __attribute__((vector_size(VL * 4)));
 
+/* Lane-wise conversions: GCC 9+ and clang have a builtin; older GCC (JetPack 4's GCC 7) loops. */
+#if (defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 9)) && !defined(DP_NO_CONVERTVECTOR)
+#define TO_INT(v) __builtin_convertvector((v), veci)
+#define TO_FLOAT(v) __builtin_convertvector((v), vec)
+#else
+INLINE veci TO_INT(vec v) {
+    veci r;
+    for (int l = 0; l < VL; ++l) r[l] = (int32_t)v[l];
+    return r;
+}
+INLINE vec TO_FLOAT(veci v) {
+    vec r;
+    for (int l = 0; l < VL; ++l) r[l] = (float)v[l];
+    return r;
+}
+#endif
+
 INLINE vec vload(const float *p) { return *(const vecu *)p; }
 INLINE void vstore(float *p, vec v) { *(vecu *)p = v; }
 
@@ -258,10 +275,10 @@ INLINE vec vexp(vec x) {
     m = x < lo;
     x = (vec)(((veci)lo & m) | ((veci)x & ~m));
     vec fx = x * 1.44269504088896341f + 0.5f;
-    veci n = __builtin_convertvector(fx, veci);
-    vec nf = __builtin_convertvector(n, vec);
+    veci n = TO_INT(fx);
+    vec nf = TO_FLOAT(n);
     n += (veci)(nf > fx);  /* floor, not truncation, for negative arguments */
-    nf = __builtin_convertvector(n, vec);
+    nf = TO_FLOAT(n);
     x = x - nf * 0.693359375f + nf * 2.12194440e-4f;
     vec p = (vec){0} + 1.9875691500e-4f;
     p = p * x + 1.3981999507e-3f;
