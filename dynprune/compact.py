@@ -54,7 +54,7 @@ class CompactBottleneck(nn.Module):
     tests. For one float32 image with the compiled step (every CPU serving and benchmark frame)
     the whole block is one compiled call (``fused``, :meth:`BlockPlan.forward
     <dynprune.kernels.cpu_gate.BlockPlan.forward>`): the step, then the three products on the kept
-    channels with bias, SiLU and shortcut fused, 18% faster for the dynamic nano network than
+    channels with bias, SiLU and shortcut fused, 17% faster for the dynamic nano network than
     PyTorch's products (two cores, 320 px; BENCHMARKS.md, session 15). Otherwise PyTorch runs
     the products: the 1x1 convolutions as matrix products on the channels-last pixels
     (``(H*W, C) @ (C, keep)``, bias inside ``addmm``, no oneDNN primitive to build for each new
