@@ -280,6 +280,29 @@ def test_fused_block_equals_torch_products_on_odd_shapes(c, h1, h2, group, size)
     assert fused._counts and not fused._views
 
 
+def test_fused_blocks_follow_the_input_size():
+    """Frames of different sizes through one network (a stream that changes resolution): the
+    compiled blocks' scratch grows for a larger input and is reused for a smaller one; the dense
+    blocks measure their two forms per size."""
+    from dynprune.compact import DenseInference
+    from dynprune.fusion import FoldedBottleneck
+
+    require_native_gate_step()
+    model, dense_model = gated_model(8, seed=2)
+    _random_gates(model, 2, empty_every=5)
+    compact, dense = CompactDetector(model), DenseInference(dense_model)
+    with torch.no_grad():
+        for size in (64, 96, 32, 96, 64, 128):
+            x = torch.rand(1, 3, size, size).contiguous(memory_format=torch.channels_last)
+            for got, ref in zip(compact(x), model(x)):
+                torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+            for got, ref in zip(dense(x), dense_model(x)):
+                torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    assert all(blk._counts for blk in compact.blocks)
+    folded = [m for m in dense.modules() if isinstance(m, FoldedBottleneck)]
+    assert all(len(m._trials) == 4 for m in folded)  # four input sizes each
+
+
 def test_fused_block_really_skips_work():
     """The fused block's products count the multiply-adds they run (whole vectors): the compact
     widths' work, not the dense block's, and none past a gate that keeps nothing."""
