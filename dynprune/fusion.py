@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -34,6 +34,38 @@ def _pointwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tor
     pixels = x.permute(0, 2, 3, 1).reshape(b * h * w, c)  # a view of NHWC memory
     out = torch.addmm(bias, pixels, weight.view(-1, c).t())
     return out.view(b, h, w, -1).permute(0, 3, 1, 2)  # NCHW shape, channels-last memory
+
+
+class FormTrials:
+    """Which of a layer's one-image forms to run, per input size: each runs in turn on the first
+    calls of a size and is timed, ``frames`` times each, then the faster by median is kept in
+    ``chosen`` (its index in the forms). The layers read ``chosen`` themselves on every call (a
+    dict lookup; see :func:`bottleneck_pixels` on what more costs inside the network) and call
+    :meth:`run` only until the choice is made. Timing on the machine itself, like
+    ``torch.backends.cudnn.benchmark``: which form wins depends on the CPU and the layer's shape
+    (BENCHMARKS.md, session 15)."""
+
+    def __init__(self, frames: int = 3) -> None:
+        self.frames = frames
+        self.trials: Dict[Tuple[int, ...], list] = {}  # per input size: seconds of each form so far
+        self.chosen: Dict[Tuple[int, ...], int] = {}
+
+    def run(self, key: Tuple[int, ...], forms: Tuple[Callable[[], torch.Tensor], ...]) -> torch.Tensor:
+        """Run the form with the fewest trials for ``key`` so far, timed; with one form, keep it."""
+        if len(forms) == 1:
+            self.chosen[key] = 0
+            return forms[0]()
+        times = self.trials.setdefault(key, [[] for _ in forms])
+        k = min(range(len(forms)), key=lambda i: len(times[i]))
+        start = time.perf_counter()
+        out = forms[k]()
+        times[k].append(time.perf_counter() - start)
+        if min(len(t) for t in times) >= self.frames:
+            self.chosen[key] = int(np.argmin([np.median(t) for t in times]))
+        return out
+
+    def clear(self) -> None:
+        self.trials, self.chosen = {}, {}
 
 
 class FoldedConv(nn.Module):
@@ -237,14 +269,12 @@ class FoldedBottleneck(nn.Module):
     as one call of whichever is faster: the compiled block of the compact path on every channel
     (:class:`~dynprune.kernels.cpu_gate.DenseBlockPlan`, where a C compiler works; ``native``)
     or :func:`bottleneck_pixels` on cached weight views, the 3x3 on oneDNN. Each block measures
-    both on its first frames (:attr:`choice_frames` of each) and keeps the faster one, so the
-    dense network is the fastest dense form found whatever the CPU (measured on two cores at 320
-    px: the compiled block wins at 80x80 and loses at 10x10, BENCHMARKS.md session 15). Anything
-    else (a batch, a GPU, half precision) runs the three layers and the add as the block does.
+    both on its first frames of each input size (:class:`FormTrials`) and keeps the faster one,
+    so the dense network is the fastest dense form found whatever the CPU (nano at 320 px on two
+    cores: the compiled block wins on every block but the 256-channel one at 10x10, and the
+    network is 6% faster; BENCHMARKS.md, session 15). Anything else (a batch, a GPU, half
+    precision) runs the three layers and the add as the block does.
     """
-
-    #: first frames each form runs before a block keeps the faster one
-    choice_frames = 3
 
     def __init__(self, block: Bottleneck) -> None:
         super().__init__()
@@ -255,19 +285,18 @@ class FoldedBottleneck(nn.Module):
                                         for c in (block.cv1, block.cv2, block.cv3))
         self._weights: Optional[Tuple[torch.Tensor, ...]] = None
         self.native = True  # may the compiled block run (False: always bottleneck_pixels)
-        self._plan = None  # the compiled block, made on the first call
-        self._trials: Dict[Tuple[int, int], list] = {}  # per input size: seconds of each form so far
-        self._chosen: Dict[Tuple[int, int], bool] = {}  # per input size: whether the compiled form won
+        self._plan = None  # the compiled block, made on the first call (False: cannot be had)
+        self._forms = FormTrials()  # per input size: 0 bottleneck_pixels, 1 the compiled block
 
     def _apply(self, fn, recurse: bool = True):
         self._weights = self._plan = None  # views or copies of the old tensors: remade on the next call
-        self._trials, self._chosen = {}, {}
+        self._forms.clear()
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         # a oneDNN weight and the compiled block's pointers cannot be copied; remade on use
-        state["_weights"], state["_plan"], state["_trials"], state["_chosen"] = None, None, {}, {}
+        state["_weights"], state["_plan"], state["_forms"] = None, None, FormTrials(self._forms.frames)
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -278,54 +307,32 @@ class FoldedBottleneck(nn.Module):
         if nhwc is None:
             return x + self.cv3(self.cv2(self.cv1(x)))
         h, w, c = nhwc.shape
-        compiled = self._chosen.get((h, w))
-        if compiled is None:  # still measuring both forms on this input size
-            return self._trial(x, nhwc, weights)
-        if compiled:
-            out = torch.from_numpy(np.empty((1, h, w, c), np.float32).transpose(0, 3, 1, 2))
-            self._plan.forward(x.data_ptr(), h, w, out.data_ptr())
-            return out
+        form = self._forms.chosen.get((h, w))
+        if form is None:  # the first frames of this input size: time both forms
+            plan = self._compiled_plan()
+            forms = (lambda: bottleneck_pixels(torch.from_numpy(nhwc.reshape(h * w, c)), h, w, *weights),)
+            if plan is not None:
+                forms += (lambda: _compiled_forward(plan, x, h, w, c),)
+            return self._forms.run((h, w), forms)
+        if form:
+            return _compiled_forward(self._plan, x, h, w, c)
         return bottleneck_pixels(torch.from_numpy(nhwc.reshape(h * w, c)), h, w, *weights)
-
-    def _trial(self, x: torch.Tensor, nhwc: np.ndarray, weights: Tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """One of the first frames of an input size: run the form with fewer trials so far, time
-        it, and once each has had ``choice_frames``, keep the faster (by median)."""
-        h, w, c = nhwc.shape
-        plan = self._plan if self._plan is not None else self._compiled_plan()
-        trials = self._trials.setdefault((h, w), [[], []])  # seconds: [bottleneck_pixels, compiled]
-        compiled = plan is not None and len(trials[1]) < len(trials[0])
-        start = time.perf_counter()
-        if compiled:
-            out = torch.from_numpy(np.empty((1, h, w, c), np.float32).transpose(0, 3, 1, 2))
-            plan.forward(x.data_ptr(), h, w, out.data_ptr())
-        else:
-            out = bottleneck_pixels(torch.from_numpy(nhwc.reshape(h * w, c)), h, w, *weights)
-        trials[compiled].append(time.perf_counter() - start)
-        if plan is None:
-            self._chosen[(h, w)] = False
-        elif min(len(t) for t in trials) >= self.choice_frames:
-            self._chosen[(h, w)] = float(np.median(trials[1])) < float(np.median(trials[0]))
-        return out
 
     def _compiled_plan(self):
         """The compiled block (:class:`~dynprune.kernels.cpu_gate.DenseBlockPlan`), or ``None``
-        where ``native`` is off or no C compiler works; kept in ``_plan`` (False once refused)."""
-        if self._plan is False or not self.native:
-            return None
-        from dynprune.kernels.cpu_gate import DenseBlockPlan, native_library
-
-        lib = native_library()
-        if lib is None:
+        where ``native`` is off or no C compiler works."""
+        if self._plan is None:
             self._plan = False
-            return None
+            if self.native:
+                from dynprune.kernels.cpu_gate import DenseBlockPlan, native_library
 
-        def arr(t: torch.Tensor) -> np.ndarray:
-            return t.detach().float().contiguous().numpy()
-
-        self._plan = DenseBlockPlan(lib, w1=arr(self.cv1.weight.view(self.h1, self.c)), b1=arr(self.cv1.bias),
-                                    w2=arr(self.cv2.weight), b2=arr(self.cv2.bias),
-                                    w3=arr(self.cv3.weight.view(self.c, self.h2)), b3=arr(self.cv3.bias))
-        return self._plan
+                lib = native_library()
+                if lib is not None:
+                    self._plan = DenseBlockPlan(
+                        lib, w1=_array(self.cv1.weight.view(self.h1, self.c)), b1=_array(self.cv1.bias),
+                        w2=_array(self.cv2.weight), b2=_array(self.cv2.bias),
+                        w3=_array(self.cv3.weight.view(self.c, self.h2)), b3=_array(self.cv3.bias))
+        return self._plan or None
 
     def _pixel_weights(self, input_size: Tuple[int, ...]) -> Tuple[torch.Tensor, ...]:
         """The arguments of :func:`bottleneck_pixels` after the pixels: views of the layers'
@@ -337,6 +344,18 @@ class FoldedBottleneck(nn.Module):
         w2 = cv2.packed_weight((1, self.h1, *input_size[2:])) if cv2.prepack else False
         return (cv1.bias, cv1.weight.view(self.h1, self.c).t(), cv2.weight if w2 is False else w2, cv2.bias,
                 cv3.weight.view(self.c, self.h2).t(), cv3.bias)
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().contiguous().numpy()
+
+
+def _compiled_forward(plan, x: torch.Tensor, h: int, w: int, c: int) -> torch.Tensor:
+    """``plan.forward`` on one channels-last image ``x``: a new ``(1, c, h, w)`` channels-last
+    output (NumPy-made: one torch call)."""
+    out = torch.from_numpy(np.empty((1, h, w, c), np.float32).transpose(0, 3, 1, 2))
+    plan.forward(x.data_ptr(), h, w, out.data_ptr())
+    return out
 
 
 def fold_bottlenecks(model: nn.Module) -> nn.Module:

@@ -497,6 +497,88 @@ int dp_block_forward(const dp_block *b, const float *pixels, int64_t h, int64_t 
     return 0;
 }
 
+/* A plain convolution (the un-gated layers: the stem, the stride-2 convolutions) on weights laid
+   out once, as the blocks' products: out = act(conv(x) + b), any kernel, stride and zero padding,
+   one image NHWC in and out. The padding is never copied: a tap that falls outside the input is
+   skipped for the rows or pixels where it does. */
+typedef struct {
+    int64_t cin, cout, kh, kw, stride, pad, silu;
+    const float *w;    /* (kh * kw, cin, ld), columns past cout zero */
+    const float *b;    /* (ld + 16) */
+    int64_t ld;
+    int64_t *macs;     /* out */
+} dp_conv;
+
+/* acc[i0 + i] += tap sums of pixels i in [0, n): x at xt + i * xs, weights wt (K, ldw). */
+INLINE void tap_sums(const float *xt, int64_t xs, int64_t K, const float *wt, int64_t ldw, int64_t i0, int64_t n,
+                     int64_t nv, vec acc[MR][NV]) {
+    for (int64_t k = 0; k < K; ++k) {
+        vec wv[NV];
+        for (int j = 0; j < NV; ++j) wv[j] = vload(wt + k * ldw + j * VL);
+        for (int64_t i = 0; i < n; ++i) {
+            const float v = xt[i * xs + k];
+            for (int64_t j = 0; j < nv; ++j) acc[i0 + i][j] += wv[j] * v;
+        }
+    }
+}
+
+int dp_conv_forward(const dp_conv *cv, const float *pixels, int64_t h, int64_t w, float *out) {
+    const int64_t s = cv->stride, K = cv->cin, N = cv->cout;
+    const int64_t ho = (h + 2 * cv->pad - cv->kh) / s + 1, wo = (w + 2 * cv->pad - cv->kw) / s + 1;
+    if (ho <= 0 || wo <= 0) return -1;
+    const int64_t xtiles = (wo + MR - 1) / MR, ntiles = (N + NR - 1) / NR;
+    int64_t done_all = 0;
+    #pragma omp parallel if (ho * wo * N >= POOL_PARALLEL_MIN / 4) reduction(+ : done_all)
+    {
+        #pragma omp for schedule(static) collapse(2)
+        for (int64_t yo = 0; yo < ho; ++yo)
+            for (int64_t tile = 0; tile < xtiles * ntiles; ++tile) {
+                const int64_t x0 = tile / ntiles * MR, n0 = tile % ntiles * NR;
+                const int64_t mr = wo - x0 < MR ? wo - x0 : MR, left = (N - n0 + VL - 1) / VL;
+                const int64_t nv = left < NV ? left : NV;
+                vec acc[MR][NV];
+                for (int j = 0; j < NV; ++j) {
+                    const vec bias = vload(cv->b + n0 + j * VL);
+                    for (int i = 0; i < MR; ++i) acc[i][j] = bias;
+                }
+                for (int64_t dy = 0; dy < cv->kh; ++dy) {
+                    const int64_t iy = yo * s + dy - cv->pad;
+                    if (iy < 0 || iy >= h) continue;  /* a padding row: adds nothing */
+                    for (int64_t dx = 0; dx < cv->kw; ++dx) {
+                        /* pixels i of the tile read input column (x0 + i) * s + dx - pad: the
+                           ones inside the input are a contiguous range [i0, i1) */
+                        const int64_t ix0 = x0 * s + dx - cv->pad;
+                        int64_t i0 = 0, i1 = mr;
+                        while (i0 < i1 && ix0 + i0 * s < 0) ++i0;
+                        while (i1 > i0 && ix0 + (i1 - 1) * s >= w) --i1;
+                        if (i0 == i1) continue;
+                        const float *xt = pixels + (iy * w + ix0 + i0 * s) * K;
+                        const float *wt = cv->w + (dy * cv->kw + dx) * K * cv->ld + n0;
+                        if (i0 == 0 && i1 == MR && nv == NV)  /* the common case, constant bounds */
+                            tap_sums(xt, s * K, K, wt, cv->ld, 0, MR, NV, acc);
+                        else
+                            tap_sums(xt, s * K, K, wt, cv->ld, i0, i1 - i0, nv, acc);
+                        done_all += (i1 - i0) * nv * VL * K;
+                    }
+                }
+                for (int64_t i = 0; i < mr; ++i) {
+                    float *o = out + (yo * wo + x0 + i) * N + n0;
+                    for (int j = 0; j < nv; ++j) {
+                        const int64_t lanes = N - n0 - j * VL;
+                        vec v = acc[i][j];
+                        if (cv->silu) v = v / (1.0f + vexp(-v));
+                        if (lanes >= VL)
+                            vstore(o + j * VL, v);
+                        else
+                            memcpy(o + j * VL, &v, (size_t)lanes * sizeof(float));
+                    }
+                }
+            }
+    }
+    *cv->macs = done_all;
+    return 0;
+}
+
 /* Floats per vector of dp_block_forward's products (its multiply-adds count whole vectors). */
 int64_t dp_vector_floats(void) { return VL; }
 

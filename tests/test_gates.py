@@ -300,7 +300,7 @@ def test_fused_blocks_follow_the_input_size():
                 torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     assert all(blk._counts for blk in compact.blocks)
     folded = [m for m in dense.modules() if isinstance(m, FoldedBottleneck)]
-    assert all(len(m._trials) == 4 for m in folded)  # four input sizes each
+    assert all(len(m._forms.trials) == 4 for m in folded)  # four input sizes each
 
 
 def test_fused_block_really_skips_work():

@@ -134,7 +134,7 @@ def test_folded_bottleneck_equals_the_block_in_every_form():
 @pytest.mark.parametrize("c,h1,h2,size", [(8, 12, 6, (5, 7)), (24, 40, 20, (1, 9)), (32, 32, 32, (12, 10))])
 def test_folded_bottleneck_measures_both_one_image_forms(c, h1, h2, size):
     """One image at a time, a dense block runs the compiled block and bottleneck_pixels on its
-    first frames, choice_frames each, then keeps the faster for that input size; both equal the
+    first frames, FormTrials.frames each, then keeps the faster for that input size; both equal the
     block. With native off it never runs the compiled one."""
     from dynprune.fusion import FoldedBottleneck, fuse_conv_bn, pointwise_as_matmul
     from dynprune.layers import Bottleneck
@@ -147,7 +147,7 @@ def test_folded_bottleneck_measures_both_one_image_forms(c, h1, h2, size):
     folded = pointwise_as_matmul(fuse_conv_bn(torch.nn.Sequential(FoldedBottleneck(block))))[0]
     plain = copy.deepcopy(folded)
     plain.native = False
-    n = FoldedBottleneck.choice_frames
+    n = folded._forms.frames
     with torch.no_grad():
         for i in range(2 * n + 2):
             x = torch.randn(1, c, *size).contiguous(memory_format=torch.channels_last)
@@ -157,12 +157,12 @@ def test_folded_bottleneck_measures_both_one_image_forms(c, h1, h2, size):
             assert out.is_contiguous(memory_format=torch.channels_last)
             torch.testing.assert_close(plain(x), ref, atol=1e-5, rtol=1e-5)
             if i < 2 * n - 1:
-                assert size not in folded._chosen
-    assert [len(t) for t in folded._trials[size]] == [n, n] and size in folded._chosen
+                assert size not in folded._forms.chosen
+    assert [len(t) for t in folded._forms.trials[size]] == [n, n] and size in folded._forms.chosen
     assert folded._plan and int(folded._plan.macs[0]) > 0  # the compiled block ran
-    assert plain._chosen == {size: False} and not plain._plan
+    assert plain._forms.chosen == {size: 0} and not plain._plan
     folded.double()  # .to() drops the compiled block and the choice with the weights
-    assert folded._plan is None and not folded._chosen
+    assert folded._plan is None and not folded._forms.chosen
 
 
 @pytest.mark.parametrize("k,stride,act", [(3, 2, True), (3, 1, True), (1, 1, True), (1, 1, False)])

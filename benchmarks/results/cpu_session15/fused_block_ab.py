@@ -56,8 +56,8 @@ def main() -> None:
     with torch.inference_mode():
         chosen(frames[0])
     print(
-        "dense blocks' choice (True: compiled):",
-        [dict(m._chosen) for m in chosen.modules() if isinstance(m, FoldedBottleneck)],
+        "dense blocks' choice (1: compiled):",
+        [dict(m._forms.chosen) for m in chosen.modules() if isinstance(m, FoldedBottleneck)],
     )
 
     with torch.no_grad():  # every gate open at saliency 1: full widths, unscaled
