@@ -55,7 +55,10 @@ class CompactBottleneck(nn.Module):
     the whole block is one compiled call (``fused``, :meth:`BlockPlan.forward
     <dynprune.kernels.cpu_gate.BlockPlan.forward>`): the step, then the three products on the kept
     channels with bias, SiLU and shortcut fused, 17% faster for the dynamic nano network than
-    PyTorch's products (two cores, 320 px; BENCHMARKS.md, session 15). Otherwise PyTorch runs
+    PyTorch's products (two cores, 320 px; BENCHMARKS.md, session 15). There the saliencies
+    scale the activations inside the products, not the gathered weights, so a frame that keeps
+    the last frame's channels reuses the last gather (on a video stream most blocks do, most
+    frames: 5.6% off the demo's dynamic network on its video). Otherwise PyTorch runs
     the products: the 1x1 convolutions as matrix products on the channels-last pixels
     (``(H*W, C) @ (C, keep)``, bias inside ``addmm``, no oneDNN primitive to build for each new
     kept width), the 3x3 convolution, the two SiLUs and the residual add.

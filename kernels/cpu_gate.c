@@ -3,7 +3,8 @@
  * Pool the block input, run both ManiDP gates (fc1 -> ReLU -> fc2 + bias -> ReLU), keep the
  * groups whose saliency reaches the threshold, build both kept-channel lists, each padded to a
  * multiple of its pad_to with zero-scaled copies, and gather the saliency-scaled weights of the
- * three convolutions. Python (kernels/cpu_gate.py) compiles this file on first use; its
+ * three convolutions (dp_block_plan; dp_block_forward below runs the whole block and scales the
+ * activations instead). Python (kernels/cpu_gate.py) compiles this file on first use; its
  * reference is CompactBottleneck's NumPy path (dynprune/compact.py), which the tests compare
  * it with. Done in NumPy, this step is a few dozen calls of about a microsecond each, three to
  * five times slower inside the running network, where every call finds cold caches; here it is
@@ -57,6 +58,9 @@ typedef struct {
     int64_t map_capacity;
     double *gate_seconds;    /* out: dp_block_forward's time before its products (the gates' cost) */
     int64_t *macs;           /* out: multiply-adds dp_block_forward's products ran, vector lanes included */
+    int64_t *gathered;       /* dp_block_forward's last gather: slots1, slots2, then its index lists (capacity + 2);
+                                slots1 = -1 before the first (the caller sets it, and again when weights change) */
+    int64_t *reused;         /* out: 1 where this call reused the last gather (the same kept lists), else 0 */
     float *constant_row;     /* scratch (c): the block's constant output where a gate keeps nothing */
 } dp_block;
 
@@ -139,15 +143,15 @@ static inline int plan_lists(const dp_block *b, const float *pixels, int64_t hw)
     return 0;
 }
 
-/* W1 | b1 rows for gate 1's slots; W3^T | b2 rows for gate 2's, W3 scaled by saliency; rows
-   [first, slots1 + slots2) of them. */
-static inline void gather_rows(const dp_block *b, int64_t first) {
+/* W1 | b1 rows for gate 1's slots; W3^T | b2 rows for gate 2's, W3 scaled by saliency where
+   `scaled`; rows [first, slots1 + slots2) of them. */
+static inline void gather_rows(const dp_block *b, int64_t first, int scaled) {
     const int64_t c = b->c, width = c + 1, slots1 = b->counts[2], slots2 = b->counts[3];
     #pragma omp parallel for schedule(static) if ((slots1 + slots2 - first) * width >= GATHER_PARALLEL_MIN)
     for (int64_t r = first; r < slots1 + slots2; ++r) {
         float *row = b->rows_out + r * width;
         memcpy(row, b->rows + b->index[r] * width, (size_t)width * sizeof(float));
-        if (r >= slots1) {
+        if (scaled && r >= slots1) {
             const float s = b->scale[r];
             for (int64_t k = 0; k < c; ++k) row[k] *= s;
         }
@@ -162,7 +166,8 @@ __attribute__((target_clones("arch=x86-64-v3", "default")))
 #endif
 int dp_block_plan(const dp_block *b, const float *pixels, int64_t hw) {
     if (plan_lists(b, pixels, hw) != 0) return -1;
-    gather_rows(b, 0);
+    if (b->gathered) b->gathered[0] = -1;  /* rows_out is rewritten: dp_block_forward gathers anew */
+    gather_rows(b, 0, 1);
     const int64_t kept1 = b->counts[0], kept2 = b->counts[1], slots1 = b->counts[2], slots2 = b->counts[3];
     /* W2 rows of gate 2's slots, columns of gate 1's, each column scaled by its saliency, as
        (slots2, taps, slots1). Where gate 1's list is made of long runs of consecutive channels
@@ -307,6 +312,7 @@ typedef struct {
     float *out;            /* pixels of os floats, rows of orow floats */
     int64_t os, orow;
     int silu;
+    const float *scale;    /* each output channel's factor after the SiLU, or NULL; readable up to NR past N */
 } product;
 
 /* acc += the tile's sums over every tap and input channel: mr pixels from x0 in row y, nv vectors
@@ -347,6 +353,7 @@ INLINE void product_tile(const product *q, int64_t y, int64_t x0, int64_t mr, in
             const int64_t lanes = q->N - n0 - j * VL;
             vec v = acc[i][j];
             if (q->silu) v = v / (1.0f + vexp(-v));
+            if (q->scale) v *= vload(q->scale + n0 + j * VL);
             if (lanes >= VL) {
                 if (r) v += vload(r + j * VL);
                 vstore(o + j * VL, v);
@@ -381,22 +388,23 @@ INLINE void product_run(const product *q, int64_t h, int64_t w, int64_t *macs) {
 /* The three products of a block on one image, given its weights laid out for them: cv1 (c ->
    n1, W1 transposed (c, ld1)) + b1 + SiLU into y1, a zero-bordered (h + 2, w + 2, n1) map; the
    3x3 (W2 as (taps, n1, ld2)) + b2 + SiLU into y2 (h * w, n2); cv3 (W3^T rows (n2, ld3)) + b3 +
-   the shortcut into out. n1 and n2 > 0. */
+   the shortcut into out. scale1 and scale2 (or NULL) multiply y1's and y2's channels after their
+   SiLU: the gates' saliencies. n1 and n2 > 0. */
 static void block_products(const float *pixels, int64_t h, int64_t w, int64_t c, int64_t n1, int64_t n2,
-                           int64_t taps, const float *w1, int64_t ld1, const float *b1, const float *w2,
-                           int64_t ld2, const float *b2, const float *w3, int64_t ld3, const float *b3,
-                           float *y1, float *y2, float *out, int64_t *macs) {
+                           int64_t taps, const float *w1, int64_t ld1, const float *b1, const float *scale1,
+                           const float *w2, int64_t ld2, const float *b2, const float *scale2, const float *w3,
+                           int64_t ld3, const float *b3, float *y1, float *y2, float *out, int64_t *macs) {
     const int64_t pw = w + 2;
     product cv1 = {.x = pixels, .xs = c, .xrow = w * c, .taps = 1, .K = c, .tap_off = {0}, .w = w1,
                    .ldw = ld1, .N = n1, .bias = b1, .res = NULL,
-                   .out = y1 + (pw + 1) * n1, .os = n1, .orow = pw * n1, .silu = 1};
+                   .out = y1 + (pw + 1) * n1, .os = n1, .orow = pw * n1, .silu = 1, .scale = scale1};
     product cv2 = {.x = y1, .xs = n1, .xrow = pw * n1, .taps = taps, .K = n1, .w = w2,
                    .ldw = ld2, .N = n2, .bias = b2, .res = NULL,
-                   .out = y2, .os = n2, .orow = w * n2, .silu = 1};
+                   .out = y2, .os = n2, .orow = w * n2, .silu = 1, .scale = scale2};
     for (int64_t t = 0; t < taps; ++t) cv2.tap_off[t] = (t / 3 * pw + t % 3) * n1;
     product cv3 = {.x = y2, .xs = n2, .xrow = w * n2, .taps = 1, .K = n2, .tap_off = {0}, .w = w3,
                    .ldw = ld3, .N = c, .bias = b3, .res = pixels, .rs = c, .rrow = w * c,
-                   .out = out, .os = c, .orow = w * c, .silu = 0};
+                   .out = out, .os = c, .orow = w * c, .silu = 0, .scale = NULL};
     *macs = 0;
     #pragma omp parallel if (h * w * c >= POOL_PARALLEL_MIN / 4)
     {
@@ -432,15 +440,18 @@ int dp_block_forward(const dp_block *b, const float *pixels, int64_t h, int64_t 
     if (map1 + map2 > b->map_capacity) return -2;
     float *y1 = b->maps, *y2 = b->maps + map1;
 
-    gather_rows(b, slots1);  /* W3^T rows (saliency 2 folded in) and b2 of gate 2's slots */
     const float *w3 = b->rows_out + slots1 * (c + 1);
     if (slots1 == 0 || slots2 == 0) {
         /* A gate keeps nothing: the 3x3's output is its bias (or nothing reaches cv3), so the
-           block adds one constant row to its shortcut: b3 + silu(b2) @ W3^T over gate 2's slots */
+           block adds one constant row to its shortcut: b3 + s2 * silu(b2) @ W3^T over gate 2's slots */
+        gather_rows(b, slots1, 0);
+        b->gathered[0] = -1;  /* the rows above overwrote part of the kept gather */
+        *b->reused = 0;
         float *row = b->constant_row;
         memcpy(row, b->b3, (size_t)c * sizeof(float));
         for (int64_t o = 0; o < slots2; ++o) {
-            const float v = b->rows[b->index[slots1 + o] * (c + 1) + c], silu = v / (1.0f + expf(-v));
+            const float v = b->rows[b->index[slots1 + o] * (c + 1) + c];
+            const float silu = v / (1.0f + expf(-v)) * b->scale[slots1 + o];
             for (int64_t n = 0; n < c; ++n) row[n] += silu * w3[o * (c + 1) + n];
         }
         *b->macs = slots2 * c;
@@ -451,49 +462,61 @@ int dp_block_forward(const dp_block *b, const float *pixels, int64_t h, int64_t 
             for (int64_t n = 0; n < c; ++n) out[p * c + n] = pixels[p * c + n] + row[n];
         return 0;
     }
-    /* Runs of consecutive channels in both kept lists (group gates: runs of 8 or 16), so that the
-       gathers below copy a run at a time */
-    int64_t *bounds1 = b->run_bounds, runs1 = 0, runs2 = 0;
-    for (int64_t i = 0; i < slots1; ++i)
-        if (i == 0 || b->index[i] != b->index[i - 1] + 1) bounds1[runs1++] = i;
-    bounds1[runs1] = slots1;
-    int64_t *bounds2 = b->run_bounds2;
-    const int64_t *out_index = b->index + slots1;
-    for (int64_t o = 0; o < slots2; ++o)
-        if (o == 0 || out_index[o] != out_index[o - 1] + 1) bounds2[runs2++] = o;
-    bounds2[runs2] = slots2;
-    /* W1 transposed, the kept output channels as columns, padded with zeros to ld1 */
-    for (int64_t k = 0; k < c; ++k) {
-        const float *src = b->w1_kn + k * b->h1;
-        float *dst = b->w1_out + k * ld1;
-        for (int64_t r = 0; r < runs1; ++r) {
-            const int64_t i0 = bounds1[r];
-            memcpy(dst + i0, src + b->index[i0], (size_t)(bounds1[r + 1] - i0) * sizeof(float));
+    /* The gathered weights depend on the kept lists alone (the saliencies scale the activations,
+       in the products' epilogues), so a frame that keeps the same channels as the last one reuses
+       them. On a video stream most blocks do, most frames (demo video: 68-99% of frames per block,
+       BENCHMARKS.md session 13); distinct images mostly do not. */
+    const int64_t n_index = slots1 + slots2;
+    int64_t *last = b->gathered;
+    const int reuse = last[0] == slots1 && last[1] == slots2
+                      && memcmp(last + 2, b->index, (size_t)n_index * sizeof(int64_t)) == 0;
+    *b->reused = reuse;
+    if (!reuse) {
+        gather_rows(b, slots1, 0);  /* W3^T rows and b2 of gate 2's slots */
+        /* Runs of consecutive channels in both kept lists (group gates: runs of 8 or 16), so that the
+           gathers below copy a run at a time */
+        int64_t *bounds1 = b->run_bounds, runs1 = 0, runs2 = 0;
+        for (int64_t i = 0; i < slots1; ++i)
+            if (i == 0 || b->index[i] != b->index[i - 1] + 1) bounds1[runs1++] = i;
+        bounds1[runs1] = slots1;
+        int64_t *bounds2 = b->run_bounds2;
+        const int64_t *out_index = b->index + slots1;
+        for (int64_t o = 0; o < slots2; ++o)
+            if (o == 0 || out_index[o] != out_index[o - 1] + 1) bounds2[runs2++] = o;
+        bounds2[runs2] = slots2;
+        /* W1 transposed, the kept output channels as columns, padded with zeros to ld1 */
+        for (int64_t k = 0; k < c; ++k) {
+            const float *src = b->w1_kn + k * b->h1;
+            float *dst = b->w1_out + k * ld1;
+            for (int64_t r = 0; r < runs1; ++r) {
+                const int64_t i0 = bounds1[r];
+                memcpy(dst + i0, src + b->index[i0], (size_t)(bounds1[r + 1] - i0) * sizeof(float));
+            }
+            for (int64_t i = slots1; i < ld1; ++i) dst[i] = 0.0f;
         }
-        for (int64_t i = slots1; i < ld1; ++i) dst[i] = 0.0f;
-    }
-    for (int64_t i = 0; i < ld1 + 16; ++i) b->b1_out[i] = i < slots1 ? b->rows[b->index[i] * (c + 1) + c] : 0.0f;
-    for (int64_t o = 0; o < ld2 + 16; ++o) b->b2_out[o] = o < slots2 ? b->rows[out_index[o] * (c + 1) + c] : 0.0f;
-    /* W2 as (tap, kept input, kept output), saliency 1 folded into each input's row, padded with
-       zeros to ld2 */
-    #pragma omp parallel for schedule(static) if (taps * slots1 * ld2 >= GATHER_PARALLEL_MIN)
-    for (int64_t ti = 0; ti < taps * slots1; ++ti) {
-        const int64_t t = ti / slots1, i = ti % slots1;
-        const float *src = b->w2_tio + (t * b->h1 + b->index[i]) * b->h2 - b->h1;  /* gate 2's index is offset by h1 */
-        const float s = b->scale[i];
-        float *dst = b->w2t_out + ti * ld2;
-        for (int64_t r = 0; r < runs2; ++r) {
-            const int64_t o0 = bounds2[r], n = bounds2[r + 1] - o0;
-            const float *from = src + out_index[o0];
-            for (int64_t o = 0; o < n; ++o) dst[o0 + o] = from[o] * s;
+        for (int64_t i = 0; i < ld1 + 16; ++i) b->b1_out[i] = i < slots1 ? b->rows[b->index[i] * (c + 1) + c] : 0.0f;
+        for (int64_t o = 0; o < ld2 + 16; ++o) b->b2_out[o] = o < slots2 ? b->rows[out_index[o] * (c + 1) + c] : 0.0f;
+        /* W2 as (tap, kept input, kept output), padded with zeros to ld2 */
+        #pragma omp parallel for schedule(static) if (taps * slots1 * ld2 >= GATHER_PARALLEL_MIN)
+        for (int64_t ti = 0; ti < taps * slots1; ++ti) {
+            const int64_t t = ti / slots1, i = ti % slots1;
+            const float *src = b->w2_tio + (t * b->h1 + b->index[i]) * b->h2 - b->h1;  /* gate 2's index is offset by h1 */
+            float *dst = b->w2t_out + ti * ld2;
+            for (int64_t r = 0; r < runs2; ++r) {
+                const int64_t o0 = bounds2[r];
+                memcpy(dst + o0, src + out_index[o0], (size_t)(bounds2[r + 1] - o0) * sizeof(float));
+            }
+            for (int64_t o = slots2; o < ld2; ++o) dst[o] = 0.0f;
         }
-        for (int64_t o = slots2; o < ld2; ++o) dst[o] = 0.0f;
+        last[0] = slots1;
+        last[1] = slots2;
+        memcpy(last + 2, b->index, (size_t)n_index * sizeof(int64_t));
     }
 
     clock_gettime(CLOCK_MONOTONIC, &ready);
     *b->gate_seconds = (double)(ready.tv_sec - start.tv_sec) + 1e-9 * (double)(ready.tv_nsec - start.tv_nsec);
-    block_products(pixels, h, w, c, slots1, slots2, taps, b->w1_out, ld1, b->b1_out, b->w2t_out, ld2, b->b2_out,
-                   w3, c + 1, b->b3, y1, y2, out, b->macs);
+    block_products(pixels, h, w, c, slots1, slots2, taps, b->w1_out, ld1, b->b1_out, b->scale, b->w2t_out, ld2,
+                   b->b2_out, b->scale + slots1, w3, c + 1, b->b3, y1, y2, out, b->macs);
     return 0;
 }
 
@@ -520,7 +543,7 @@ typedef struct {
 int dp_dense_forward(const dp_dense *d, const float *pixels, int64_t h, int64_t w, float *out) {
     const int64_t map1 = (h + 2) * (w + 2) * d->h1;
     if (map1 + h * w * d->h2 > d->map_capacity) return -2;
-    block_products(pixels, h, w, d->c, d->h1, d->h2, d->taps, d->w1, d->ld1, d->b1, d->w2, d->ld2, d->b2, d->w3,
-                   d->ld3, d->b3, d->maps, d->maps + map1, out, d->macs);
+    block_products(pixels, h, w, d->c, d->h1, d->h2, d->taps, d->w1, d->ld1, d->b1, NULL, d->w2, d->ld2, d->b2,
+                   NULL, d->w3, d->ld3, d->b3, d->maps, d->maps + map1, out, d->macs);
     return 0;
 }

@@ -74,7 +74,8 @@ class _Block(ctypes.Structure):
         ("w2_out", _float_p), ("counts", _int64_p), ("run_bounds", _int64_p), ("run_bounds2", _int64_p),
         ("w1_kn", _float_p), ("w2_tio", _float_p), ("b3", _float_p), ("w1_out", _float_p), ("b1_out", _float_p),
         ("w2t_out", _float_p), ("b2_out", _float_p), ("maps", _float_p), ("map_capacity", ctypes.c_int64),
-        ("gate_seconds", _double_p), ("macs", _int64_p), ("constant_row", _float_p)]
+        ("gate_seconds", _double_p), ("macs", _int64_p), ("gathered", _int64_p), ("reused", _int64_p),
+        ("constant_row", _float_p)]
 
 class _Dense(ctypes.Structure):
     """Mirror of ``dp_dense`` in cpu_gate.c."""
@@ -246,7 +247,7 @@ class BlockPlan:
         self.hidden = np.zeros(fc1_t.shape[1], np.float32)
         self.saliency = np.zeros(groups[0] + groups[1], np.float32)
         self.index = np.zeros(capacity, np.int64)
-        self.scale = np.zeros(capacity, np.float32)
+        self.scale = np.zeros(capacity + _SLACK, np.float32)  # (forward's products read whole vectors of it)
         self._rows_out = np.zeros(capacity * (c + 1) + _SLACK, np.float32)
         self.rows_out = self._rows_out[: capacity * (c + 1)].reshape(capacity, c + 1)
         self.w2_out = np.zeros((h2 + pad_to[1]) * taps * (h1 + pad_to[0]), np.float32)
@@ -277,9 +278,14 @@ class BlockPlan:
             self.maps = np.zeros(0, np.float32)  # grows with the largest input seen (see forward)
             self.gate_seconds = np.zeros(1, np.float64)  # forward's time before its products
             self.macs = np.zeros(1, np.int64)  # multiply-adds forward's products ran (whole vectors)
+            # forward's last gather (its kept lists; -1: none yet), and whether a call reused it
+            self.gathered = np.full(capacity + 2, -1, np.int64)
+            self.reused = np.zeros(1, np.int64)
             self.constant_row = np.zeros(c, np.float32)
             self._block.gate_seconds = _ptr(self.gate_seconds, _double_p)
             self._block.macs = _ptr(self.macs, _int64_p)
+            self._block.gathered = _ptr(self.gathered, _int64_p)
+            self._block.reused = _ptr(self.reused, _int64_p)
             self._block.constant_row = _ptr(self.constant_row)
             self.vector_floats = int(lib.dp_vector_floats())
             self._widths = (h1 + pad_to[0], h2 + pad_to[1])

@@ -204,20 +204,54 @@ def test_lean_path_reads_each_frames_weights_when_counts_repeat(profile, fused):
     compact = CompactBottleneck(block)
     compact.profile = profile
     compact.fused = fused
-    sets_by_counts = {}
+    sets_by_counts, reused, last_set, x_last = {}, [], None, None
     with torch.no_grad():
-        for _ in range(40):
+        for i in range(40):
             x = (torch.randn(1, 16, 6, 6) * 2).contiguous(memory_format=torch.channels_last)
+            if fused and i % 5 == 4:  # mostly the same frame again, with other saliencies: the same kept lists
+                x = x_last * 1.05
             ref = block(x)
             out = compact(x)
             torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
             masks = [m[0] > 0 for m in block.last["mask"]]
             counts = [int(m.sum()) for m in masks]
             assert compact.last_kept.tolist() == [counts]
-            sets_by_counts.setdefault(tuple(counts), set()).add(tuple(torch.cat(masks).tolist()))
+            kept_set = tuple(torch.cat(masks).tolist())
+            sets_by_counts.setdefault(tuple(counts), set()).add(kept_set)
+            if fused and sum(counts) and min(counts):  # (a gate that keeps nothing takes no gather)
+                reused.append((bool(compact._native.reused[0]), kept_set == last_set))
+            last_set, x_last = kept_set, x
     assert len(compact._counts if fused else compact._views) == len(sets_by_counts) < 40  # reused
     assert any(len(sets) > 1 for sets in sets_by_counts.values())  # with other channels kept
     assert (compact.gate_ms > 0) == profile
+    if fused:  # the gathered weights were reused, and only when a frame kept the last frame's channels
+        assert any(r for r, _ in reused) and not all(r for r, _ in reused)
+        assert all(r <= same for r, same in reused)
+
+
+def test_fused_block_gathers_anew_after_the_step_path_ran():
+    """The compiled step (``fused = False``, or a batch) rewrites buffers the fused call's gather
+    lives in: the next fused call must gather again, not reuse."""
+    from dynprune.compact import CompactBottleneck
+
+    require_native_gate_step()
+    torch.manual_seed(1)
+    block = Bottleneck(16, 24, 24).eval()
+    randomize_bn(block, 1)
+    block.add_gates(group=8)
+    set_gate_mode(block, "threshold")
+    for gate in (block.gate1, block.gate2):  # saliencies near 2: a gather scaled twice shows in the output
+        gate.fc2.bias.data.fill_(2.0)
+        gate.threshold.fill_(1.0)
+    compact = CompactBottleneck(block)
+    x = torch.randn(1, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = block(x)
+        for fused, batch in ((True, 1), (True, 1), (False, 1), (True, 1), (True, 2), (True, 1)):
+            compact.fused = fused
+            inp = torch.cat([x] * batch).contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(compact(inp)[:1], ref, atol=1e-4, rtol=1e-4)
+    assert compact._native.reused[0] == 0  # the batch ran the step: the last call gathered anew
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
