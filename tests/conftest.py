@@ -54,6 +54,32 @@ def randomize_bn(model: torch.nn.Module, seed: int = 0) -> None:
             m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
 
 
+#: (c, h1, h2, group, map size): widths that are no multiple of a vector, rows that are no
+#: multiple of a tile, maps down to one pixel, the three group sizes
+ODD_BLOCK_SHAPES = [(8, 5, 37, 1, (1, 1)), (24, 24, 24, 8, (3, 7)), (40, 37, 19, 1, (9, 13)),
+                    (20, 48, 64, 16, (20, 12))]
+
+
+def input_sensitive_block(c: int, h1: int, h2: int, group: int, seed: int = 1):
+    """A gated Bottleneck (BN randomized) whose threshold gates keep different channels for
+    different inputs, and an un-gated copy of it taken before the gates were added."""
+    import copy
+
+    from dynprune.gates import set_gate_mode
+    from dynprune.layers import Bottleneck
+
+    block = Bottleneck(c, h1, h2).eval()
+    randomize_bn(block, seed)
+    plain = copy.deepcopy(block)
+    block.add_gates(group=group)
+    set_gate_mode(block, "threshold")
+    for gate in (block.gate1, block.gate2):
+        gate.fc1.weight.data.normal_(0, 2.0)
+        gate.fc2.weight.data.normal_(0, 2.0)
+        gate.threshold.fill_(0.5)
+    return block, plain
+
+
 @pytest.fixture
 def synthetic_yaml(tmp_path):
     from dynprune.data.synthetic import write_synthetic

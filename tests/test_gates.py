@@ -14,7 +14,7 @@ from dynprune.manidp import (
     sparsity_loss,
 )
 from dynprune.model import build_detector
-from tests.conftest import randomize_bn, require_native_gate_step, tiny_config
+from tests.conftest import ODD_BLOCK_SHAPES, input_sensitive_block, randomize_bn, require_native_gate_step, tiny_config
 
 
 def gated_model(group=1, seed=0):
@@ -283,8 +283,8 @@ def test_compact_block_really_skips_work(memory_format):
     assert fc.get_total_flops() == 0  # nothing reaches the output projection: shortcut plus bias
 
 
-@pytest.mark.parametrize("c,h1,h2,group", [(8, 5, 37, 1), (24, 24, 24, 8), (40, 37, 19, 1), (20, 48, 64, 16)])
-@pytest.mark.parametrize("size", [(1, 1), (3, 7), (9, 13), (20, 12)])
+@pytest.mark.parametrize("c,h1,h2,group", [shape[:4] for shape in ODD_BLOCK_SHAPES])
+@pytest.mark.parametrize("size", [shape[4] for shape in ODD_BLOCK_SHAPES])
 def test_fused_block_equals_torch_products_on_odd_shapes(c, h1, h2, group, size):
     """The fused block's tiles at their edges: widths that are no multiple of a vector, rows that
     are no multiple of a tile, maps down to one pixel; against the compiled step with PyTorch's
@@ -293,14 +293,7 @@ def test_fused_block_equals_torch_products_on_odd_shapes(c, h1, h2, group, size)
 
     require_native_gate_step()
     torch.manual_seed(c + h1 + size[1])
-    block = Bottleneck(c, h1, h2).eval()
-    randomize_bn(block, 1)
-    block.add_gates(group=group)
-    set_gate_mode(block, "threshold")
-    for gate in (block.gate1, block.gate2):
-        gate.fc1.weight.data.normal_(0, 2.0)
-        gate.fc2.weight.data.normal_(0, 2.0)
-        gate.threshold.fill_(0.5)
+    block, _ = input_sensitive_block(c, h1, h2, group)
     fused, plain = CompactBottleneck(block), CompactBottleneck(block)
     plain.fused = False
     with torch.no_grad():

@@ -514,29 +514,18 @@ def test_fused_block_portable_build(monkeypatch, tmp_path):
 
 
 _ASAN_SCRIPT = """
-import copy
-
 import torch
 from dynprune.kernels import cpu_gate
 cpu_gate.CFLAGS = cpu_gate.CFLAGS + ("-fsanitize=address,undefined", "-fno-omit-frame-pointer")
 assert cpu_gate.native_library() is not None
 from dynprune.compact import CompactBottleneck
 from dynprune.fusion import FoldedBottleneck, fuse_conv_bn, pointwise_as_matmul
-from dynprune.gates import set_gate_mode
-from dynprune.layers import Bottleneck
+from tests.conftest import ODD_BLOCK_SHAPES, input_sensitive_block
 
 torch.manual_seed(0)
-for c, h1, h2, group, size in [(8, 5, 37, 1, (1, 1)), (24, 24, 24, 8, (3, 7)), (40, 37, 19, 1, (9, 13)),
-                               (20, 48, 64, 16, (20, 12))]:
-    block = Bottleneck(c, h1, h2).eval()
-    plain = copy.deepcopy(block)
-    dense = pointwise_as_matmul(fuse_conv_bn(torch.nn.Sequential(FoldedBottleneck(block))))[0]
-    block.add_gates(group=group)
-    set_gate_mode(block, "threshold")
-    for gate in (block.gate1, block.gate2):
-        gate.fc1.weight.data.normal_(0, 2.0)
-        gate.fc2.weight.data.normal_(0, 2.0)
-        gate.threshold.fill_(0.5)
+for c, h1, h2, group, size in ODD_BLOCK_SHAPES:
+    block, plain = input_sensitive_block(c, h1, h2, group)
+    dense = pointwise_as_matmul(fuse_conv_bn(torch.nn.Sequential(FoldedBottleneck(plain))))[0]
     fused = CompactBottleneck(block)
     with torch.no_grad():
         for _ in range(8):  # the dense block tries both forms on its first frames
