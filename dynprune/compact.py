@@ -525,10 +525,15 @@ class CompactDetector(nn.Module):
             raise ValueError("CompactDetector needs a gated model (dynprune gate)")
         device = torch.device(device) if device is not None else next(model.parameters()).device
         self.backend, self.backend_reason = select_backend(device, backend)
-        if self.backend == "torch":  # the CPU blocks' host step: compiled C where a compiler works
+        if self.backend == "torch":  # the CPU blocks: compiled C where a compiler works
             from dynprune.kernels.cpu_gate import native_library
 
-            self.gate_step = "compiled C" if native_library() is not None else "NumPy"
+            lib = native_library()
+            if lib is None:
+                self.gate_step = "NumPy (products in PyTorch)"
+            else:  # what the serving log and bench say ran
+                built = "for this CPU" if lib.native else "for the baseline"
+                self.gate_step = f"compiled C, whole blocks in {int(lib.dp_vector_floats())}-float vectors, {built}"
         else:
             self.gate_step = "Triton"
         block_cls = TritonCompactBottleneck if self.backend == "triton" else CompactBottleneck

@@ -1,5 +1,5 @@
 """Engines behind one interface: dense (PyTorch), static (TensorRT, else ONNX Runtime) and
-dynamic (Triton gather kernels on CUDA, PyTorch gather path on the CPU).
+dynamic (Triton gather kernels on CUDA; elsewhere the CPU runtime, compiled C blocks).
 
 ``engine(frame_bgr)`` returns a :class:`Result`: boxes in image pixels, scores, labels, the
 latency split into pre-process / gates / network / post-process, and for the dynamic engine
@@ -170,7 +170,7 @@ class DynamicEngine(Engine):
 
         chosen, reason = select_backend(device, backend)
         if chosen == "torch" and device.type != "cpu":
-            # The PyTorch gather path is the CPU runtime (C or NumPy gate step, oneDNN convolutions).
+            # The "torch" backend is the CPU runtime (compiled C blocks, or the NumPy step and PyTorch products).
             log.warning("dynamic engine runs on the CPU: %s", reason)
             device = torch.device("cpu")
         model, ckpt = model_from_checkpoint(checkpoint)

@@ -196,8 +196,8 @@ def test_build_keep_index_without_host_sync():
 
 @pytest.mark.parametrize("group", [1, 8])
 def test_triton_engine_equals_the_pytorch_engine(group, monkeypatch):
-    """The whole dynamic detector through the Triton blocks equals the PyTorch gather path; with
-    group-8 gates the blocks read kept lists a run of 8 at a time (``in_run``)."""
+    """The whole dynamic detector through the Triton blocks equals the CPU runtime (a batch: its
+    PyTorch products); with group-8 gates the blocks read kept lists a run of 8 at a time (``in_run``)."""
     from dynprune.compact import CompactDetector
     from dynprune.kernels import gather_conv
     from dynprune.model import build_detector

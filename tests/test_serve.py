@@ -298,7 +298,7 @@ def test_bench_engines_take_turns_after_all_are_warm():
 
 
 def test_dynamic_engine_without_triton_kernels_on_a_gpu_runs_on_the_cpu(bundle, caplog):
-    """The PyTorch gather path is the CPU runtime: a GPU that gets it (backend torch, or a compute
+    """The "torch" backend is the CPU runtime: a GPU that gets it (backend torch, or a compute
     capability below Triton's) must not crash the engine, and the log says where it went."""
     from pathlib import Path
 
