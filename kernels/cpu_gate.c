@@ -143,6 +143,15 @@ static inline int plan_lists(const dp_block *b, const float *pixels, int64_t hw)
     return 0;
 }
 
+/* Start of each run of consecutive channels in the kept list index[0, n), then n: the run count. */
+static int64_t kept_runs(const int64_t *index, int64_t n, int64_t *bounds) {
+    int64_t runs = 0;
+    for (int64_t i = 0; i < n; ++i)
+        if (i == 0 || index[i] != index[i - 1] + 1) bounds[runs++] = i;
+    bounds[runs] = n;
+    return runs;
+}
+
 /* W1 | b1 rows for gate 1's slots; W3^T | b2 rows for gate 2's, W3 scaled by saliency where
    `scaled`; rows [first, slots1 + slots2) of them. */
 static inline void gather_rows(const dp_block *b, int64_t first, int scaled) {
@@ -178,10 +187,7 @@ int dp_block_plan(const dp_block *b, const float *pixels, int64_t hw) {
        single channels keep the per-slot loop. Storing W2 group-major, so that only kept
        groups' weights are read, was slower still (284-348 us): the writes stride across taps. */
     if (kept1 > 0 && kept2 > 0) {
-        int64_t runs = 0;
-        for (int64_t i = 0; i < slots1; ++i)
-            if (i == 0 || b->index[i] != b->index[i - 1] + 1) b->run_bounds[runs++] = i;
-        b->run_bounds[runs] = slots1;
+        const int64_t runs = kept_runs(b->index, slots1, b->run_bounds);
         const int64_t *bounds = b->run_bounds;
         const int by_runs = runs * 4 <= slots1;  /* runs of 4 or more on average */
         #pragma omp parallel for schedule(static) if (slots2 * b->taps * slots1 >= GATHER_PARALLEL_MIN)
@@ -385,6 +391,18 @@ INLINE void product_run(const product *q, int64_t h, int64_t w, int64_t *macs) {
     *macs += done;
 }
 
+/* Seconds from start to now (the gates' share of dp_block_forward). */
+static double seconds_since(const struct timespec *start) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (double)(now.tv_sec - start->tv_sec) + 1e-9 * (double)(now.tv_nsec - start->tv_nsec);
+}
+
+/* Floats of scratch block_products needs: cv1's zero-bordered map, then the 3x3's output. */
+static int64_t map_floats(int64_t h, int64_t w, int64_t n1, int64_t n2) {
+    return (h + 2) * (w + 2) * n1 + h * w * n2;
+}
+
 /* The three products of a block on one image, given its weights laid out for them: cv1 (c ->
    n1, W1 transposed (c, ld1)) + b1 + SiLU into y1, a zero-bordered (h + 2, w + 2, n1) map; the
    3x3 (W2 as (taps, n1, ld2)) + b2 + SiLU into y2 (h * w, n2); cv3 (W3^T rows (n2, ld3)) + b3 +
@@ -431,14 +449,13 @@ static void block_products(const float *pixels, int64_t h, int64_t w, int64_t c,
    these kept widths (the caller grows them and calls again). counts as for dp_block_plan. */
 int dp_block_forward(const dp_block *b, const float *pixels, int64_t h, int64_t w, float *out) {
     const int64_t c = b->c, hw = h * w, taps = b->taps;
-    struct timespec start, ready;
+    struct timespec start;
     clock_gettime(CLOCK_MONOTONIC, &start);
     if (plan_lists(b, pixels, hw) != 0) return -1;
     const int64_t slots1 = b->counts[2], slots2 = b->counts[3];
     const int64_t ld1 = ROUND16(slots1), ld2 = ROUND16(slots2);
-    const int64_t map1 = (h + 2) * (w + 2) * slots1, map2 = hw * slots2;
-    if (map1 + map2 > b->map_capacity) return -2;
-    float *y1 = b->maps, *y2 = b->maps + map1;
+    if (map_floats(h, w, slots1, slots2) > b->map_capacity) return -2;
+    float *y1 = b->maps, *y2 = b->maps + map_floats(h, w, slots1, 0);
 
     const float *w3 = b->rows_out + slots1 * (c + 1);
     if (slots1 == 0 || slots2 == 0) {
@@ -455,8 +472,7 @@ int dp_block_forward(const dp_block *b, const float *pixels, int64_t h, int64_t 
             for (int64_t n = 0; n < c; ++n) row[n] += silu * w3[o * (c + 1) + n];
         }
         *b->macs = slots2 * c;
-        clock_gettime(CLOCK_MONOTONIC, &ready);
-        *b->gate_seconds = (double)(ready.tv_sec - start.tv_sec) + 1e-9 * (double)(ready.tv_nsec - start.tv_nsec);
+        *b->gate_seconds = seconds_since(&start);
         #pragma omp parallel for schedule(static) if (hw * c >= POOL_PARALLEL_MIN)
         for (int64_t p = 0; p < hw; ++p)
             for (int64_t n = 0; n < c; ++n) out[p * c + n] = pixels[p * c + n] + row[n];
@@ -475,15 +491,9 @@ int dp_block_forward(const dp_block *b, const float *pixels, int64_t h, int64_t 
         gather_rows(b, slots1, 0);  /* W3^T rows and b2 of gate 2's slots */
         /* Runs of consecutive channels in both kept lists (group gates: runs of 8 or 16), so that the
            gathers below copy a run at a time */
-        int64_t *bounds1 = b->run_bounds, runs1 = 0, runs2 = 0;
-        for (int64_t i = 0; i < slots1; ++i)
-            if (i == 0 || b->index[i] != b->index[i - 1] + 1) bounds1[runs1++] = i;
-        bounds1[runs1] = slots1;
-        int64_t *bounds2 = b->run_bounds2;
-        const int64_t *out_index = b->index + slots1;
-        for (int64_t o = 0; o < slots2; ++o)
-            if (o == 0 || out_index[o] != out_index[o - 1] + 1) bounds2[runs2++] = o;
-        bounds2[runs2] = slots2;
+        const int64_t *out_index = b->index + slots1, *bounds1 = b->run_bounds, *bounds2 = b->run_bounds2;
+        const int64_t runs1 = kept_runs(b->index, slots1, b->run_bounds);
+        const int64_t runs2 = kept_runs(out_index, slots2, b->run_bounds2);
         /* W1 transposed, the kept output channels as columns, padded with zeros to ld1 */
         for (int64_t k = 0; k < c; ++k) {
             const float *src = b->w1_kn + k * b->h1;
@@ -513,8 +523,7 @@ int dp_block_forward(const dp_block *b, const float *pixels, int64_t h, int64_t 
         memcpy(last + 2, b->index, (size_t)n_index * sizeof(int64_t));
     }
 
-    clock_gettime(CLOCK_MONOTONIC, &ready);
-    *b->gate_seconds = (double)(ready.tv_sec - start.tv_sec) + 1e-9 * (double)(ready.tv_nsec - start.tv_nsec);
+    *b->gate_seconds = seconds_since(&start);
     block_products(pixels, h, w, c, slots1, slots2, taps, b->w1_out, ld1, b->b1_out, b->scale, b->w2t_out, ld2,
                    b->b2_out, b->scale + slots1, w3, c + 1, b->b3, y1, y2, out, b->macs);
     return 0;
@@ -541,9 +550,8 @@ typedef struct {
 
 /* Returns 0, or -2 where maps is too small for an h x w input (the caller grows it). */
 int dp_dense_forward(const dp_dense *d, const float *pixels, int64_t h, int64_t w, float *out) {
-    const int64_t map1 = (h + 2) * (w + 2) * d->h1;
-    if (map1 + h * w * d->h2 > d->map_capacity) return -2;
+    if (map_floats(h, w, d->h1, d->h2) > d->map_capacity) return -2;
     block_products(pixels, h, w, d->c, d->h1, d->h2, d->taps, d->w1, d->ld1, d->b1, NULL, d->w2, d->ld2, d->b2,
-                   NULL, d->w3, d->ld3, d->b3, d->maps, d->maps + map1, out, d->macs);
+                   NULL, d->w3, d->ld3, d->b3, d->maps, d->maps + map_floats(h, w, d->h1, 0), out, d->macs);
     return 0;
 }

@@ -95,6 +95,27 @@ def _round16(n: int) -> int:
     return -(-n // 16) * 16
 
 
+def _padded_rows(matrix: np.ndarray, ld: int) -> np.ndarray:
+    """``matrix`` (rows, n) with each row padded with zeros to ``ld`` floats, flat, then slack for
+    the products' whole-vector reads past the last row."""
+    rows = matrix.reshape(-1, matrix.shape[-1])
+    out = np.zeros(rows.shape[0] * ld + _SLACK, np.float32)
+    out[: rows.shape[0] * ld].reshape(rows.shape[0], ld)[:, : rows.shape[1]] = rows
+    return out
+
+
+def _grow_maps(owner, struct: ctypes.Structure, height: int, width: int) -> None:
+    """Room in ``struct.maps`` for the products' scratch on a ``height x width`` input (cv1's
+    zero-bordered map, then the 3x3's output; ``map_floats`` in cpu_gate.c) at ``owner._widths``,
+    the largest kept widths; the array is kept alive as ``owner.maps``."""
+    width1, width2 = owner._widths
+    need = (height + 2) * (width + 2) * width1 + height * width * width2
+    if need > struct.map_capacity:
+        owner.maps = np.zeros(need + _SLACK, np.float32)
+        struct.maps = _ptr(owner.maps)
+        struct.map_capacity = need
+
+
 _library: Optional[ctypes.CDLL] = None
 _tried = False
 
@@ -265,10 +286,8 @@ class BlockPlan:
         self.fused = b3 is not None and (kh, kw) == (3, 3)  # the C side's taps are 3x3
         if self.fused:  # the tables and buffers of forward()
             ld1, ld2 = _round16(h1 + pad_to[0]), _round16(h2 + pad_to[1])
-            b3_padded = np.zeros(_round16(c) + _SLACK, np.float32)
-            b3_padded[:c] = b3
             self._fused_inputs = [f32(table[:h1, :c].T), f32(w2.transpose(1, 2, 3, 0).reshape(taps, h1, h2)),
-                                  b3_padded]
+                                  _padded_rows(f32(b3)[None], _round16(c))]
             self._fused_outputs = [np.zeros(c * ld1 + _SLACK, np.float32), np.zeros(ld1 + _SLACK, np.float32),
                                    np.zeros(taps * (h1 + pad_to[0]) * ld2 + _SLACK, np.float32),
                                    np.zeros(ld2 + _SLACK, np.float32)]
@@ -316,12 +335,7 @@ class BlockPlan:
         status = self._forward(self._ref, pixels_address, height, width, out_address)
         if status != 0:  # the first input this large: room for its pool and maps, then again
             self._reserve(height * width)
-            width1, width2 = self._widths
-            need = (height + 2) * (width + 2) * width1 + height * width * width2
-            if need > self._block.map_capacity:
-                self.maps = np.zeros(need + _SLACK, np.float32)
-                self._block.maps = _ptr(self.maps)
-                self._block.map_capacity = need
+            _grow_maps(self, self._block, height, width)
             if self._forward(self._ref, pixels_address, height, width, out_address) != 0:
                 raise RuntimeError(f"CPU block step: no room for a {height}x{width} input")
         return self.counts.tobytes()
@@ -354,14 +368,7 @@ class DenseBlockPlan:
             raise ValueError(f"DenseBlockPlan runs 3x3 middle layers (got {kh}x{kw})")
         c = w1.shape[1]
         ld1, ld2, ld3 = _round16(h1), _round16(h2), _round16(c)
-
-        def padded(matrix: np.ndarray, ld: int) -> np.ndarray:
-            """Rows padded with zeros to ``ld`` columns, then slack for whole-vector reads."""
-            rows = matrix.reshape(-1, matrix.shape[-1])
-            out = np.zeros(rows.shape[0] * ld + _SLACK, np.float32)
-            out[: rows.shape[0] * ld].reshape(rows.shape[0], ld)[:, : rows.shape[1]] = rows
-            return out
-
+        padded = _padded_rows
         self._arrays = [padded(w1.T, ld1), padded(b1[None], ld1),
                         padded(w2.transpose(2, 3, 1, 0).reshape(9 * h1, h2), ld2), padded(b2[None], ld2),
                         padded(w3.T, ld3), padded(b3[None], ld3)]
@@ -377,10 +384,6 @@ class DenseBlockPlan:
         """The block on one image's ``(height * width, C)`` float32 NHWC pixels, its output
         written in the same layout at ``out_address``."""
         if self._forward(self._ref, pixels_address, height, width, out_address) != 0:
-            width1, width2 = self._widths
-            need = (height + 2) * (width + 2) * width1 + height * width * width2
-            self.maps = np.zeros(need + _SLACK, np.float32)
-            self._dense.maps = _ptr(self.maps)
-            self._dense.map_capacity = need
+            _grow_maps(self, self._dense, height, width)
             if self._forward(self._ref, pixels_address, height, width, out_address) != 0:
                 raise RuntimeError(f"CPU dense block: no room for a {height}x{width} input")
