@@ -27,6 +27,7 @@ from torch import nn
 
 from dynprune.fusion import (
     bottleneck_pixels,
+    compiled_forward,
     fold_bottlenecks,
     fuse_conv_bn,
     image_pixels,
@@ -313,8 +314,7 @@ class CompactBottleneck(nn.Module):
             return self._forward_each(x)
         h, w, c = nhwc.shape
         if self.fused and native.fused:  # the whole block in one compiled call
-            out = torch.from_numpy(np.empty((1, h, w, c), np.float32).transpose(0, 3, 1, 2))
-            key = native.forward(x.data_ptr(), h, w, out.data_ptr())
+            out, key = compiled_forward(native, x, h, w, c)
             kept = self._counts.get(key)
             if kept is None:
                 kept = self._counts[key] = np.frombuffer(key, dtype=np.int64)[None, :2].copy()

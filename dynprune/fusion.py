@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -312,10 +312,10 @@ class FoldedBottleneck(nn.Module):
             plan = self._compiled_plan()
             forms = (lambda: bottleneck_pixels(torch.from_numpy(nhwc.reshape(h * w, c)), h, w, *weights),)
             if plan is not None:
-                forms += (lambda: _compiled_forward(plan, x, h, w, c),)
+                forms += (lambda: compiled_forward(plan, x, h, w, c)[0],)
             return self._forms.run((h, w), forms)
         if form:
-            return _compiled_forward(self._plan, x, h, w, c)
+            return compiled_forward(self._plan, x, h, w, c)[0]
         return bottleneck_pixels(torch.from_numpy(nhwc.reshape(h * w, c)), h, w, *weights)
 
     def _compiled_plan(self):
@@ -350,12 +350,12 @@ def _array(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().contiguous().numpy()
 
 
-def _compiled_forward(plan, x: torch.Tensor, h: int, w: int, c: int) -> torch.Tensor:
-    """``plan.forward`` on one channels-last image ``x``: a new ``(1, c, h, w)`` channels-last
-    output (NumPy-made: one torch call)."""
+def compiled_forward(plan, x: torch.Tensor, h: int, w: int, c: int) -> Tuple[torch.Tensor, Any]:
+    """A compiled block (:mod:`dynprune.kernels.cpu_gate`: ``BlockPlan`` or ``DenseBlockPlan``) on
+    one channels-last float32 image ``x`` of ``h x w`` pixels: its new ``(1, c, h, w)`` channels-last
+    output (NumPy-made: one torch call), and what ``plan.forward`` returned."""
     out = torch.from_numpy(np.empty((1, h, w, c), np.float32).transpose(0, 3, 1, 2))
-    plan.forward(x.data_ptr(), h, w, out.data_ptr())
-    return out
+    return out, plan.forward(x.data_ptr(), h, w, out.data_ptr())
 
 
 def fold_bottlenecks(model: nn.Module) -> nn.Module:
