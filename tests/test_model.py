@@ -201,7 +201,6 @@ def test_folded_conv_equals_conv_bn_act_in_both_layouts(k, stride, act, prepack)
 def test_prepacked_layers_copy_save_and_change_dtype():
     """A oneDNN weight cannot be copied or pickled: copies, saves and .to() drop it and remake it
     on use; a float64 model runs as conv2d."""
-    import copy
     import io
 
     from dynprune.compact import DenseInference
