@@ -11,33 +11,81 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 from dynprune.gates import DEFAULT_GATE_GROUP
+from dynprune.manidp import DEFAULT_SCHEDULE, SCHEDULES
+
+
+class UsageError(ValueError):
+    """A flag, value or combination the user gave that cannot work: one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line (``dynprune train: error: argument --batch: ...``), exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number(kind, low=None, high=None, low_open: bool = False, what: str = ""):
+    """An argparse type: ``kind`` within [low, high] (``low_open``: above ``low``)."""
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
+                from None
+        if v != v or (low is not None and (v <= low if low_open else v < low)) or (high is not None and v > high):
+            raise argparse.ArgumentTypeError(f"{text} is out of range: {what}")
+        return v
+
+    return parse
+
+
+positive_int = _number(int, 1, what="must be at least 1")
+nonneg_int = _number(int, 0, what="must be 0 or more")
+positive_float = _number(float, 0.0, low_open=True, what="must be above 0")
+nonneg_float = _number(float, 0.0, what="must be 0 or more")
+fraction = _number(float, 0.0, 1.0, low_open=True, what="must be in (0, 1]")
+probability = _number(float, 0.0, 1.0, what="must be in [0, 1]")
+port = _number(int, 0, 65535, what="a TCP port is 1-65535 (0 picks a free one)")
+
+
+def _run_folder(path: str, flag: str = "--out") -> str:
+    """A folder to write a run into: refused when a file of that name is in the way."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a file, not a folder; give a folder for the run's outputs")
+    return path
+
 
 DATA_HELP = ("dataset: an Ultralytics data.yaml, a COCO yaml (format: coco), a Pascal VOC folder "
              "(annotations/, images/, train.txt, val.txt), or 'synthetic' (built in, no download)")
 
 
 def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--data", required=required, help=DATA_HELP)
+    # --data may be left out with --resume: the run's checkpoint records its dataset.
+    p.add_argument("--data", help=DATA_HELP + (" (required unless --resume)" if required else ""))
     p.add_argument("--classes", nargs="+", help="keep only these class names (default: all)")
     p.add_argument("--single-class", action="store_true", help="merge all (kept) classes into one")
 
 
 def _add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
-    p.add_argument("--epochs", type=int, default=epochs)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--imgsz", type=int, default=None, help="input size, a multiple of 32 (default 320)")
-    p.add_argument("--lr", type=float, default=lr)
-    p.add_argument("--workers", type=int, default=2, help="data-loading processes")
+    p.add_argument("--epochs", type=positive_int, default=epochs)
+    p.add_argument("--batch", type=positive_int, default=16)
+    p.add_argument("--imgsz", type=positive_int, default=None, help="input size, a multiple of 32 (default 320)")
+    p.add_argument("--lr", type=positive_float, default=lr)
+    p.add_argument("--workers", type=nonneg_int, default=2, help="data-loading processes")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mosaic", type=float, default=0.3, help="probability of a 2x2 mosaic per training image")
-    p.add_argument("--val-every", type=int, default=1, help="validate every N epochs (and at the end)")
-    p.add_argument("--resume", metavar="LAST_PT", help="continue a killed run from its last.pt")
+    p.add_argument("--mosaic", type=probability, default=0.3, help="probability of a 2x2 mosaic per training image")
+    p.add_argument("--val-every", type=positive_int, default=1, help="validate every N epochs (and at the end)")
+    p.add_argument("--resume", metavar="LAST_PT",
+                   help="continue a stopped run from its last.pt: its folder, dataset and settings come from the "
+                        "checkpoint (a larger --epochs extends it)")
 
 
 def _is_main_process() -> bool:
@@ -45,9 +93,74 @@ def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+# Flags whose value a resumed run takes from its checkpoint's train_config; (flag, TrainConfig field).
+_RESUMED_FLAGS = (("--imgsz", "imgsz"), ("--batch", "batch"), ("--lr", "lr"), ("--mosaic", "mosaic"),
+                  ("--seed", "seed"), ("--val-every", "val_every"), ("--workers", "workers"))
+
+
+def _apply_resume(args, kind: str, explicit: set) -> dict:
+    """Fill ``args`` from the checkpoint of the run ``--resume`` names, refusing flags that disagree.
+
+    A resumed run continues bit for bit only with the settings it started with, so the run folder,
+    dataset, classes, image size, batch, learning rate, augmentation and seed come from the checkpoint;
+    a flag given with another value is an error naming both. ``--epochs`` may grow (the run is
+    extended, and the learning-rate schedule with it); it may not shrink below the epochs done.
+    """
+    from pathlib import Path
+
+    from dynprune.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(args.resume)
+    state = ckpt.get("train_state")
+    if state is None:
+        raise UsageError(f"--resume {args.resume}: has no training state (a best.pt?); resume from the run's last.pt")
+    if ckpt.get("kind") != kind:
+        cmd = {"dense": "train", "gated": "gate", "pruned": "prune"}.get(ckpt.get("kind"), "?")
+        raise UsageError(f"--resume {args.resume}: a {ckpt.get('kind')} run's checkpoint; resume it with "
+                         f"dynprune {cmd} --resume {args.resume}")
+    tc = ckpt.get("train_config") or {}
+    folder = str(Path(args.resume).parent)
+
+    def same(a, b) -> bool:
+        return a == b or (isinstance(a, float) or isinstance(b, float)) and abs(float(a) - float(b)) < 1e-12
+
+    if "out" in explicit and os.path.normpath(args.out) != os.path.normpath(folder):
+        raise UsageError(f"--out {args.out}: the resumed run's folder is {folder}; leave --out out to continue "
+                         "it there")
+    args.out = folder
+    for flag, field in _RESUMED_FLAGS:
+        if field not in tc:
+            continue
+        if flag.lstrip("-").replace("-", "_") in explicit and not same(getattr(args, field), tc[field]):
+            raise UsageError(f"{flag} {getattr(args, field)}: the run being resumed has {flag} {tc[field]}; "
+                             f"leave {flag} out (a resumed run keeps its settings)")
+        setattr(args, field, tc[field])
+    extra = tc.get("extra") or {}
+    recorded = ckpt.get("data")
+    if args.data and recorded and os.path.abspath(args.data) != os.path.abspath(recorded) and args.data != recorded:
+        raise UsageError(f"--data {args.data}: the run being resumed trained on {recorded}; leave --data out")
+    args.data = args.data or recorded
+    if "classes" in explicit and list(args.classes or []) != list(extra.get("classes") or []):
+        raise UsageError(f"--classes {args.classes}: the run being resumed has {extra.get('classes')}")
+    args.classes = extra.get("classes")
+    args.single_class = bool(extra.get("single_class"))
+    done, planned = int(ckpt.get("epoch", -1)) + 1, int(tc.get("epochs", args.epochs))
+    if "epochs" not in explicit:
+        args.epochs = planned
+    if args.epochs <= done:
+        raise UsageError(f"--resume {args.resume}: the run has finished {done} of {planned} epochs; give --epochs N "
+                         f"with N above {done} to train it longer")
+    if args.epochs != planned:
+        print(f"resuming with --epochs {args.epochs} instead of the run's {planned}: the learning-rate schedule is "
+              "stretched to the new length, so the result differs from a run planned that long")
+    return ckpt
+
+
 def _load_spec(args):
     from dynprune.data import load_dataset
 
+    if not args.data:
+        raise UsageError("--data is required (a data.yaml, a VOC folder, a COCO yaml or 'synthetic')")
     spec = load_dataset(args.data, classes=args.classes, single_class=args.single_class)
     if _is_main_process():
         print(f"{spec.source}: {len(spec.train)} train / {len(spec.val)} val images, classes {spec.names}")
@@ -56,9 +169,9 @@ def _load_spec(args):
     return spec
 
 
-def _check_imgsz(imgsz: int) -> int:
-    if imgsz <= 0 or imgsz % 32:
-        raise SystemExit(f"--imgsz {imgsz}: must be a positive multiple of 32")
+def _check_imgsz(imgsz) -> int:
+    if not isinstance(imgsz, int) or imgsz <= 0 or imgsz % 32:
+        raise UsageError(f"--imgsz {imgsz}: must be a positive multiple of 32")
     return imgsz
 
 
@@ -68,14 +181,30 @@ def _train_config(args, imgsz: int, **overrides):
 
     return TrainConfig(epochs=args.epochs, batch=args.batch, imgsz=_check_imgsz(imgsz), lr=args.lr,
                        workers=args.workers, device=args.device, seed=args.seed, mosaic=args.mosaic,
-                       val_every=args.val_every, out=args.out, **overrides)
+                       val_every=args.val_every, out=_run_folder(args.out), **overrides)
+
+
+def _check_classes(weights: str, trained, spec) -> None:
+    """A model's classes must be the dataset's (same count, same names, same order)."""
+    if list(trained) != list(spec.names):
+        raise UsageError(f"{weights}: trained on classes {list(trained)}, the dataset {spec.source} has "
+                         f"{list(spec.names)}; pick them with --classes or --single-class")
 
 
 def cmd_train(args) -> int:
     from dynprune.train.dense import train_dense
 
+    if args.resume:
+        ckpt = _apply_resume(args, "dense", args.explicit)
+        size = (ckpt.get("train_config") or {}).get("extra", {}).get("size")
+        if "size" in args.explicit and size and args.size != size:
+            raise UsageError(f"--size {args.size}: the run being resumed trains a {size} model")
+        args.size = size or args.size
     spec = _load_spec(args)
-    cfg = _train_config(args, args.imgsz or 320, extra={"classes": args.classes, "single_class": args.single_class})
+    if args.resume:
+        _check_classes(args.resume, ckpt["names"], spec)
+    cfg = _train_config(args, args.imgsz or 320, extra={"classes": args.classes, "single_class": args.single_class,
+                                                         "size": args.size})
     result = train_dense(spec, cfg, size=args.size, pretrained=args.pretrained, resume=args.resume)
     if _is_main_process():
         print(f"done: best AP50-95 {result['best_ap50_95']:.4f}; weights in {args.out}/best.pt")
@@ -84,21 +213,32 @@ def cmd_train(args) -> int:
 
 def cmd_gate(args) -> int:
     from dynprune.checkpoint import load_checkpoint
-    from dynprune.train.gate import keep_shortfall, train_gates
+    from dynprune.train.gate import accuracy_shortfall, keep_shortfall, train_gates
 
+    if args.resume:
+        ckpt = _apply_resume(args, "gated", args.explicit)
+        recorded = (ckpt.get("train_config") or {}).get("extra", {}).get("dense")
+        args.weights = args.weights or recorded
+    if not args.weights:
+        raise UsageError("--weights is required: the dense checkpoint to train gates into (runs/dense/best.pt)")
     spec = _load_spec(args)
     dense = load_checkpoint(args.weights)
+    _check_classes(args.weights, dense["names"], spec)
     cfg = _train_config(args, args.imgsz or dense["imgsz"], warmup_epochs=0.5,
                         extra={"classes": args.classes, "single_class": args.single_class, "dense": args.weights})
     result = train_gates(args.weights, spec, cfg, keep=args.keep, method=args.gate, group=args.group,
                          resume=args.resume, sparsity=args.sparsity, similarity=args.similarity, beta=args.beta,
                          complexity=not args.no_complexity, threshold_every=args.threshold_every,
-                         gate_lr_mult=args.gate_lr_mult, keep_on=args.keep_on)
+                         gate_lr_mult=args.gate_lr_mult, keep_on=args.keep_on, schedule=args.schedule)
     print(f"done: best AP50-95 {result['best_ap50_95']:.4f}; gated weights in {args.out}/best.pt "
           f"(dynprune val --weights {args.out}/best.pt --report {args.out}/report)")
     note = keep_shortfall(result, args.keep, args.gate, not args.no_complexity, args.keep_on)
     if note:
         print(f"note: {note}")
+    gated = (load_checkpoint(os.path.join(args.out, "best.pt")).get("metrics") or {})
+    warning = accuracy_shortfall(gated, dense.get("metrics") or {}, args.keep, args.epochs, args.gate)
+    if warning:
+        print(f"warning: {warning}")
     return 0
 
 
@@ -111,16 +251,16 @@ def cmd_calibrate(args) -> int:
     from dynprune.data.dataset import DetectionDataset
 
     if (args.keep is None) == (args.flops is None):
-        raise ValueError("give exactly one target, --keep (mean kept fraction) or --flops (fraction of dense)")
+        raise UsageError("give exactly one target, --keep (mean kept fraction) or --flops (fraction of dense)")
     measure, target = ("keep", args.keep) if args.keep is not None else ("flops", args.flops)
     model, ckpt = model_from_checkpoint(args.weights)
     if not model.gated:
-        raise ValueError(f"{args.weights}: a dense or statically pruned checkpoint; calibrate a gated one "
+        raise UsageError(f"{args.weights}: a dense or statically pruned checkpoint; calibrate a gated one "
                          "(from dynprune gate)")
     imgsz = _check_imgsz(args.imgsz or ckpt["imgsz"])
     data = args.data or ckpt.get("data")
     if not data:
-        raise SystemExit(f"{args.weights}: records no dataset; pass --data")
+        raise UsageError(f"{args.weights}: records no dataset; pass --data")
     trained = (ckpt.get("train_config") or {}).get("extra", {})
     spec = load_dataset(data, classes=args.classes or trained.get("classes"),
                         single_class=args.single_class or bool(trained.get("single_class")))
@@ -180,8 +320,13 @@ def cmd_prune(args) -> int:
     from dynprune.checkpoint import load_checkpoint
     from dynprune.train.prune import prune_checkpoint
 
+    if args.resume:
+        raise UsageError("--resume: dynprune prune runs in one session and cannot be resumed; run it again")
+    if not args.weights:
+        raise UsageError("--weights is required: the dense checkpoint to prune (runs/dense/best.pt)")
     spec = _load_spec(args)
     dense = load_checkpoint(args.weights)
+    _check_classes(args.weights, dense["names"], spec)
     cfg = _train_config(args, args.imgsz or dense["imgsz"], warmup_epochs=0.5)
     res = prune_checkpoint(args.weights, spec, cfg, method=args.method, flops=args.flops, params=args.params,
                            round_to=args.round_to, scope=args.scope)
@@ -193,8 +338,8 @@ def cmd_prune(args) -> int:
 def cmd_export(args) -> int:
     from dynprune.serve.bundle import export_bundle
 
-    meta = export_bundle(args.o, dynamic=args.dynamic, static=args.static, dense=args.dense, conf=args.conf,
-                         iou=args.iou)
+    meta = export_bundle(_run_folder(args.o, "-o"), dynamic=args.dynamic, static=args.static, dense=args.dense,
+                         conf=args.conf, iou=args.iou)
     print(f"bundle {args.o}: engines {sorted(meta['engines'])}, classes {meta['names']}, {meta['imgsz']} px")
     for name, e in meta["engines"].items():
         ap = f"AP50-95 {e['ap50_95']:.4f}" if "ap50_95" in e else "AP unknown"
@@ -206,9 +351,11 @@ def cmd_bench(args) -> int:
     from dynprune.serve.bench import run_bench
 
     if not (args.source or args.data):
-        raise SystemExit("dynprune bench: give --source (video, camera, images) or --data (labelled, adds AP)")
+        raise UsageError("give --source (video, camera, images) or --data (a labelled dataset, adds AP)")
+    _run_folder(args.out)
     res = run_bench(args.bundle, args.source, args.data, args.frames, args.engines, args.out, args.device,
-                    args.backend, cuda_graph=not args.no_cuda_graph, precision=args.precision)
+                    args.backend, cuda_graph=not args.no_cuda_graph, precision=args.precision,
+                    adapt_threads=args.threads is None)
     print(f"written: {args.out}/bench.json, bench.csv, latency_vs_keep.png")
     return 0 if res["rows"] else 1
 
@@ -223,7 +370,8 @@ def cmd_serve(args) -> int:
     opts = ServeOptions(engine=args.engine, device=args.device, backend=args.backend, precision=args.precision,
                         cuda_graph=not args.no_cuda_graph,
                         max_frames=args.frames, loop=args.loop, json=args.json, save=args.save, show=args.show,
-                        http=args.http, host=args.host, route_by_keep=args.route_by_keep)
+                        http=args.http, host=args.host, route_by_keep=args.route_by_keep,
+                        adapt_threads=args.threads is None)
     res = serve(args.bundle, args.source, opts)
     import sys as _sys
 
@@ -248,11 +396,12 @@ def validate_checkpoint(weights: str, data: Optional[str] = None, imgsz: Optiona
     imgsz = _check_imgsz(imgsz or ckpt["imgsz"])
     data = data or ckpt.get("data")
     if not data:
-        raise SystemExit(f"{weights}: records no dataset; pass --data")
+        raise UsageError(f"{weights}: records no dataset; pass --data")
     if classes is None and not single_class:  # default: the classes the model was trained on
         trained = (ckpt.get("train_config") or {}).get("extra", {})
         classes, single_class = trained.get("classes"), bool(trained.get("single_class"))
     spec = load_dataset(data, classes=classes, single_class=single_class)
+    _check_classes(weights, ckpt["names"], spec)
     dev = pick_device(device)
     model.to(dev)
     result = run_validation(model, spec.val, spec.names, imgsz, batch=batch, device=dev,
@@ -299,16 +448,20 @@ def cmd_val(args) -> int:
 def cmd_demo(args) -> int:
     from dynprune.demo import run_demo
 
-    return run_demo(args.out, quick=args.quick)
+    return run_demo(_run_folder(args.out), quick=args.quick)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="dynprune",
         description="Dynamic per-frame channel pruning for real-time one-class detection on NVIDIA Jetson. "
                     "Start with 'dynprune demo' (built-in data, CPU, a few minutes).",
     )
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: all cores)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="CPU threads for PyTorch and the compiled runtime (default: all cores; serve and "
+                             "bench then drop to fewer while other processes keep the cores busy)")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also DYNPRUNE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("demo", help="the whole flow on built-in synthetic data, end to end (no downloads, CPU)")
@@ -325,23 +478,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("gate", help="train ManiDP (or FBS) gates into a dense checkpoint")
-    p.add_argument("--weights", required=True, help="the dense checkpoint (from dynprune train)")
+    p.add_argument("--weights", help="the dense checkpoint (from dynprune train; with --resume, the run's)")
     _add_data_args(p)
-    p.add_argument("--keep", type=float, default=0.5, help="target mean fraction of hidden channels kept")
+    p.add_argument("--keep", type=fraction, default=0.5, help="target mean fraction of hidden channels kept")
     p.add_argument("--gate", default="manidp", choices=["manidp", "fbs"],
                    help="manidp: thresholds + complexity-weighted sparsity + similarity; fbs: top-k baseline")
     p.add_argument("--group", type=int, default=DEFAULT_GATE_GROUP, choices=[1, 8, 16],
                    help="gate channels in groups of 8 (default), 16 or 1: whole groups let the GPU kernels read "
                         "kept channels as vectors")
-    p.add_argument("--sparsity", type=float, default=0.1, help="sparsity loss weight lambda' (ManiDP code: 0.1)")
-    p.add_argument("--similarity", type=float, default=0.1, help="similarity loss weight gamma (ManiDP code: 0.1)")
-    p.add_argument("--beta", type=float, default=1.0, help="complexity weight exponent (ManiDP code: 1.0)")
+    p.add_argument("--sparsity", type=nonneg_float, default=0.1,
+                   help="sparsity loss weight lambda' (ManiDP code: 0.1)")
+    p.add_argument("--similarity", type=nonneg_float, default=0.1,
+                   help="similarity loss weight gamma (ManiDP code: 0.1)")
+    p.add_argument("--beta", type=nonneg_float, default=1.0, help="complexity weight exponent (ManiDP code: 1.0)")
     p.add_argument("--no-complexity", action="store_true", help="ablation: weight every image equally")
-    p.add_argument("--gate-lr-mult", type=float, default=10.0, help="learning-rate multiplier of the new gates")
+    p.add_argument("--gate-lr-mult", type=positive_float, default=10.0,
+                   help="learning-rate multiplier of the new gates")
     p.add_argument("--keep-on", default="mean", choices=["mean", "frames"],
                    help="mean: ManiDP's thresholds (k-th largest mean saliency; frames keep less than --keep); "
                         "frames: thresholds at the saliency quantile, so the mean per-frame keep is --keep")
-    p.add_argument("--threshold-every", type=int, default=0, metavar="N",
+    p.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=sorted(SCHEDULES),
+                   help="settle: thresholds reach the target at 65%% of the epochs and the rest fine-tunes at it; "
+                        "paper: ManiDP's official schedule, at the target only in the last epoch")
+    p.add_argument("--threshold-every", type=nonneg_int, default=0, metavar="N",
                    help="reset thresholds every N steps instead of every epoch (smoother on short schedules)")
     p.add_argument("--out", default="runs/gate")
     _add_train_args(p, epochs=20, lr=5e-4)
@@ -352,21 +511,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, help="a gated checkpoint (from dynprune gate)")
     _add_data_args(p, required=False)
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--keep", type=float, help="target mean fraction of hidden channels kept per frame")
-    target.add_argument("--flops", type=float, help="target mean FLOPs per frame, as a fraction of dense")
-    p.add_argument("--images", type=int, default=128, help="training images to calibrate on")
-    p.add_argument("--imgsz", type=int, default=None, help="input size (default: the checkpoint's)")
+    target.add_argument("--keep", type=fraction, help="target mean fraction of hidden channels kept per frame")
+    target.add_argument("--flops", type=fraction, help="target mean FLOPs per frame, as a fraction of dense")
+    p.add_argument("--images", type=positive_int, default=128, help="training images to calibrate on")
+    p.add_argument("--imgsz", type=positive_int, default=None, help="input size (default: the checkpoint's)")
     p.add_argument("--out", help="output checkpoint (default: next to --weights, e.g. best_keep0.5.pt)")
     p.add_argument("--verbose", action="store_true", help="print every bisection step")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("prune", help="static pruning (EFFP or a baseline) to a FLOPs/parameter target")
-    p.add_argument("--weights", required=True, help="the dense checkpoint (from dynprune train)")
+    p.add_argument("--weights", help="the dense checkpoint (from dynprune train)")
     _add_data_args(p)
     p.add_argument("--method", default="effp", choices=["effp", "l1", "slim", "fmcluster"])
-    p.add_argument("--flops", type=float, default=0.5, help="target FLOPs as a fraction of dense")
-    p.add_argument("--params", type=float, default=None, help="target parameters as a fraction of dense")
-    p.add_argument("--round-to", type=int, default=8, help="kept widths are multiples of this (TensorRT likes 8)")
+    p.add_argument("--flops", type=fraction, default=0.5, help="target FLOPs as a fraction of dense")
+    p.add_argument("--params", type=fraction, default=None, help="target parameters as a fraction of dense")
+    p.add_argument("--round-to", type=positive_int, default=8,
+                   help="kept widths are multiples of this (TensorRT likes 8)")
     p.add_argument("--scope", default="global", choices=["global", "local"],
                    help="l1: one global threshold, or the same ratio in every layer")
     p.add_argument("--json", action="store_true")
@@ -379,15 +539,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--static", help="pruned checkpoint (dynprune prune)")
     p.add_argument("--dense", help="dense checkpoint (default: the one the gates were trained into)")
     p.add_argument("-o", required=True, metavar="DIR", help="bundle folder to write")
-    p.add_argument("--conf", type=float, default=0.25, help="score threshold recorded for serving")
-    p.add_argument("--iou", type=float, default=0.6, help="NMS IoU threshold recorded for serving")
+    p.add_argument("--conf", type=probability, default=0.25, help="score threshold recorded for serving")
+    p.add_argument("--iou", type=probability, default=0.6, help="NMS IoU threshold recorded for serving")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="dense vs static vs dynamic FPS, latency, keep ratio and AP on the same frames")
     p.add_argument("bundle", help="a bundle folder (dynprune export)")
     p.add_argument("--source", help="frames: video file, camera, folder or glob of images, stream URI")
     p.add_argument("--data", help="a labelled dataset: its val images are the frames, and AP is reported")
-    p.add_argument("--frames", type=int, default=200)
+    p.add_argument("--frames", type=nonneg_int, default=200, help="frames to measure (0: all the source has)")
     p.add_argument("--engines", nargs="+", choices=["dense", "static", "dynamic"])
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="dynamic engine kernels")
@@ -409,13 +569,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorRT plan precision; on a GPU also the PyTorch engines' (int8 runs them in fp16)")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="on a GPU, launch the PyTorch engines' kernels one by one instead of replaying a CUDA graph")
-    p.add_argument("--frames", type=int, help="stop after N frames")
+    p.add_argument("--frames", type=positive_int, help="stop after N frames")
     p.add_argument("--loop", action="store_true", help="loop a file or folder source")
     p.add_argument("--json", metavar="FILE", help="detections as JSON lines ('-' for stdout)")
     p.add_argument("--save", metavar="OUT.mp4", help="annotated video (finalised on Ctrl-C)")
     p.add_argument("--show", action="store_true", help="a window (needs a display and OpenCV with GUI)")
-    p.add_argument("--http", type=int, metavar="PORT", help="live preview, /stats and /metrics on this port")
-    p.add_argument("--host", default="127.0.0.1", help="address the preview binds to")
+    p.add_argument("--http", type=port, metavar="PORT", help="live preview, /stats and /metrics on this port")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address the preview binds to (0.0.0.0 opens it, unauthenticated, to the network)")
     p.add_argument("--route-by-keep", action="store_true",
                    help="send a frame to the static engine when the gates' keep ratio is above break-even")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -424,8 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("val", help="AP50, AP50-95, precision/recall, params, GFLOPs, latency of a checkpoint")
     p.add_argument("--weights", required=True, help="a checkpoint (best.pt, last.pt)")
     _add_data_args(p, required=False)
-    p.add_argument("--imgsz", type=int, help="default: the checkpoint's")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--imgsz", type=positive_int, help="default: the checkpoint's")
+    p.add_argument("--batch", type=positive_int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--report", metavar="DIR", help="gated models: write FLOPs histogram and frame grid PNGs here")
@@ -433,25 +594,83 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _explicit_flags(parser: argparse.ArgumentParser, argv: List[str]) -> set:
+    """The ``dest`` of every option the user typed (``--resume`` compares only those with the checkpoint)."""
+    actions = list(parser._actions)
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sp in a.choices.values():
+                actions += sp._actions
+    given = set()
+    for a in actions:
+        for opt in a.option_strings:
+            if any(t == opt or t.startswith(opt + "=") for t in argv):
+                given.add(a.dest)
+    return given
+
+
+def _debug_wanted(args) -> bool:
+    return bool(getattr(args, "debug", False)) or os.environ.get("DYNPRUNE_DEBUG", "") not in ("", "0")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+def error_message(e: BaseException) -> Tuple[int, str]:
+    """(exit status, one-line message) for an exception that ends a command.
+
+    Mistakes in what the user gave (files, flags, data, bundles) are ``ValueError`` subclasses
+    or ``OSError`` s that name their file: status 2. Anything else is a fault of dynprune or of
+    the machine: status 1, with a pointer to ``--debug`` for the traceback.
+    """
+    from dynprune.serve.sources import SourceError
+
+    if isinstance(e, (ValueError, SourceError)):
+        return 2, _one_line(e)
+    if isinstance(e, OSError):
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        return 2, f"{where}{e.strerror or _one_line(e)}"
+    return 1, (f"unexpected {type(e).__name__}: {_one_line(e)} (rerun with --debug, or DYNPRUNE_DEBUG=1, for the "
+               "traceback, and please report it)")
+
+
+def _quiet_stdout() -> None:
+    """After the reader of stdout went away (``| head``): send the rest nowhere, so that Python's
+    final flush does not print a second error."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.explicit = _explicit_flags(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    from dynprune.data import DatasetError
-    from dynprune.serve.sources import SourceError
+    from dynprune.runtime import configure_threads
 
+    configure_threads(args.threads)
     try:
         return int(args.func(args) or 0)
-    except (DatasetError, SourceError, FileNotFoundError, ValueError) as e:
-        print(f"dynprune {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"dynprune {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our stdout stopped reading: not an error of ours
+        _quiet_stdout()
+        return 0
+    except Exception as e:
+        if _debug_wanted(args):
+            raise
+        code, message = error_message(e)
+        print(f"dynprune {args.command}: error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -51,9 +51,18 @@ def similarity_loss(features: torch.Tensor, saliency: torch.Tensor) -> torch.Ten
     return (diff * diff).sum() / (b * b)
 
 
-def remain_rate(epoch: int, epochs: int, target: float) -> float:
-    """Cosine annealing of the kept fraction from 1 to ``target`` over the epochs (official code)."""
-    return (1.0 - target) / 2.0 * math.cos(math.pi * (epoch + 1) / epochs) + (1.0 + target) / 2.0
+#: Gate schedules: the fraction of the run over which the kept fraction anneals to the target.
+#: "paper": the whole run, as the official code (the last epoch alone runs at the target);
+#: "settle": the first 65%, so that the rest fine-tunes the network at its final thresholds.
+SCHEDULES = {"settle": 0.65, "paper": 1.0}
+DEFAULT_SCHEDULE = "settle"
+
+
+def remain_rate(epoch: int, epochs: int, target: float, reach: float = 1.0) -> float:
+    """Cosine annealing of the kept fraction from 1 to ``target`` over the first ``reach`` of the
+    epochs, then ``target`` (``reach=1``: the official code's schedule)."""
+    p = min(1.0, (epoch + 1) / max(1e-9, reach * epochs))
+    return (1.0 - target) / 2.0 * math.cos(math.pi * p) + (1.0 + target) / 2.0
 
 
 def collect(blocks: Sequence[Bottleneck]) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:

@@ -12,9 +12,11 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from dynprune.runtime import ThreadGovernor
 from dynprune.serve.bundle import load_bundle
-from dynprune.serve.engines import load_engines, pick_device
-from dynprune.serve.outputs import JsonLines, VideoOutput, Window, annotate, detection_record
+from dynprune.serve.engines import load_available_engines, load_engines, pick_device
+from dynprune.serve.http import is_loopback
+from dynprune.serve.outputs import JsonLines, VideoOutput, Window, annotate, check_outputs, detection_record
 from dynprune.serve.policy import FallbackPolicy
 from dynprune.serve.sources import open_source
 
@@ -38,6 +40,7 @@ class ServeOptions:
     ap_margin: float = 0.02
     route_by_keep: bool = False
     probe_every: int = 100
+    adapt_threads: bool = True  # CPU engines: choose the thread count by trial (dynprune/runtime.py)
 
 
 def serve(bundle_dir: str, source_uri: str, opts: ServeOptions, stop: Optional[threading.Event] = None,
@@ -49,8 +52,15 @@ def serve(bundle_dir: str, source_uri: str, opts: ServeOptions, stop: Optional[t
     available = list(bundle["engines"])
     if opts.engine != "auto" and opts.engine not in available:
         raise ValueError(f"--engine {opts.engine}: the bundle has {available}")
-    wanted = available if opts.engine == "auto" else [opts.engine]
-    engines = load_engines(bundle, wanted, device, opts.backend, opts.precision, opts.cuda_graph)
+    check_outputs(opts)
+    if opts.engine == "auto":
+        engines, skipped = load_available_engines(bundle, available, device, opts.backend, opts.precision,
+                                                  opts.cuda_graph)
+        for name, why in skipped.items():
+            log.warning("engine %s left out: %s; serving with %s", name, why, sorted(engines))
+    else:
+        engines = load_engines(bundle, [opts.engine], device, opts.backend, opts.precision, opts.cuda_graph)
+    wanted = list(engines)
     ap = {e: bundle["engines"][e].get("ap50_95") for e in wanted}
     policy = FallbackPolicy(wanted, {k: v for k, v in ap.items() if v is not None}, opts.ap_margin,
                             route_by_keep=opts.route_by_keep, probe_every=opts.probe_every)
@@ -67,6 +77,10 @@ def serve(bundle_dir: str, source_uri: str, opts: ServeOptions, stop: Optional[t
         http_state = LiveState()
         server = make_server(http_state, opts.host, opts.http)
         log.warning("preview on http://%s:%d/ (stats /stats, metrics /metrics)", opts.host, server.server_port)
+        if not is_loopback(opts.host):
+            log.warning("--host %s: the preview has no authentication, so anyone who can reach this machine on port "
+                        "%d sees the camera; bind to 127.0.0.1 and use an SSH tunnel unless the network is yours",
+                        opts.host, server.server_port)
     outputs = [o for o in (jsonl, video, window) if o is not None]
 
     previous = {}
@@ -77,6 +91,7 @@ def serve(bundle_dir: str, source_uri: str, opts: ServeOptions, stop: Optional[t
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, on_signal)
 
+    governor = ThreadGovernor(torch.get_num_threads()) if opts.adapt_threads else None
     frame_times: deque = deque(maxlen=60)
     stage_ema: Dict = {}
     counts: Dict[str, int] = {}
@@ -90,7 +105,11 @@ def serve(bundle_dir: str, source_uri: str, opts: ServeOptions, stop: Optional[t
                 if frame is None:
                     break
                 name = policy.choose()
+                governed = governor is not None and engines[name].torch_cpu_threads
+                threads = governor.before_frame(name) if governed else 0
                 result = engines[name](frame.image)
+                if governed:
+                    governor.after_frame(name, threads, result.total_ms)
                 policy.record(name, result.total_ms, result.keep_ratio)
                 n += 1
                 counts[name] = counts.get(name, 0) + 1
@@ -102,8 +121,9 @@ def serve(bundle_dir: str, source_uri: str, opts: ServeOptions, stop: Optional[t
                 for stage, ms in result.timings.items():
                     key = (name, stage.replace("_ms", ""))
                     stage_ema[key] = ms if key not in stage_ema else 0.9 * stage_ema[key] + 0.1 * ms
-                if jsonl:
-                    jsonl.write(detection_record(frame, result, names))
+                if jsonl and not jsonl.write(detection_record(frame, result, names)):
+                    log.warning("--json %s: the reader went away; stopping", opts.json)
+                    stop.set()
                 if video or window or http_state:
                     shown = annotate(frame.image, result, names, fps)
                     if video:
@@ -133,4 +153,6 @@ def serve(bundle_dir: str, source_uri: str, opts: ServeOptions, stop: Optional[t
     return {"frames": n, "wall_s": wall, "fps": n / wall if wall > 0 else 0.0, "frames_by_engine": counts,
             "switches": policy.switches, "active": policy.active, "reconnects": getattr(src, "reconnects", 0),
             "keep_mean": float(sum(keep_values) / len(keep_values)) if keep_values else None,
+            "cpu_threads": governor.current if governor else torch.get_num_threads(),
+            "thread_switches": governor.switches if governor else [],
             "engines": {k: e.description for k, e in engines.items()}}

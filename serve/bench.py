@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
+from dynprune.runtime import ThreadGovernor
 from dynprune.serve.bundle import load_bundle
 from dynprune.serve.engines import load_engines, pick_device
 
@@ -56,7 +57,8 @@ def break_even(keep: np.ndarray, ms: np.ndarray, static_ms: float) -> Optional[f
 
 
 def measure_in_turns(engines: Dict[str, Callable[[np.ndarray], Any]], images: List[np.ndarray],
-                     warmup: int = 5) -> Dict[str, Dict[str, Any]]:
+                     warmup: int = 5, progress: Optional[Callable[[int, int], None]] = None,
+                     every_s: float = 5.0, governor: Optional[ThreadGovernor] = None) -> Dict[str, Dict[str, Any]]:
     """Run every engine on every frame and collect, per engine, ``lat`` (each result's
     ``total_ms``), ``wall`` (seconds in the calls), ``keep``, ``gflops`` and ``stages``.
 
@@ -65,6 +67,10 @@ def measure_in_turns(engines: Dict[str, Callable[[np.ndarray], Any]], images: Li
     that every engine shares: on the H100 (session 11) letterboxing took 1.05 ms a frame for
     dense, measured first, against 0.67 ms for dynamic, measured second, while CPU clocks and
     caches settled.
+
+    ``progress(done, total)`` is called every ``every_s`` seconds (not timed). With a
+    ``governor``, the engines on PyTorch's CPU threads run with the thread count it chooses, as
+    ``dynprune serve`` runs them.
     """
     names = list(engines)
     measured: Dict[str, Dict[str, Any]] = {
@@ -73,13 +79,21 @@ def measure_in_turns(engines: Dict[str, Callable[[np.ndarray], Any]], images: Li
         for eng in engines.values():
             for img in images[:warmup]:
                 eng(img)
+        last_report = time.perf_counter()
         for i, img in enumerate(images):
+            if progress is not None and time.perf_counter() - last_report > every_s:
+                progress(i, len(images))
+                last_report = time.perf_counter()
             shift = i % len(names)
             for name in names[shift:] + names[:shift]:
                 m = measured[name]
+                governed = governor is not None and getattr(engines[name], "torch_cpu_threads", False)
+                threads = governor.before_frame(name) if governed else 0
                 t0 = time.perf_counter()
                 r = engines[name](img)
                 m["wall"] += time.perf_counter() - t0
+                if governed:
+                    governor.after_frame(name, threads, r.total_ms)
                 m["lat"].append(r.total_ms)
                 m["stages"].append(r.timings)
                 if r.keep_ratio is not None:
@@ -92,14 +106,20 @@ def measure_in_turns(engines: Dict[str, Callable[[np.ndarray], Any]], images: Li
 def run_bench(bundle_dir: str, source: Optional[str] = None, data: Optional[str] = None, frames: int = 200,
               engines: Optional[List[str]] = None, out: str = "runs/bench", device: str = "auto",
               backend: str = "auto", warmup: int = 5, log=print, cuda_graph: bool = True,
-              precision: str = "fp16") -> Dict[str, Any]:
+              precision: str = "fp16", adapt_threads: bool = True) -> Dict[str, Any]:
     bundle = load_bundle(bundle_dir)
     dev = pick_device(device)
     which = engines or list(bundle["engines"])
     loaded = load_engines(bundle, which, dev, backend, precision, cuda_graph=cuda_graph)
+    if not frames:
+        log(f"reading every frame of {source or data} (--frames 0)...")
     images, records, names = load_frames(source, data, frames)
+    log(f"measuring {len(images)} frames on {', '.join(loaded)} (the engines take turns)...")
     rows, per_frame = [], {}
-    measured = measure_in_turns(loaded, images, warmup)
+    governor = ThreadGovernor(torch.get_num_threads()) if adapt_threads else None
+    measured = measure_in_turns(loaded, images, warmup,
+                                progress=lambda done, total: log(f"  {done}/{total} frames measured"),
+                                governor=governor)
     for name, eng in loaded.items():
         m = measured[name]
         lat, keep, gflops, stages, wall = m["lat"], m["keep"], m["gflops"], m["stages"], m["wall"]
@@ -136,7 +156,10 @@ def run_bench(bundle_dir: str, source: Optional[str] = None, data: Optional[str]
     result = {"bundle": bundle_dir, "source": source or data, "frames": len(images), "device": str(dev),
               # what the engines ran: on the CPU every engine is float32, whatever was asked for
               "precision": precision if dev.type == "cuda" else "fp32",
-              "threads": torch.get_num_threads(), "imgsz": bundle["imgsz"], "rows": rows,
+              "threads": governor.options[0] if governor else torch.get_num_threads(),
+              "threads_at_end": governor.current if governor else torch.get_num_threads(),
+              "thread_switches": governor.switches if governor else [],
+              "imgsz": bundle["imgsz"], "rows": rows,
               "break_even_keep": be,
               "per_frame": per_frame}
     (out_p / "bench.json").write_text(json.dumps(result, indent=2))
@@ -155,7 +178,7 @@ def format_table(result: Dict[str, Any]) -> str:
         return format(v, fmt) if v is not None else "-"
 
     lines = [f"{result['frames']} frames from {result['source']}, {result['imgsz']} px, batch 1, "
-             f"{result['device']} ({result['threads']} threads)",
+             f"{result['device']} ({_threads(result)})",
              f"{'engine':<9}{'FPS':>8}{'p50 ms':>9}{'p95 ms':>9}{'keep':>7}{'keep95':>8}{'GFLOPs':>8}"
              f"{'AP50':>8}{'AP50-95':>9}"]
     for r in result["rows"]:
@@ -171,6 +194,14 @@ def format_table(result: Dict[str, Any]) -> str:
             lines.append(f"break-even keep ratio: none, {faster} is faster at every keep ratio "
                          f"(fit crosses at {be:.3f})")
     return "\n".join(lines)
+
+
+def _threads(result: Dict[str, Any]) -> str:
+    switches = result.get("thread_switches") or []
+    if not switches:
+        return f"{result['threads']} threads"
+    return (f"{result['threads']} threads, {len(switches)} switch(es) by trial, {result['threads_at_end']} at the end: "
+            "other processes used the cores")
 
 
 def plot_latency_vs_keep(per_frame, rows, be, path: str) -> None:

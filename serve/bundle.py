@@ -77,13 +77,51 @@ def export_bundle(out: str, dynamic: Optional[str] = None, static: Optional[str]
     return meta
 
 
+ENGINE_NAMES = ("dense", "static", "dynamic")
+
+
 def load_bundle(path: str) -> Dict[str, Any]:
+    """Read and check a bundle's ``metadata.json``; every problem is a :class:`BundleError` that
+    names the file and the field. The engines' own files are checked when they load."""
     p = Path(path)
+    if not p.is_dir():
+        raise BundleError(f"{p}: no such bundle folder; make one with dynprune export")
     meta_path = p / "metadata.json"
     if not meta_path.is_file():
         raise BundleError(f"{p}: not a dynprune bundle (no metadata.json); make one with dynprune export")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{meta_path}: not valid JSON ({e}); the file is damaged or cut off, export the bundle "
+                          "again") from e
+    if not isinstance(meta, dict):
+        raise BundleError(f"{meta_path}: expected a JSON object")
     if meta.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{meta_path}: unknown bundle format {meta.get('format')!r}")
+        raise BundleError(f"{meta_path}: unknown bundle format {meta.get('format')!r} (expected {BUNDLE_FORMAT})")
+
+    def bad(field: str, want: str) -> BundleError:
+        return BundleError(f"{meta_path}: '{field}' is {meta.get(field)!r}, expected {want}; export the bundle again")
+
+    imgsz = meta.get("imgsz")
+    if not isinstance(imgsz, int) or isinstance(imgsz, bool) or imgsz <= 0 or imgsz % 32:
+        raise bad("imgsz", "a positive multiple of 32")
+    names = meta.get("names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise bad("names", "a list of class names")
+    for field in ("conf", "iou"):
+        v = meta.get(field)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 <= v <= 1:
+            raise bad(field, "a number in [0, 1]")
+    engines = meta.get("engines")
+    if not isinstance(engines, dict) or not engines:
+        raise bad("engines", f"an object with at least one of {list(ENGINE_NAMES)}")
+    for name, entry in engines.items():
+        if name not in ENGINE_NAMES:
+            raise BundleError(f"{meta_path}: unknown engine {name!r} (engines are {list(ENGINE_NAMES)})")
+        key = "onnx" if name == "static" else "file"
+        if not isinstance(entry, dict) or not isinstance(entry.get(key), str):
+            raise BundleError(f"{meta_path}: engine {name!r} names no '{key}' file; export the bundle again")
+        if Path(entry[key]).is_absolute() or ".." in Path(entry[key]).parts:
+            raise BundleError(f"{meta_path}: engine {name!r} file {entry[key]!r} points outside the bundle")
     meta["root"] = str(p)
     return meta

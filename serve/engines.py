@@ -12,13 +12,14 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from dynprune.boxes import LetterboxInput, postprocess
 from dynprune.checkpoint import model_from_checkpoint
+from dynprune.serve.bundle import BundleError
 
 log = logging.getLogger("dynprune.serve")
 
@@ -52,6 +53,11 @@ class Engine:
         self.imgsz, self.conf, self.iou, self.device = imgsz, conf, iou, device
         self.input = LetterboxInput(imgsz)  # buffers kept from frame to frame
         self.description = ""
+
+    @property
+    def torch_cpu_threads(self) -> bool:
+        """Whether the network runs on PyTorch's CPU threads (so the thread governor applies)."""
+        return self.device.type == "cpu" and not isinstance(self, (OnnxEngine, TensorRTEngine))
 
     def network(self, x: torch.Tensor):
         raise NotImplementedError
@@ -128,7 +134,13 @@ class OnnxEngine(Engine):
         # pre-process of the static engine took 7.5 ms instead of 0.6 ms).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
-        self.session = ort.InferenceSession(onnx_path, opts, providers=providers)
+        if not Path(onnx_path).is_file():
+            raise BundleError(f"{onnx_path}: missing from the bundle; export the bundle again (dynprune export)")
+        try:
+            self.session = ort.InferenceSession(onnx_path, opts, providers=providers)
+        except Exception as e:  # ONNX Runtime's InvalidProtobuf, Fail, ... carry no common base class
+            raise BundleError(f"{onnx_path}: not a loadable ONNX model ({type(e).__name__}); the file is damaged or "
+                              "truncated: copy it again or export the bundle again (dynprune export)") from e
         self.flops = gflops
         self.description = f"ONNX Runtime ({self.session.get_providers()[0]})"
 
@@ -232,28 +244,56 @@ def load_engines(bundle: Dict[str, Any], which: List[str], device: torch.device,
     ``precision``: the TensorRT plan's, and on a GPU the PyTorch engines' (fp16 for fp16 and
     int8); ``cuda_graph``: replay the PyTorch engines from CUDA graphs on a GPU."""
     root = Path(bundle["root"])
-    conf, iou = bundle["conf"], bundle["iou"]
     engines: Dict[str, Engine] = {}
     for name in which:
         entry = bundle["engines"].get(name)
         if entry is None:
-            raise ValueError(f"{root}: the bundle has no {name} engine (it has {sorted(bundle['engines'])})")
-        if name == "dense":
-            engines[name] = DenseEngine(str(root / entry["file"]), device, conf, iou, precision=precision,
-                                        cuda_graph=cuda_graph)
-        elif name == "dynamic":
-            engines[name] = DynamicEngine(str(root / entry["file"]), device, conf, iou, backend, precision=precision,
-                                          cuda_graph=cuda_graph)
-        else:
-            from dynprune.serve.tensorrt_engine import ensure_plan, tensorrt_status
-
-            ok, reason = tensorrt_status()
-            plan = ensure_plan(str(root), entry["onnx"], precision, imgsz=bundle["imgsz"]) if ok else None
-            if plan:
-                engines[name] = TensorRTEngine(plan, bundle["imgsz"], conf, iou, entry.get("gflops"))
-            else:
-                engines[name] = OnnxEngine(str(root / entry["onnx"]), bundle["imgsz"], conf, iou, entry.get("gflops"),
-                                           threads=torch.get_num_threads())
-                engines[name].description += f"; TensorRT not used: {reason}"
+            raise BundleError(f"{root}: the bundle has no {name} engine (it has {sorted(bundle['engines'])})")
+        engines[name] = load_engine(bundle, name, device, backend, precision, cuda_graph)
         log.info("engine %s: %s", name, engines[name].description)
     return engines
+
+
+def load_available_engines(bundle: Dict[str, Any], which: List[str], device: torch.device, backend: str = "auto",
+                           precision: str = "fp16", cuda_graph: bool = True) -> Tuple[Dict[str, Engine],
+                                                                                      Dict[str, str]]:
+    """Like :func:`load_engines`, for ``--engine auto``: an engine whose files are missing or damaged
+    is left out with its reason (second value) instead of stopping the others. Raises
+    :class:`BundleError` only when none loads."""
+    engines: Dict[str, Engine] = {}
+    skipped: Dict[str, str] = {}
+    for name in which:
+        try:
+            engines.update(load_engines(bundle, [name], device, backend, precision, cuda_graph))
+        except (ValueError, OSError) as e:  # CheckpointError, BundleError, FileNotFoundError
+            skipped[name] = str(e).splitlines()[0]
+    if not engines:
+        raise BundleError(f"{bundle['root']}: no engine of the bundle loads: " +
+                          "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    return engines, skipped
+
+
+def load_engine(bundle: Dict[str, Any], name: str, device: torch.device, backend: str = "auto",
+                precision: str = "fp16", cuda_graph: bool = True) -> Engine:
+    """Build one engine of a loaded bundle; a missing or damaged file raises :class:`BundleError`
+    (or :class:`~dynprune.checkpoint.CheckpointError`) naming it."""
+    root = Path(bundle["root"])
+    conf, iou = bundle["conf"], bundle["iou"]
+    entry = bundle["engines"][name]
+    if name in ("dense", "dynamic"):
+        path = root / entry["file"]
+        if not path.is_file():
+            raise BundleError(f"{path}: missing from the bundle; copy the whole bundle folder, or export it again")
+        if name == "dense":
+            return DenseEngine(str(path), device, conf, iou, precision=precision, cuda_graph=cuda_graph)
+        return DynamicEngine(str(path), device, conf, iou, backend, precision=precision, cuda_graph=cuda_graph)
+    from dynprune.serve.tensorrt_engine import ensure_plan, tensorrt_status
+
+    ok, reason = tensorrt_status()
+    plan = ensure_plan(str(root), entry["onnx"], precision, imgsz=bundle["imgsz"]) if ok else None
+    if plan:
+        return TensorRTEngine(plan, bundle["imgsz"], conf, iou, entry.get("gflops"))
+    engine = OnnxEngine(str(root / entry["onnx"]), bundle["imgsz"], conf, iou, entry.get("gflops"),
+                        threads=torch.get_num_threads())
+    engine.description += f"; TensorRT not used: {reason}"
+    return engine

@@ -68,7 +68,38 @@ class LiveState:
         return "\n".join(lines) + "\n"
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class PreviewServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        """A viewer that closes its tab mid-frame is normal: one debug line, no traceback."""
+        import logging
+        import sys
+
+        exc = sys.exc_info()[1]
+        log = logging.getLogger("dynprune.serve")
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            log.debug("preview client %s went away: %s", client_address[0], exc)
+        else:
+            log.warning("preview request from %s failed: %s: %s", client_address[0], type(exc).__name__, exc)
+
+
 def make_server(state: LiveState, host: str = "127.0.0.1", port: int = 8080) -> ThreadingHTTPServer:
+    """Serve the preview on ``host:port`` from a daemon thread; a port in use or an address this
+    machine does not have raises ``ValueError`` naming the flag."""
+    import socket
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args) -> None:  # keep the terminal for the serving log
             pass
@@ -111,10 +142,24 @@ def make_server(state: LiveState, host: str = "127.0.0.1", port: int = 8080) -> 
                         continue
                     self.wfile.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: "
                                      + str(len(jpeg)).encode() + b"\r\n\r\n" + jpeg + b"\r\n")
-            except (BrokenPipeError, ConnectionResetError):
+            except (ConnectionError, TimeoutError):  # the viewer closed the page
                 return
 
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
+    try:
+        server = PreviewServer((host, port), Handler)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: not an address of this machine ({e.strerror}); use 127.0.0.1, or "
+                         "0.0.0.0 for every interface") from e
+    except OSError as e:
+        import errno
+
+        if e.errno == errno.EADDRINUSE:
+            raise ValueError(f"--http {port}: the port is in use on {host}; pick another port, or stop the program "
+                             "using it") from e
+        if e.errno == errno.EACCES:
+            raise ValueError(f"--http {port}: not allowed to listen on it (ports below 1024 need root); pick one "
+                             "above 1024") from e
+        raise ValueError(f"--host {host} --http {port}: cannot listen ({e.strerror}); use an address of this "
+                         "machine (127.0.0.1, 0.0.0.0)") from e
     threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
     return server

@@ -39,15 +39,46 @@ def detection_record(frame, result, names) -> dict:
     }
 
 
+# Containers OpenCV's VideoWriter writes with a codec every build has.
+VIDEO_CODECS = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "mp4v"}
+
+
+def check_outputs(opts) -> None:
+    """Refuse output paths that cannot work before the first frame is read (``opts``: ServeOptions)."""
+    for flag, path in (("--save", opts.save), ("--json", None if opts.json == "-" else opts.json)):
+        if not path:
+            continue
+        parent = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise ValueError(f"{flag} {path}: is a folder; give a file name")
+        if not os.path.isdir(parent):
+            raise ValueError(f"{flag} {path}: the folder {parent} does not exist; create it first")
+    if opts.save and os.path.splitext(opts.save)[1].lower() not in VIDEO_CODECS:
+        raise ValueError(f"--save {opts.save}: unknown video type; end the name in one of "
+                         f"{', '.join(sorted(VIDEO_CODECS))} (e.g. out.mp4)")
+
+
 class JsonLines:
     """One JSON object per frame, to a file or stdout (``-``)."""
 
     def __init__(self, target: str) -> None:
         self.fh: IO = sys.stdout if target == "-" else open(target, "w")
+        self.broken = False
 
-    def write(self, record: dict) -> None:
-        self.fh.write(json.dumps(record) + "\n")
-        self.fh.flush()
+    def write(self, record: dict) -> bool:
+        """Write one record; ``False`` once the reader of a pipe has gone (``| head``)."""
+        if self.broken:
+            return False
+        try:
+            self.fh.write(json.dumps(record) + "\n")
+            self.fh.flush()
+        except BrokenPipeError:
+            self.broken = True
+            if self.fh is sys.stdout:  # send the rest nowhere, so that Python's last flush stays quiet
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+            return False
+        return True
 
     def close(self) -> None:
         if self.fh is not sys.stdout:
@@ -65,7 +96,8 @@ class VideoOutput:
 
         if self.writer is None:
             h, w = image.shape[:2]
-            self.writer = cv2.VideoWriter(self.path, cv2.VideoWriter_fourcc(*"mp4v"), self.fps, (w, h))
+            codec = VIDEO_CODECS.get(os.path.splitext(self.path)[1].lower(), "mp4v")
+            self.writer = cv2.VideoWriter(self.path, cv2.VideoWriter_fourcc(*codec), self.fps, (w, h))
             if not self.writer.isOpened():
                 raise RuntimeError(f"{self.path}: OpenCV cannot write this video")
         self.writer.write(image)

@@ -93,3 +93,50 @@ def write_jpg(path, w=64, h=48, seed=0):
     rng = np.random.default_rng(seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     cv2.imwrite(str(path), rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+BUNDLE_IMGSZ = 64
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    """A bundle of tiny random engines (dense, gated, l1-slimmed static), 64 px, one class."""
+    from dynprune.checkpoint import make_checkpoint, save_atomic
+    from dynprune.flops import CostModel
+    from dynprune.gates import set_gate_mode
+    from dynprune.model import build_detector
+    from dynprune.pruning.importance import l1_norm
+    from dynprune.pruning.select import select_widths
+    from dynprune.pruning.surgery import slim_model
+    from dynprune.serve.bundle import export_bundle
+
+    root = tmp_path_factory.mktemp("bundle")
+    torch.manual_seed(0)
+    dense = build_detector(tiny_config()).eval()
+    randomize_bn(dense)
+    for p in dense.pred:  # confident enough to produce boxes on random weights
+        p.bias.data[:1] = 0.5
+    gated = build_detector(tiny_config()).eval()
+    gated.load_state_dict(dense.state_dict())
+    gated.add_gates()
+    set_gate_mode(gated, "threshold")
+    for b in gated.blocks:
+        for g in (b.gate1, b.gate2):
+            g.threshold.fill_(1.0)
+    keep = select_widths(CostModel(dense, BUNDLE_IMGSZ), l1_norm(dense), 0.6, round_to=4)
+    static = slim_model(dense, keep)
+    paths = {}
+    for name, model, kind, ap in (("dense", dense, "dense", 0.50), ("gated", gated, "gated", 0.50),
+                                  ("static", static, "pruned", 0.495)):
+        paths[name] = str(root / f"{name}.pt")
+        save_atomic(make_checkpoint(model, ["ring"], BUNDLE_IMGSZ, kind, gate={"mode": "threshold"} if kind == "gated"
+                                    else None, metrics={"ap50": ap + 0.3, "ap50_95": ap}), paths[name])
+    export_bundle(str(root / "b"), dynamic=paths["gated"], static=paths["static"], dense=paths["dense"])
+    return str(root / "b")
+
+
+@pytest.fixture(scope="module")
+def video(tmp_path_factory):
+    from dynprune.data.synthetic import write_synthetic_video
+
+    return write_synthetic_video(str(tmp_path_factory.mktemp("v") / "v.mp4"), frames=24, size=96)

@@ -36,11 +36,6 @@ def test_bad_inputs_give_a_clear_error_and_exit_code_2(tmp_path, capsys):
     assert "nowhere: no such file or folder" in capsys.readouterr().err
 
 
-def test_imgsz_must_be_a_multiple_of_32(synthetic_yaml):
-    with pytest.raises(SystemExit, match="multiple of 32"):
-        main(["train", "--data", synthetic_yaml, "--imgsz", "100", "--epochs", "1"])
-
-
 def test_serve_and_bench_flags_parse():
     args = build_parser().parse_args(["serve", "bundle/", "--source", "csi://0", "--http", "8080", "--json", "-"])
     assert args.source == "csi://0" and args.http == 8080 and args.host == "127.0.0.1"

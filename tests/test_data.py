@@ -163,3 +163,41 @@ def test_corrupt_image_at_runtime_is_replaced(synthetic_yaml, tmp_path):
     open(spec.train[0].path, "wb").write(b"broken after loading")
     img, _, _ = DetectionDataset(spec.train, 64)[0]
     assert img.shape == (3, 64, 64)
+
+
+def test_voc_rare_class_name_is_warned_about(tmp_path):
+    """A class name in few files ('racoon' beside 'raccoon') is named in the summary with what to do."""
+    make_voc(tmp_path)
+    spec = load_dataset(str(tmp_path))
+    assert spec.names == ["dog", "raccoon"]
+    summary = spec.issues.summary()
+    assert "warning: class 'dog' appears in only 1 of 5 files (a.jpg)" in summary
+    assert "--classes raccoon" in summary
+    assert not load_dataset(str(tmp_path), classes=["raccoon"]).issues.warnings
+
+
+def test_yolo_names_must_be_a_list_or_mapping(tmp_path):
+    y = make_yolo(tmp_path)
+    y.write_text(y.read_text().replace("names: ['pig']", "names: pig"))
+    with pytest.raises(DatasetError, match=r"'names' is 'pig'; it must be a list"):
+        load_dataset(str(y))
+    y.write_text(y.read_text().replace("names: pig", "names: {0: pig}"))
+    assert load_dataset(str(y)).names == ["pig"]
+
+
+def test_no_valid_label_anywhere_is_fatal_and_says_why(tmp_path):
+    y = make_yolo(tmp_path)
+    for label in (tmp_path / "labels" / "train").glob("*.txt"):
+        label.write_text("pig 0.5 0.5 0.2 0.2\n")
+    with pytest.raises(DatasetError, match=r"none of the 3 training images has a usable label \(3 x malformed"):
+        load_dataset(str(y))
+
+
+def test_truncated_jpeg_is_counted_by_name(tmp_path):
+    y = make_yolo(tmp_path)
+    img = tmp_path / "images" / "train" / "1.jpg"
+    img.write_bytes(img.read_bytes()[:-200])
+    spec = load_dataset(str(y))
+    assert spec.issues.counts["truncated_image"] == 1
+    assert str(img) in spec.issues.summary()
+    assert len(spec.train) == 2

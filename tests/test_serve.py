@@ -9,53 +9,15 @@ import pytest
 import torch
 
 from dynprune.checkpoint import make_checkpoint, save_atomic
-from dynprune.data.synthetic import write_synthetic_video
-from dynprune.flops import CostModel
 from dynprune.gates import set_gate_mode
 from dynprune.model import build_detector
-from dynprune.pruning.importance import l1_norm
-from dynprune.pruning.select import select_widths
-from dynprune.pruning.surgery import slim_model
 from dynprune.serve.app import ServeOptions, serve
-from dynprune.serve.bundle import export_bundle
 from dynprune.serve.engines import DynamicEngine
 from dynprune.serve.policy import FallbackPolicy
 from dynprune.serve.sources import CaptureSource, SourceError, open_source
-from tests.conftest import randomize_bn, tiny_config
+from tests.conftest import BUNDLE_IMGSZ, tiny_config
 
-IMGSZ = 64
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bundle")
-    torch.manual_seed(0)
-    dense = build_detector(tiny_config()).eval()
-    randomize_bn(dense)
-    for p in dense.pred:  # confident enough to produce boxes on random weights
-        p.bias.data[:1] = 0.5
-    gated = build_detector(tiny_config()).eval()
-    gated.load_state_dict(dense.state_dict())
-    gated.add_gates()
-    set_gate_mode(gated, "threshold")
-    for b in gated.blocks:
-        for g in (b.gate1, b.gate2):
-            g.threshold.fill_(1.0)
-    keep = select_widths(CostModel(dense, IMGSZ), l1_norm(dense), 0.6, round_to=4)
-    static = slim_model(dense, keep)
-    paths = {}
-    for name, model, kind, ap in (("dense", dense, "dense", 0.50), ("gated", gated, "gated", 0.50),
-                                  ("static", static, "pruned", 0.495)):
-        paths[name] = str(root / f"{name}.pt")
-        save_atomic(make_checkpoint(model, ["ring"], IMGSZ, kind, gate={"mode": "threshold"} if kind == "gated"
-                                    else None, metrics={"ap50": ap + 0.3, "ap50_95": ap}), paths[name])
-    export_bundle(str(root / "b"), dynamic=paths["gated"], static=paths["static"], dense=paths["dense"])
-    return str(root / "b")
-
-
-@pytest.fixture(scope="module")
-def video(tmp_path_factory):
-    return write_synthetic_video(str(tmp_path_factory.mktemp("v") / "v.mp4"), frames=24, size=96)
+IMGSZ = BUNDLE_IMGSZ
 
 
 def test_bundle_has_every_engine_and_metadata(bundle):

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from dynprune.checkpoint import load_checkpoint, model_from_checkpoint
@@ -66,3 +67,52 @@ def test_resume_continues_from_the_saved_epoch(synthetic_yaml, tmp_path):
     b = load_checkpoint(tmp_path / "b" / "last.pt")["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_a_short_runs_ema_ends_close_to_its_raw_weights(synthetic_yaml, tmp_path):
+    """The saved weights of a short run are an average of its last steps: their distance to the raw
+    weights is small against how far training moved them."""
+    import copy
+
+    spec = load_dataset(synthetic_yaml)
+    torch.manual_seed(0)
+    model = build_detector(tiny_config())
+    init = copy.deepcopy(model.state_dict())
+    t = Trainer(model, spec, _cfg(tmp_path, 6), log=lambda *_: None)
+    assert t.ema.window == pytest.approx(10.0)  # 18 steps: the 10-step floor
+    t.fit()
+    raw = t.model.state_dict()
+    names = [k for k, _ in t.model.named_parameters()]
+
+    def dist(a, b):
+        return sum(float((a[k].float() - b[k].float()).pow(2).sum()) for k in names) ** 0.5
+
+    assert dist(t.ema.ema.state_dict(), raw) < 0.35 * dist(raw, init)
+
+
+@pytest.mark.parametrize("steps", [300, 600, 3000])
+def test_the_ema_follows_weights_that_keep_moving_to_the_end(steps):
+    """A weight that moves steadily through a run of a few hundred steps (a small dataset's whole
+    run): the run's EMA ends within a few percent of the move from it, where a YOLOv5-style window
+    (decay 0.9998, tau = steps / 15) stops following after about a third of the run."""
+    from dynprune.train.ema import ModelEMA
+
+    w = torch.nn.Linear(1, 1, bias=False)
+    w.weight.data.zero_()
+    fitted = ModelEMA.for_run(w, steps)
+    frozen = ModelEMA(w, decay=0.9998, tau=max(20.0, steps / 15))
+    for n in range(1, steps + 1):
+        w.weight.data.fill_(n / steps)  # from 0 to 1, as far at the end as at the start
+        fitted.update(w)
+        frozen.update(w)
+    assert 1.0 - float(fitted.ema.weight) < 0.06
+    assert 1.0 - float(frozen.ema.weight) > 0.5
+
+
+def test_ema_window_follows_the_run_length():
+    from dynprune.train.ema import EMA_WINDOW_FRACTION, ModelEMA
+
+    m = build_detector(tiny_config())
+    assert ModelEMA.for_run(m, 600).window == pytest.approx(600 * EMA_WINDOW_FRACTION)
+    assert ModelEMA.for_run(m, 50).window == pytest.approx(10.0)
+    assert ModelEMA.for_run(m, 10**7).window == pytest.approx(10000.0)

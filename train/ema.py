@@ -1,4 +1,12 @@
-"""Exponential moving average of the weights (Polyak averaging, as in YOLOv5's ModelEMA)."""
+"""Exponential moving average of the weights (Polyak averaging, as in YOLOv5's ModelEMA), with an
+averaging window that fits the run.
+
+The average ``ema = d * ema + (1 - d) * model`` remembers about ``1 / (1 - d)`` steps. YOLOv5's
+decay of 0.9999 (a 10,000-step window) suits runs of hundreds of thousands of steps; a run of a
+few hundred images lasts a few hundred steps, and there such a window stops following the weights
+early on, so the saved model is the network of the run's first third. :meth:`ModelEMA.for_run`
+sets the window to a fixed fraction of the run's steps instead (DESIGN.md, "The dense recipe").
+"""
 
 from __future__ import annotations
 
@@ -8,18 +16,36 @@ import math
 import torch
 from torch import nn
 
+#: The EMA window as a fraction of the run's optimiser steps (benchmarks/ema_window.py).
+EMA_WINDOW_FRACTION = 0.05
+#: The longest window any run gets, YOLOv5's (decay 0.9999).
+EMA_MAX_DECAY = 0.9999
+
 
 class ModelEMA:
-    """Keeps ``ema = d * ema + (1 - d) * model`` with ``d`` ramping up as ``1 - exp(-n / tau)``."""
+    """Keeps ``ema = d * ema + (1 - d) * model`` with ``d`` ramping up as ``decay * (1 - exp(-n / tau))``."""
 
-    def __init__(self, model: nn.Module, decay: float = 0.9998, tau: float = 2000.0, updates: int = 0) -> None:
+    def __init__(self, model: nn.Module, decay: float = EMA_MAX_DECAY, tau: float = 2000.0, updates: int = 0,
+                 fraction: float = float("nan")) -> None:
         self.ema = copy.deepcopy(model).eval()
         for p in self.ema.parameters():
             p.requires_grad_(False)
-        self.decay, self.tau, self.updates = decay, tau, updates
+        self.decay, self.tau, self.updates, self.fraction = decay, tau, updates, fraction
         self._averaged = {k for k, _ in model.named_parameters()} | {
             k for k in model.state_dict() if k.endswith(("running_mean", "running_var"))
         }
+
+    @classmethod
+    def for_run(cls, model: nn.Module, total_steps: int, fraction: float = EMA_WINDOW_FRACTION) -> ModelEMA:
+        """An EMA whose window is ``fraction`` of a run of ``total_steps`` optimiser steps (at least
+        10 steps, at most YOLOv5's 10,000), reached after a ramp of about one window."""
+        window = min(1.0 / (1.0 - EMA_MAX_DECAY), max(10.0, fraction * total_steps))
+        return cls(model, decay=1.0 - 1.0 / window, tau=window, fraction=fraction)
+
+    @property
+    def window(self) -> float:
+        """Steps the average remembers at full decay, ``1 / (1 - decay)``."""
+        return 1.0 / (1.0 - self.decay)
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:

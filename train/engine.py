@@ -103,7 +103,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.param_groups(), lr=cfg.lr, betas=(0.9, 0.999))
         self.iters_per_epoch = max(1, math.ceil(len(self.train_set) / (cfg.batch * self.world)))
         self.total_iters = self.iters_per_epoch * cfg.epochs
-        self.ema = ModelEMA(self.model, tau=max(20.0, self.total_iters / 15))
+        self.ema = ModelEMA.for_run(self.model, self.total_iters)
         use_amp = cfg.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
         self.autocast = torch.autocast("cuda", enabled=use_amp) if use_amp else torch.autocast("cpu", enabled=False)
@@ -176,7 +176,17 @@ class Trainer:
         state = ckpt.get("train_state")
         if state is None:
             raise ValueError(f"{path}: has no training state to resume from (a best.pt? use last.pt)")
-        self.model.load_state_dict(state["model"])
+        if ckpt.get("kind") != self.kind:
+            raise ValueError(f"{path}: a {ckpt.get('kind')} run's checkpoint cannot resume a {self.kind} run")
+        if list(ckpt.get("names") or []) != list(self.spec.names):
+            raise ValueError(f"{path}: trained on classes {ckpt.get('names')}, the dataset has {self.spec.names}")
+        if ckpt["epoch"] + 1 >= self.cfg.epochs:
+            raise ValueError(f"{path}: the run has finished {ckpt['epoch'] + 1} of {self.cfg.epochs} epochs; "
+                             "give more epochs to train it longer")
+        try:
+            self.model.load_state_dict(state["model"])
+        except RuntimeError as e:
+            raise ValueError(f"{path}: its model differs from this run's ({str(e).splitlines()[0]})") from e
         self.ema.ema.load_state_dict(ckpt["model"])
         self.ema.updates = state["ema_updates"]
         self.optimizer.load_state_dict(state["optimizer"])

@@ -13,6 +13,8 @@ from dynprune.gates import DEFAULT_GATE_GROUP, init_from_importance, set_gate_mo
 from dynprune.manidp import (
     BETA,
     COMPLEXITY_FACTOR,
+    DEFAULT_SCHEDULE,
+    SCHEDULES,
     SIMILARITY_WEIGHT,
     SPARSITY_WEIGHT,
     SaliencyStats,
@@ -47,17 +49,20 @@ class GateTrainer(Trainer):
         threshold_every: int = 0,
         gate_lr_mult: float = 10.0,
         keep_on: str = "mean",
+        schedule: str = DEFAULT_SCHEDULE,
         log=print,
     ) -> None:
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown gate schedule {schedule!r}; choose {' or '.join(SCHEDULES)}")
+        self.schedule, self.reach = schedule, SCHEDULES[schedule]
         if not 0 < keep <= 1:
             raise ValueError(f"--keep {keep}: must be in (0, 1]")
         if method not in ("manidp", "fbs"):
             raise ValueError(f"unknown gate method {method!r}; choose manidp or fbs")
         self.keep, self.method = keep, method
         # 0: thresholds reset once per epoch (ManiDP's --thre_freq 1). N > 0: every N steps from the
-        # last N steps' saliencies, the remain rate annealed over the first 75% of training; smoother
-        # for short schedules, where a per-epoch jump drops many channels at once (measured: AP50
-        # 0.88 -> 0.01 after the first jump of a 4-epoch run).
+        # last N steps' saliencies; smoother for short schedules, where a per-epoch jump drops many
+        # channels at once. Either way the remain rate anneals over the schedule's first ``reach``.
         self.threshold_every = threshold_every
         self.gate_lr_mult = gate_lr_mult
         self.sparsity_w, self.similarity_w, self.beta, self.complexity = sparsity, similarity, beta, complexity
@@ -71,14 +76,26 @@ class GateTrainer(Trainer):
         super().__init__(model, spec, cfg, log)
         # "mean": ManiDP's k-th largest mean saliency; "frames": the mean per-frame keep is --keep.
         self.stats = SaliencyStats(self.model.blocks, keep_on=keep_on)
-        # ManiDP's thresholds reach the target at the last epoch; an earlier epoch keeps more
-        # channels and must not become best.pt (FBS keeps the target from the start).
-        self.min_best_epoch = cfg.epochs - 1 if method == "manidp" else 0
-        if method == "manidp" and threshold_every:
-            # the first epoch whose last step is at the target (0-based; the schedule reaches it
-            # at step 0.75 * total - 1, which ends an epoch when 0.75 * total is a multiple of an epoch)
-            reach = 0.75 * self.total_iters
-            self.min_best_epoch = min(cfg.epochs - 1, math.ceil(reach / self.iters_per_epoch) - 1)
+        # An epoch that keeps more channels than the target must not become best.pt: best.pt is the
+        # best of the epochs run wholly at the target thresholds (FBS keeps the target from the start).
+        self.min_best_epoch = self.first_epoch_at_target() if method == "manidp" else 0
+
+    def first_epoch_at_target(self) -> int:
+        """The first (0-based) epoch that runs at the target thresholds."""
+        epochs = self.cfg.epochs
+        if self.threshold_every:
+            # the first epoch whose last step is at the target: the schedule reaches it at step
+            # reach * total - 1, which ends an epoch when reach * total is a multiple of an epoch
+            return min(epochs - 1, math.ceil(self.reach * self.total_iters / self.iters_per_epoch) - 1)
+        # thresholds set at the end of epoch e hold for epoch e + 1
+        return next((e for e in range(1, epochs) if self._epoch_remain(e) == self.keep), epochs - 1)
+
+    def _epoch_remain(self, epoch: int) -> float:
+        """The kept fraction the thresholds are set to for ``epoch`` (per-epoch mode)."""
+        if epoch >= self.cfg.epochs - 1:
+            return self.keep
+        r = remain_rate(epoch, self.cfg.epochs, self.keep, self.reach)
+        return self.keep if abs(r - self.keep) < 1e-12 else r
 
     def param_groups(self):
         """The base groups, with the freshly added gates at ``gate_lr_mult`` times the learning rate."""
@@ -96,7 +113,7 @@ class GateTrainer(Trainer):
         mode = "topk" if self.method == "fbs" else "threshold"
         return {"mode": mode, "keep": self.keep, "method": self.method, "complexity": self.complexity,
                 "sparsity": self.sparsity_w, "similarity": self.similarity_w, "beta": self.beta,
-                "threshold_every": self.threshold_every, "keep_on": self.stats.keep_on}
+                "threshold_every": self.threshold_every, "keep_on": self.stats.keep_on, "schedule": self.schedule}
 
     def epoch_start(self, epoch: int) -> None:
         if not self.threshold_every:
@@ -104,8 +121,8 @@ class GateTrainer(Trainer):
         self._running = (0.0, 0)
 
     def remain_at(self, step: int) -> float:
-        """Step-wise schedule: ManiDP's cosine from 1 to the target over 75% of the steps."""
-        p = min(1.0, (step + 1) / max(1.0, 0.75 * self.total_iters))
+        """Step-wise schedule: ManiDP's cosine from 1 to the target over the schedule's ``reach``."""
+        p = min(1.0, (step + 1) / max(1.0, self.reach * self.total_iters))
         return (1.0 - self.keep) / 2.0 * math.cos(math.pi * p) + (1.0 + self.keep) / 2.0
 
     def after_step(self, step: int) -> None:
@@ -138,8 +155,7 @@ class GateTrainer(Trainer):
         self.c_value = COMPLEXITY_FACTOR * float(per_image_losses.mean())
         if self.method == "manidp" and not self.threshold_every:
             self.stats.all_reduce()
-            remain = remain_rate(epoch + 1, self.cfg.epochs, self.keep) if epoch + 1 < self.cfg.epochs else self.keep
-            self.stats.apply_thresholds(remain)
+            self.stats.apply_thresholds(self._epoch_remain(epoch + 1))
 
     def checkpoint_extra(self) -> Dict[str, Any]:
         return {"gate_state": {"c_value": self.c_value}}
@@ -197,3 +213,17 @@ def keep_shortfall(result: Dict[str, Any], keep: float, method: str = "manidp", 
                        "--keep-on frames sets them on the per-frame saliencies")
     return head + ("the thresholds were set on the augmented training frames; retrain with a higher --keep, or "
                    f"move them with dynprune calibrate --keep {keep:g} (which costs AP beyond a few points of FLOPs)")
+
+
+def accuracy_shortfall(gated: Dict[str, Any], dense: Dict[str, Any], keep: float, epochs: int, method: str = "manidp",
+                       points: float = 0.05) -> Optional[str]:
+    """A warning when the gated best.pt's AP50 (``gated`` metrics) is more than ``points`` below the dense
+    model's it started from, with what to try; ``None`` otherwise or when either AP50 is unknown."""
+    g, d = gated.get("ap50"), dense.get("ap50")
+    if g is None or d is None or g >= d - points:
+        return None
+    tries = [f"more epochs (--epochs {2 * epochs})", f"a higher --keep ({min(1.0, keep + 0.2):.1f})"]
+    if method != "fbs":
+        tries.append("--gate fbs")
+    return (f"the gated model's AP50 {g:.3f} is {100 * (d - g):.1f} points below the dense model's {d:.3f} at "
+            f"--keep {keep:g}; try " + ", ".join(tries))

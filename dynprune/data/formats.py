@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import yaml
 
-from dynprune.data.records import DatasetIssues, ImageRecord, clean_boxes
+from dynprune.data.records import ISSUE_TEXT, DatasetIssues, ImageRecord, clean_boxes
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -56,12 +56,26 @@ def _image_size(path: str, issues: DatasetIssues) -> Optional[Tuple[int, int]]:
         from PIL import Image
 
         with Image.open(path) as im:
-            size = im.size
+            size, fmt = im.size, im.format
             im.verify()  # checks the file's structure without decoding all pixels
-        return int(size[0]), int(size[1])
     except Exception:
         issues.add("corrupt_image", path)
         return None
+    if fmt == "JPEG" and not _jpeg_complete(path):
+        # libjpeg would decode it with a grey lower part and print "Premature end of JPEG file"
+        # without naming it: a damaged image, counted here with its name.
+        issues.add("truncated_image", path)
+        return None
+    return int(size[0]), int(size[1])
+
+
+def _jpeg_complete(path: str) -> bool:
+    """Whether a JPEG ends with its end-of-image marker (FFD9), allowing trailing padding."""
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 64))
+        tail = f.read()
+    return b"\xff\xd9" in tail
 
 
 def _finish(
@@ -184,6 +198,9 @@ def load_yolo(yaml_path: str, classes=None, single_class: bool = False) -> Datas
     names = cfg["names"]
     if isinstance(names, dict):
         names = [names[k] for k in sorted(names)]
+    if not isinstance(names, list) or not names:
+        raise DatasetError(f"{yp}: 'names' is {cfg['names']!r}; it must be a list (names: [ring]) or a mapping "
+                           "(names: {0: ring})")
     names = [str(n) for n in names]
     issues = DatasetIssues()
     train_raw = _read_yolo_split(_yolo_images(root, cfg["train"], yp), names, issues)
@@ -255,8 +272,30 @@ def load_voc(root_dir: str, classes=None, single_class: bool = False) -> Dataset
             raw.append((str(img), size[0], size[1], objects))
         raw_splits[split] = raw
     known.sort()
+    if not classes and len(known) > 1:
+        _warn_rare_classes(raw_splits, known, issues)
     train_raw, val_raw, names = _select(raw_splits["train"], raw_splits["val"], known, classes, single_class, str(root))
     return _spec(train_raw, val_raw, names, str(root), issues)
+
+
+def _warn_rare_classes(raw_splits, known: List[str], issues: DatasetIssues, share: float = 0.05) -> None:
+    """Warn about class names found in few annotation files: in a one-class dataset these are
+    nearly always typing mistakes ('racoon' beside 'raccoon') that would train a second class."""
+    files: Dict[str, List[str]] = {n: [] for n in known}
+    total = 0
+    for raw in raw_splits.values():
+        for path, _, _, objects in raw:
+            total += 1
+            for n in {n for _, n in objects}:
+                files[n].append(path)
+    common = max(known, key=lambda n: len(files[n]))
+    for n in known:
+        if n != common and len(files[n]) <= max(2, share * total):
+            where = ", ".join(os.path.basename(p) for p in files[n][:3])
+            issues.warnings.append(
+                f"class {n!r} appears in only {len(files[n])} of {total} files ({where}), beside {common!r} in "
+                f"{len(files[common])}: a misspelling? It is trained as a class of its own; pass --classes {common} "
+                "to keep one class (the others are counted and dropped), or fix the annotation")
 
 
 # ----------------------------------------------------------------------------- COCO
@@ -314,6 +353,10 @@ def _spec(train_raw, val_raw, names, source, issues) -> DatasetSpec:
     train, val = _finish(train_raw, names, issues), _finish(val_raw, names, issues)
     if not train:
         raise DatasetError(f"{source}: no readable training images")
+    if not any(len(r.boxes) for r in train):
+        found = "; ".join(f"{n} x {ISSUE_TEXT[k]}" for k, n in issues.counts.most_common(3))
+        raise DatasetError(f"{source}: none of the {len(train)} training images has a usable label"
+                           + (f" ({found})" if found else "") + "; a detector cannot learn from that")
     if not val:
         raise DatasetError(f"{source}: no readable validation images")
     return DatasetSpec(train, val, names, source, issues)

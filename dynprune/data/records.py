@@ -24,6 +24,7 @@ class ImageRecord:
 ISSUE_TEXT = {
     "missing_image": "image file missing",
     "corrupt_image": "image unreadable (corrupt or not an image)",
+    "truncated_image": "image cut short, JPEG without its end marker (skipped)",
     "missing_label": "label file missing (image kept as background)",
     "malformed_line": "malformed label line (skipped)",
     "clipped_box": "box outside the image (clipped)",
@@ -40,6 +41,7 @@ class DatasetIssues:
 
     counts: Counter = field(default_factory=Counter)
     examples: Dict[str, List[str]] = field(default_factory=lambda: defaultdict(list))
+    warnings: List[str] = field(default_factory=list)  # things that load but are probably mistakes
 
     def add(self, kind: str, where: str) -> None:
         if kind not in ISSUE_TEXT:
@@ -49,15 +51,18 @@ class DatasetIssues:
             self.examples[kind].append(where)
 
     def __bool__(self) -> bool:
-        return bool(self.counts)
+        return bool(self.counts) or bool(self.warnings)
 
     def summary(self, name: str = "dataset") -> str:
-        if not self.counts:
+        if not self:
             return f"{name}: no problems found"
-        lines = [f"{name}: {sum(self.counts.values())} problem(s) found and handled:"]
+        lines = []
+        if self.counts:
+            lines.append(f"{name}: {sum(self.counts.values())} problem(s) found and handled:")
         for kind, n in sorted(self.counts.items(), key=lambda kv: -kv[1]):
             ex = "; ".join(self.examples[kind])
             lines.append(f"  {n:6d} x {ISSUE_TEXT[kind]}  (e.g. {ex})")
+        lines += [f"warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
