@@ -1,7 +1,7 @@
 """Each CPU engine's FPS alone and with a CPU-burning process beside it, on the same frames.
 
     python benchmarks/cpu_contention.py BUNDLE --source video.mp4 [--frames 100] [--burners 1]
-        [--setups governed fixed passive one] [--repeats 3] [--json out.json]
+        [--setups governed fixed passive one] [--repeats 4] [--json out.json]
 
 For each setup and each condition (solo; ``--burners`` busy processes, each spinning one core),
 one ``dynprune bench`` process measures every engine of the bundle on the same frames, the
@@ -42,8 +42,8 @@ SETUPS = {  # name -> (extra environment, --threads)
 }
 
 
-def bench_once(bundle: str, source: str, frames: int, setup: str) -> Dict[str, float]:
-    """FPS per engine of one ``dynprune bench`` run in ``setup``."""
+def bench_once(bundle: str, source: str, frames: int, setup: str) -> Dict:
+    """FPS per engine, governor trials and final thread count of one ``dynprune bench`` run."""
     extra_env, threads = SETUPS[setup]
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     env.update(extra_env)
@@ -54,7 +54,8 @@ def bench_once(bundle: str, source: str, frames: int, setup: str) -> Dict[str, f
         if done.returncode != 0:
             raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
         result = json.loads((Path(out) / "bench.json").read_text())
-    return {r["engine"]: r["fps"] for r in result["rows"]}
+    return {"fps": {r["engine"]: r["fps"] for r in result["rows"]}, "trials": result.get("thread_trials", 0),
+            "threads_at_end": result.get("threads_at_end")}
 
 
 def main() -> None:
@@ -64,27 +65,35 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=100)
     ap.add_argument("--burners", type=int, default=1, help="busy processes beside the bench, one core each")
     ap.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
-    ap.add_argument("--repeats", type=int, default=3, help="runs per condition; the table shows the median")
+    ap.add_argument("--repeats", type=int, default=4, help="runs per condition; the table shows the median")
     ap.add_argument("--json", default=None, help="write the rows here")
     args = ap.parse_args()
 
-    rows: List[Dict] = []
-    for setup in args.setups:
-        for burners in (0, args.burners):
-            runs = []
-            for _ in range(args.repeats):
+    # Setups and conditions interleaved within each repeat, so that a slow spell of the machine
+    # falls on all of them alike, in an order that rotates from repeat to repeat: the second of
+    # two back-to-back bench processes ran up to 9% faster than the first, whatever it measured.
+    runs: Dict[tuple, List[Dict]] = {}
+    for repeat in range(args.repeats):
+        shift = repeat % len(args.setups)
+        for setup in args.setups[shift:] + args.setups[:shift]:
+            for burners in sorted({0, args.burners}):
                 procs = [subprocess.Popen([sys.executable, "-c", BURN]) for _ in range(burners)]
                 try:
                     time.sleep(0.5 if burners else 0.0)
-                    runs.append(bench_once(args.bundle, args.source, args.frames, setup))
+                    runs.setdefault((setup, burners), []).append(
+                        bench_once(args.bundle, args.source, args.frames, setup))
                 finally:
                     for p in procs:
                         p.kill()
                         p.wait()
-            for engine in runs[0]:
-                fps = [r[engine] for r in runs]
-                rows.append({"setup": setup, "burners": burners, "engine": engine,
-                             "fps_median": statistics.median(fps), "fps_runs": fps})
+    rows: List[Dict] = []
+    for (setup, burners), done in runs.items():
+        for engine in done[0]["fps"]:
+            fps = [r["fps"][engine] for r in done]
+            rows.append({"setup": setup, "burners": burners, "engine": engine,
+                         "fps_median": statistics.median(fps), "fps_runs": fps,
+                         "thread_trials": [r["trials"] for r in done],
+                         "threads_at_end": [r["threads_at_end"] for r in done]})
     solo = {(r["setup"], r["engine"]): r["fps_median"] for r in rows if r["burners"] == 0}
     default = args.setups[0]
     print(f"{'setup':<9}{'burners':>8}{'engine':>9}{'FPS':>9}{'of solo':>9}{'of ' + default + ' solo':>18}   runs")

@@ -67,12 +67,13 @@ class ThreadGovernor:
         self.every_s, self.trial_frames, self.margin, self.slowdown = every_s, trial_frames, margin, slowdown
         self.history = history
         self._set, self._clock = set_threads, clock
-        self._applied: Optional[int] = None
+        self._applied: Optional[int] = self.current  # the caller's count is in force: set nothing until it changes
         self._recent: Dict[Tuple[str, int], Deque[float]] = {}
         self._trial: Optional[Dict] = None  # {"engine", "threads", "times"}
         self._next_trial = clock()  # the first trial as soon as there is a baseline
         self._next_option = 0
         self.switches: List[Tuple[int, int, str]] = []  # (from, to, why)
+        self.trials = 0  # trials started (each costs up to trial_frames frames at another count)
 
     @property
     def enabled(self) -> bool:
@@ -97,6 +98,7 @@ class ThreadGovernor:
         baseline = self._recent.get((engine, self.current), ())
         if self._trial is None and len(baseline) >= self.trial_frames and self._clock() >= self._next_trial:
             self._trial = {"engine": engine, "threads": self._alternative(), "times": []}
+            self.trials += 1
         threads = self._trial["threads"] if self._trial and self._trial["engine"] == engine else self.current
         self._apply(threads)
         return threads

@@ -159,6 +159,7 @@ def run_bench(bundle_dir: str, source: Optional[str] = None, data: Optional[str]
               "threads": governor.options[0] if governor else torch.get_num_threads(),
               "threads_at_end": governor.current if governor else torch.get_num_threads(),
               "thread_switches": governor.switches if governor else [],
+              "thread_trials": governor.trials if governor else 0,
               "imgsz": bundle["imgsz"], "rows": rows,
               "break_even_keep": be,
               "per_frame": per_frame}
