@@ -24,7 +24,12 @@ class UsageError(ValueError):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with its errors on one line (``dynprune train: error: argument --batch: ...``), exit 2."""
+    """argparse with its errors on one line (``dynprune train: error: argument --batch: ...``), exit 2,
+    and without abbreviated flags (``--resume`` compares the flags the user typed, by their full names)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -8,8 +8,8 @@ kept-channel index lists, and then runs
     cv3: columns keep2 of W3, + residual        -> (C, H, W)       full width
 
 with BatchNorm folded, the activation and the saliency scale fused after each conv. No
-activation is ever scattered back to full width inside a block (DESIGN.md). The result
-equals the masked dense model (``mask = saliency * [saliency >= threshold]``) up to float
+activation is ever scattered back to full width inside a block (docs/DESIGN.md, "Compact
+activations"). The result equals the masked dense model (``mask = saliency * [saliency >= threshold]``) up to float
 rounding; the tests check it.
 """
 

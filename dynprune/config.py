@@ -21,7 +21,7 @@ class DetectorConfig:
     keeps its residual stream at ``widths[i]`` channels and computes on
     ``round(widths[i] * expansion)`` hidden channels: 1x1 in, 3x3, 1x1 out. The hidden
     channels are the only ones the gates and the static pruners touch; they carry most of
-    the FLOPs (DESIGN.md: "wide inner layers in every block, thin stem and head").
+    the FLOPs (docs/DESIGN.md, "Compact activations").
     ``hidden`` lists ``[h1, h2]`` per block (in :attr:`Detector.blocks` order) to override
     the hidden widths of its 1x1-in and 3x3 outputs; statically pruned models use it.
     """

@@ -38,7 +38,7 @@ class Bottleneck(nn.Module):
 
     ``x -> cv1 (1x1, c->h1) -> cv2 (3x3, h1->h2) -> cv3 (1x1, h2->c, no act) -> + x``.
     Only the outputs of ``cv1`` and ``cv2`` are "hidden": produced and consumed inside the
-    block. The residual stream ``x`` is never gated (DESIGN.md, "Compact activations").
+    block. The residual stream ``x`` is never gated (docs/DESIGN.md, "Compact activations").
 
     With gates, the hidden activations are multiplied by ``mask = saliency * [saliency >=
     threshold]`` (ManiDP, Tang et al. CVPR 2021, Sec. 3.1 and the official code). Both gates

@@ -13,7 +13,7 @@ So the wait policy stays libgomp's, and :class:`ThreadGovernor` chooses the thre
 ``cudnn.benchmark`` chooses algorithms: by timing. Every few seconds, or at once when frames
 suddenly slow down, a few frames run with another thread count; the faster count wins (by a
 margin). Alone, the governor keeps all cores and costs a few slower frames per trial; shared,
-it drops to the count that leaves room. DESIGN.md, "Sharing the CPU", gives the measurements.
+it drops to the count that leaves room. docs/DESIGN.md, "Sharing the CPU", gives the measurements.
 """
 
 from __future__ import annotations

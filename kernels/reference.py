@@ -5,7 +5,7 @@ in the order of ``in_index``) and writes a compact activation (only the channels
 ``out_index``). The weights are never copied to a smaller layer ahead of time: each frame
 gathers the rows (kept output filters) and columns (kept input channels) it needs with
 ``index_select``, which on the CPU costs far less than the convolutions it removes
-(DESIGN.md, "Numbers to know").
+(docs/DESIGN.md, "Numbers to know").
 """
 
 from __future__ import annotations

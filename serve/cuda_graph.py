@@ -1,6 +1,6 @@
 """One CUDA graph per input shape for a network that never syncs with the host.
 
-At batch 1 a small detector on a GPU is bound by kernel launches (DESIGN.md, "Numbers to
+At batch 1 a small detector on a GPU is bound by kernel launches (docs/DESIGN.md, "Numbers to
 know"): on the H100 the nano detector is about 90-120 kernels of 2-10 us each
 (benchmarks/GPU_NOTES.md). Replaying them from a graph removes the host's launch cost per
 kernel. The dynamic network qualifies because its kept counts and index lists never leave

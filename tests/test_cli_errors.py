@@ -113,7 +113,7 @@ CASES = [
     ("damaged-engine-checkpoint", lambda c: ["serve", c.damaged("dense.pt"), "--source", c.video, "--engine", "dense"],
      "dense.pt: not a readable checkpoint"),
     ("save-unknown-extension", lambda c: ["serve", c.bundle, "--source", c.video, "--save", c.tmp / "out.xyz"],
-     "--save"),
+     "out.xyz: unknown video type; end the name in one of"),
     ("json-into-missing-folder", lambda c: ["serve", c.bundle, "--source", c.video, "--json", c.tmp / "no" / "x.jsonl"],
      "does not exist; create it first"),
     ("bench-out-is-a-file", lambda c: ["bench", c.bundle, "--source", c.video, "--out", c.file],

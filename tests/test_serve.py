@@ -232,6 +232,27 @@ def test_bench_files_agree_with_the_table(bundle, video, tmp_path):
     assert res["frames"] == 12 and data["rows"][0]["keep_mean"] is not None
 
 
+def test_bench_of_every_frame_says_what_it_does_while_it_runs(bundle, video, tmp_path):
+    """``--frames 0`` (every frame of the source) prints what it reads and how far the measuring is,
+    so a long video never looks like a hang."""
+    from dynprune.serve.bench import measure_in_turns, run_bench
+
+    lines = []
+    res = run_bench(bundle, source=video, frames=0, out=str(tmp_path), device="cpu", warmup=1, log=lines.append,
+                    engines=["dense"])
+    assert res["frames"] == 24  # the whole video
+    assert lines[0].startswith(f"reading every frame of {video}")
+    assert lines[1].startswith("measuring 24 frames on dense")
+    reports = []
+    measure_in_turns({"a": lambda img: _FakeResult()}, [None] * 5, warmup=0, every_s=0.0,
+                     progress=lambda done, total: reports.append((done, total)))
+    assert reports == [(i, 5) for i in range(5)]
+
+
+class _FakeResult:
+    total_ms, timings, keep_ratio, gflops = 1.0, {}, None, None
+
+
 def test_bench_engines_take_turns_after_all_are_warm():
     """No engine is measured while another is still warming up, and none always goes first."""
     from dynprune.serve.bench import measure_in_turns

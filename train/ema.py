@@ -5,7 +5,7 @@ The average ``ema = d * ema + (1 - d) * model`` remembers about ``1 / (1 - d)`` 
 decay of 0.9999 (a 10,000-step window) suits runs of hundreds of thousands of steps; a run of a
 few hundred images lasts a few hundred steps, and there such a window stops following the weights
 early on, so the saved model is the network of the run's first third. :meth:`ModelEMA.for_run`
-sets the window to a fixed fraction of the run's steps instead (DESIGN.md, "The dense recipe").
+sets the window to a fixed fraction of the run's steps instead (docs/DESIGN.md, "The dense recipe").
 """
 
 from __future__ import annotations
