@@ -199,14 +199,20 @@ def load_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
 
 def model_from_checkpoint(ckpt: Dict[str, Any] | str) -> Tuple[Detector, Dict[str, Any]]:
     """Rebuild the model a checkpoint describes (gates included) and load its weights."""
+    where = "checkpoint"
     if not isinstance(ckpt, dict):
+        where = str(ckpt)
         ckpt = load_checkpoint(ckpt)
-    model = Detector(DetectorConfig.from_dict(ckpt["config"]))
-    if ckpt.get("gated"):
-        model.add_gates()
-        gate = ckpt.get("gate") or {}
-        set_gate_mode(model, gate.get("mode", "threshold"), gate.get("keep", 1.0))
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = Detector(DetectorConfig.from_dict(ckpt["config"]))
+        if ckpt.get("gated"):
+            model.add_gates()
+            gate = ckpt.get("gate") or {}
+            set_gate_mode(model, gate.get("mode", "threshold"), gate.get("keep", 1.0))
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{where}: its model description and weights do not fit together "
+                              f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); the file is damaged") from e
     return model.eval(), ckpt
 
 
