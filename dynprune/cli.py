@@ -161,6 +161,30 @@ def _apply_resume(args, kind: str, explicit: set) -> dict:
     return ckpt
 
 
+# Gate flags a resumed gate run takes from its checkpoint's "gate" record: (flag, args field, record key).
+_GATE_FLAGS = (("--keep", "keep", "keep"), ("--gate", "gate", "method"), ("--sparsity", "sparsity", "sparsity"),
+               ("--similarity", "similarity", "similarity"), ("--beta", "beta", "beta"),
+               ("--threshold-every", "threshold_every", "threshold_every"), ("--keep-on", "keep_on", "keep_on"),
+               ("--schedule", "schedule", "schedule"))
+
+
+def _resume_gate_settings(args, ckpt: dict) -> None:
+    """The gate settings of a resumed gate run come from its checkpoint; a flag that disagrees is refused."""
+    record = ckpt.get("gate") or {}
+    for flag, field, key in _GATE_FLAGS:
+        if key not in record:
+            continue
+        if field in args.explicit and getattr(args, field) != record[key]:
+            raise UsageError(f"{flag} {getattr(args, field)}: the gate run being resumed has {flag} {record[key]}; "
+                             f"leave {flag} out")
+        setattr(args, field, record[key])
+    if "complexity" in record:
+        if "no_complexity" in args.explicit and args.no_complexity == bool(record["complexity"]):
+            raise UsageError("--no-complexity: the gate run being resumed was trained "
+                             f"{'with' if record['complexity'] else 'without'} the complexity weight; leave it out")
+        args.no_complexity = not record["complexity"]
+
+
 def _load_spec(args):
     from dynprune.data import load_dataset
 
@@ -224,6 +248,7 @@ def cmd_gate(args) -> int:
         ckpt = _apply_resume(args, "gated", args.explicit)
         recorded = (ckpt.get("train_config") or {}).get("extra", {}).get("dense")
         args.weights = args.weights or recorded
+        _resume_gate_settings(args, ckpt)
     if not args.weights:
         raise UsageError("--weights is required: the dense checkpoint to train gates into (runs/dense/best.pt)")
     spec = _load_spec(args)

@@ -135,6 +135,8 @@ CASES = [
                                     "--epochs", "2"], "the resumed run's folder is"),
     ("resume-class-mismatch", lambda c: ["train", "--resume", c.runs["dense"] / "last.pt", "--epochs", "2",
                                          "--data", c.two_class], "the run being resumed trained on"),
+    ("gate-resume-other-keep", lambda c: ["gate", "--resume", c.runs["gate"] / "last.pt", "--epochs", "2",
+                                          "--keep", "0.3"], "--keep 0.3: the gate run being resumed has --keep 0.5"),
     ("resume-best-pt", lambda c: ["train", "--resume", c.runs["dense"] / "best.pt"],
      "has no training state (a best.pt?)"),
     ("yolo-names-string", lambda c: ["train", "--data", c.names_string], "'names' is 'ring'; it must be a list"),
