@@ -87,7 +87,8 @@ def main() -> None:
         print(f"{name:<38}{statistics.mean(a):>10.4f}{f'{min(a):.3f}-{max(a):.3f}':>16}"
               f"{statistics.mean(b):>14.4f}{f'{min(b):.3f}-{max(b):.3f}':>16}")
     if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent).stdout.strip()
         record = {"command": " ".join(sys.argv), "machine": platform.node(), "commit": commit,
                   "date": time.strftime("%Y-%m-%d"), "rows": rows}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
