@@ -28,12 +28,14 @@ log = logging.getLogger("dynprune.serve")
 
 def configure_threads(threads: Optional[int]) -> int:
     """Use ``threads`` CPU threads for PyTorch and the compiled runtime (both follow
-    ``torch.get_num_threads()``); ``None`` keeps PyTorch's default, one per core this process may
-    run on. Returns the count in force."""
+    ``torch.get_num_threads()``); ``None`` keeps PyTorch's default count, one per core this process
+    may run on. Returns the count in force."""
     import torch
 
-    if threads:
-        torch.set_num_threads(int(threads))
+    # Set even when it is the default count: bench processes that never called it ran every engine
+    # 12-15% slower (ONNX Runtime's included), and the same count set explicitly closed the gap
+    # (BENCHMARKS.md, "Sharing the CPU").
+    torch.set_num_threads(int(threads) if threads else torch.get_num_threads())
     return torch.get_num_threads()
 
 
