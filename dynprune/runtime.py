@@ -10,10 +10,10 @@ slice (5x slower frames on 2 cores with one busy process beside them). On a Jets
 pipeline, the HTTP server and the OS always share the cores.
 
 So the wait policy stays libgomp's, and :class:`ThreadGovernor` chooses the thread count the way
-``cudnn.benchmark`` chooses algorithms: by timing. Every few seconds, or at once when frames
-suddenly slow down, a few frames run with another thread count; the faster count wins (by a
-margin). Alone, the governor keeps all cores and costs a few slower frames per trial; shared,
-it drops to the count that leaves room. docs/DESIGN.md, "Sharing the CPU", gives the measurements.
+``cudnn.benchmark`` chooses algorithms: by timing. At the start, and at once when frames suddenly
+slow down, a few frames run with another thread count; the faster count wins (by a margin).
+Alone, the governor keeps all cores after one trial; shared, it drops to the count that leaves
+room and tries every few seconds to come back. docs/DESIGN.md, "Sharing the CPU", gives the measurements.
 """
 
 from __future__ import annotations
@@ -51,7 +51,10 @@ class ThreadGovernor:
     Call :meth:`before_frame` before each frame (it sets the count the frame runs with) and
     :meth:`after_frame` with the frame's milliseconds. Frames are compared per engine (engines
     differ in cost); a trial runs ``trial_frames`` frames of one engine at another count and
-    switches when their median beats the current count's recent median by ``margin``.
+    switches when their median beats the current count's recent median by ``margin``. Trials
+    run once at the start, whenever frames suddenly slow down (``slowdown`` x their recent
+    median), and every ``every_s`` seconds while fewer than all threads are in use (to come back
+    when the cores free up): with every thread and steady frames there are none.
 
     ``set_threads`` and ``clock`` are injectable for tests; by default they are
     ``torch.set_num_threads`` and ``time.perf_counter``.
@@ -76,6 +79,7 @@ class ThreadGovernor:
         self._next_option = 0
         self.switches: List[Tuple[int, int, str]] = []  # (from, to, why)
         self.trials = 0  # trials started (each costs up to trial_frames frames at another count)
+        self._slowed = False  # frames at the current count suddenly slowed down since the last trial
 
     @property
     def enabled(self) -> bool:
@@ -98,9 +102,11 @@ class ThreadGovernor:
             self._apply(self.current)
             return self.current
         baseline = self._recent.get((engine, self.current), ())
-        if self._trial is None and len(baseline) >= self.trial_frames and self._clock() >= self._next_trial:
+        if self._trial is None and len(baseline) >= self.trial_frames and self._clock() >= self._next_trial \
+                and (self.trials == 0 or self.current != self.options[0] or self._slowed):
             self._trial = {"engine": engine, "threads": self._alternative(), "times": []}
             self.trials += 1
+            self._slowed = False
         threads = self._trial["threads"] if self._trial and self._trial["engine"] == engine else self.current
         self._apply(threads)
         return threads
@@ -119,7 +125,8 @@ class ThreadGovernor:
         recent = self._recent.setdefault(key, deque(maxlen=self.history))
         if threads == self.current and len(recent) >= self.trial_frames and trial is None \
                 and ms > self.slowdown * _median(recent):
-            self._next_trial = self._clock()  # frames suddenly slower: something else wants the cores
+            self._slowed = True  # frames suddenly slower: something else wants the cores
+            self._next_trial = self._clock()
         recent.append(ms)
 
     def _decide(self, engine: str, trial: Dict) -> None:
