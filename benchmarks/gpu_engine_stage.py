@@ -1,4 +1,4 @@
-"""GPU: where the serving engines' network stage goes beyond the CUDA graph (session 11).
+"""GPU: where the serving engines' network stage goes beyond the CUDA graph.
 
     python3 benchmarks/gpu_engine_stage.py --dense dense.pt --gated gates.pt --imgsz 320
 

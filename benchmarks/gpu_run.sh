@@ -7,7 +7,7 @@
 # git; see the device README), e.g. here:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl pycocotools
-# The whole suite on the H100 found two crashes of `dynprune prune` on CUDA in session 9 that
+# The whole suite on the H100 found two crashes of `dynprune prune` on CUDA that
 # no CPU run could; tests/test_kernels.py alone would not have.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}

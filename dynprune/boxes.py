@@ -92,7 +92,7 @@ def detections_numpy(
     and all of it runs as a dozen NumPy calls and one call of torchvision's NMS kernel, where the
     torch steps make about forty calls. That matters right after a network has run, when each call
     finds cold caches: on the raccoon bundle, a frame's post-processing took 0.33-0.59 ms in the
-    pipeline against 0.12 ms warm (BENCHMARKS.md, session 14)."""
+    pipeline against 0.12 ms warm (BENCHMARKS.md)."""
     num_classes = scores.shape[-1]
     flat = scores.reshape(-1)
     index = np.flatnonzero(flat > conf)

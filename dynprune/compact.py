@@ -56,7 +56,7 @@ class CompactBottleneck(nn.Module):
     the whole block is one compiled call (``fused``, :meth:`BlockPlan.forward
     <dynprune.kernels.cpu_gate.BlockPlan.forward>`): the step, then the three products on the kept
     channels with bias, SiLU and shortcut fused, 17% faster for the dynamic nano network than
-    PyTorch's products (two cores, 320 px; BENCHMARKS.md, session 15). There the saliencies
+    PyTorch's products (two cores, 320 px; BENCHMARKS.md). There the saliencies
     scale the activations inside the products, not the gathered weights, so a frame that keeps
     the last frame's channels reuses the last gather (on a video stream most blocks do, most
     frames: 5.6% off the demo's dynamic network on its video). Otherwise PyTorch runs
@@ -304,7 +304,7 @@ class CompactBottleneck(nn.Module):
         # that an earlier frame with the same kept counts built (the views of the step's buffers),
         # and sets no attribute: inside the running network each Python operation costs several
         # times its cost on its own (see :func:`~dynprune.fusion.bottleneck_pixels`). Measured on
-        # two cores, nano at 320 (BENCHMARKS.md, session 14): the dynamic network 5% faster than
+        # two cores, nano at 320 (BENCHMARKS.md): the dynamic network 5% faster than
         # with the per-image loop below, the same output bit for bit.
         if self._np is None:
             self.np  # noqa: B018 (builds the NumPy copies and the compiled step)

@@ -23,13 +23,13 @@ class DemoPlan:
     n_train: int = 480
     imgsz: int = 256
     dense_epochs: int = 14
-    # 8, not 4: 4 epochs ended at AP50 0.69 and 0.81 in two session-11 demos and at 0.86 in a rerun
+    # 8, not 4: 4 epochs ended at AP50 0.69 and 0.81 in two demos and at 0.86 in a rerun
     # on the second one's dense model (AP50 0.913); 8 epochs on that model gave 0.89 and 0.90 (two
     # seeds), their last three epochs within 0.03 of each other (BENCHMARKS.md). About a minute more.
     gate_epochs: int = 8
     # Single-channel gates: on the earlier 4-epoch schedule group-8 gates (the training default, for the
     # GPU) reached a bench AP50 of 0.753 at keep 0.31 against 0.79-0.87 for group 1 in earlier runs; they need
-    # the longer schedules `dynprune gate` runs (BENCHMARKS.md, session 9).
+    # the longer schedules `dynprune gate` runs (BENCHMARKS.md).
     gate_group: int = 1
     prune_epochs: int = 3
     keep: float = 0.5

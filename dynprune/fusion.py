@@ -43,7 +43,7 @@ class FormTrials:
     dict lookup; see :func:`bottleneck_pixels` on what more costs inside the network) and call
     :meth:`run` only until the choice is made. Timing on the machine itself, like
     ``torch.backends.cudnn.benchmark``: which form wins depends on the CPU and the layer's shape
-    (BENCHMARKS.md, session 15)."""
+    (BENCHMARKS.md)."""
 
     def __init__(self, frames: int = 3) -> None:
         self.frames = frames
@@ -75,7 +75,7 @@ class FoldedConv(nn.Module):
     Why one module: a PyTorch module call costs a few microseconds on a small CPU, and a
     ``ConvBNAct`` makes three (convolution, identity BN, SiLU) for each of the nano detector's 35
     layers. Measured on the raccoon nano models at 320 px on two cores, the old and new forms
-    interleaved in one process, in both orders (BENCHMARKS.md, session 13): the dense model 3.5-7.6%
+    interleaved in one process, in both orders (BENCHMARKS.md): the dense model 3.5-7.6%
     faster a frame, the dynamic one 0-2% (its compact blocks do not use this class), the same
     outputs bit for bit.
 
@@ -147,7 +147,7 @@ def packed_conv_weight(weight: torch.Tensor, padding, stride, groups: int, input
 
     Why: PyTorch's eager ``conv2d`` on the CPU reorders the weight into oneDNN's layout on every
     call. Reordered once, with the SiLU fused into the convolution, the dense nano network at 320 px
-    ran 8-10% faster on two cores (BENCHMARKS.md, session 14); a 3x3 at 256 channels and 10x10,
+    ran 8-10% faster on two cores (BENCHMARKS.md); a 3x3 at 256 channels and 10x10,
     623 -> 505 us. The compact blocks' gathered weights change every frame and cannot be kept so.
     """
     global _prepack_failure_logged
@@ -248,7 +248,7 @@ def bottleneck_pixels(xi: torch.Tensor, h: int, w: int, b1: torch.Tensor, w1_t: 
 
     Why so few calls, each a plain op or a NumPy view: inside the running network every Python
     statement costs several times what it costs in a loop on its own (most likely cold caches after
-    each convolution). Measured on two cores with real block inputs (BENCHMARKS.md, session 14):
+    each convolution). Measured on two cores with real block inputs (BENCHMARKS.md):
     ``x.device``/``x.dtype`` checks add 7 us to a block, a fresh kept-count array and a module
     attribute set 14 us, where timeit gives 0.5 and 2.3 us.
     """
@@ -272,7 +272,7 @@ class FoldedBottleneck(nn.Module):
     both on its first frames of each input size (:class:`FormTrials`) and keeps the faster one,
     so the dense network is the fastest dense form found whatever the CPU (nano at 320 px on two
     cores: the compiled block wins on every block but the 256-channel one at 10x10, and the
-    network is 6% faster; BENCHMARKS.md, session 15). Anything else (a batch, a GPU, half
+    network is 6% faster; BENCHMARKS.md). Anything else (a batch, a GPU, half
     precision) runs the three layers and the add as the block does.
     """
 

@@ -24,7 +24,7 @@ MODES = ("open", "threshold", "topk")
 #: Channels per gate decision when gates are trained (``dynprune gate --group``). Whole groups of
 #: 8 let the GPU kernels read kept channels as 16-byte vectors (the nano network 1.2x faster on an
 #: H100), run as fast on the CPU, and held AP on raccoon (AP50 0.783 against 0.759 for single
-#: channels; BENCHMARKS.md, session 9).
+#: channels; BENCHMARKS.md).
 DEFAULT_GATE_GROUP = 8
 
 

@@ -227,7 +227,7 @@ int64_t dp_pool_chunk(void) { return POOL_CHUNK; }
  * oneDNN's convolution, as the dense network runs: on compact widths (16-144 channels) these run
  * at half the dense layers' speed per FLOP on two cores, and each call costs a pass over its
  * output for the bias, the SiLU or the add, plus a weight reorder and a call of Python; measured
- * in BENCHMARKS.md (session 15). The products use GCC's vector extensions (also in clang), as
+ * in BENCHMARKS.md. The products use GCC's vector extensions (also in clang), as
  * wide as the target's registers: AVX-512 or AVX2 on x86-64, NEON on ARM.
  */
 /* The tile of one product: MR pixels of an image row x NV vectors of VL output channels, all
@@ -481,7 +481,7 @@ int dp_block_forward(const dp_block *b, const float *pixels, int64_t h, int64_t 
     /* The gathered weights depend on the kept lists alone (the saliencies scale the activations,
        in the products' epilogues), so a frame that keeps the same channels as the last one reuses
        them. On a video stream most blocks do, most frames (demo video: 68-99% of frames per block,
-       BENCHMARKS.md session 13); distinct images mostly do not. */
+       BENCHMARKS.md); distinct images mostly do not. */
     const int64_t n_index = slots1 + slots2;
     int64_t *last = b->gathered;
     const int reuse = last[0] == slots1 && last[1] == slots2

@@ -13,7 +13,7 @@ Three entry points, one object each here:
   one call; PyTorch then runs the products on the gathered weights.
 - :meth:`BlockPlan.forward`: the same step, then the block's three products on the kept
   channels with their bias, SiLU and shortcut fused, tiled in registers: the CPU runtime's
-  path for one image (BENCHMARKS.md, session 15: the dynamic nano network 17% faster than the
+  path for one image (BENCHMARKS.md: the dynamic nano network 17% faster than the
   step with PyTorch's products, on two cores at 320 px).
 - :meth:`DenseBlockPlan.forward`: the same products on every channel of an un-gated block,
   which :class:`~dynprune.fusion.FoldedBottleneck` runs where it measures faster than oneDNN.

@@ -64,7 +64,7 @@ def measure_in_turns(engines: Dict[str, Callable[[np.ndarray], Any]], images: Li
 
     The engines take turns on each frame, in an order that rotates from frame to frame, after
     all of them are warm. Run one after the other, the first engine measured was slower in code
-    that every engine shares: on the H100 (session 11) letterboxing took 1.05 ms a frame for
+    that every engine shares: on the H100 letterboxing took 1.05 ms a frame for
     dense, measured first, against 0.67 ms for dynamic, measured second, while CPU clocks and
     caches settled.
 

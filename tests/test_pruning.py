@@ -92,7 +92,7 @@ def test_regrowing_restores_the_saved_weights(synthetic_yaml, tmp_path):
 
 def test_the_final_set_is_fine_tuned_not_reselected(synthetic_yaml, tmp_path):
     """Once nothing is left to regrow, later steps only hold the zeroed filters at zero: a
-    channel swap at the end of a session left stale BN statistics (demo AP50 0.909 -> 0.481)."""
+    channel swap at the end of a run left stale BN statistics (demo AP50 0.909 -> 0.481)."""
     spec = load_dataset(synthetic_yaml)
     trainer = EffpTrainer(nano().train(), spec, _cfg(tmp_path / "e", epochs=2), flops=0.5, log=lambda *_: None)
     trainer.after_step(0)
@@ -112,7 +112,7 @@ def test_the_final_set_is_fine_tuned_not_reselected(synthetic_yaml, tmp_path):
     assert all(torch.equal(a, b) for pa, pb in zip(zeroed, trainer.zeroed) for a, b in zip(pa, pb))
     for b, (z1, z2) in zip(trainer.model.blocks, zeroed):
         assert torch.all(b.cv1.conv.weight[z1] == 0) and torch.all(b.cv2.conv.weight[z2] == 0)
-    # a resumed session holds the same filters from its first step
+    # a resumed run holds the same filters from its first step
     resumed = EffpTrainer(nano().train(), spec, _cfg(tmp_path / "r", epochs=2), flops=0.5, log=lambda *_: None)
     resumed.load_extra(trainer.checkpoint_extra())
     assert resumed.final_set
@@ -121,7 +121,7 @@ def test_the_final_set_is_fine_tuned_not_reselected(synthetic_yaml, tmp_path):
         assert torch.all(b.cv1.conv.weight[z1] == 0) and torch.all(b.cv2.bn.weight[z2] == 0)
 
 
-def test_effp_session_meets_the_flops_target(dense_ckpt, synthetic_yaml, tmp_path):
+def test_effp_run_meets_the_flops_target(dense_ckpt, synthetic_yaml, tmp_path):
     spec = load_dataset(synthetic_yaml)
     res = prune_checkpoint(dense_ckpt, spec, _cfg(tmp_path / "effp"), method="effp", flops=0.5,
                            log=lambda *_: None)

@@ -1,1 +1,1 @@
-"""Training loops: the dense detector, ManiDP/FBS gate training, static pruning sessions."""
+"""Training loops: the dense detector, ManiDP/FBS gate training, static pruning."""

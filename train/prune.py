@@ -1,4 +1,4 @@
-"""Static pruning sessions (``dynprune prune``): EFFP and the baselines it is compared with.
+"""Static pruning (``dynprune prune``): EFFP and the baselines it is compared with.
 
 EFFP (Ko, Kang, Kim, AICAS 2024; only its description is public, so each open choice is
 written down here):
@@ -14,9 +14,9 @@ written down here):
   bias, and held at zero after every optimiser step (the output is exactly the slim model's).
 * Regrowing: of the prunable filters, the ``r(i) = R * (1 - i / T)`` with the largest |gamma|
   before pruning are restored from their weights saved just before they were zeroed; ``r``
-  falls linearly to 0 at ``T = 0.75`` of the session, so the target is reached gradually.
+  falls linearly to 0 at ``T = 0.75`` of the run, so the target is reached gradually.
   From the first pruning step with nothing left to regrow the set is fixed, and the rest of
-  the session fine-tunes it (our choice: re-selecting to the end could swap channels in the
+  the run fine-tunes it (our choice: re-selecting to the end could swap channels in the
   last steps, with no training left to adapt the BN statistics behind them).
 * At the end the zeroed filters are removed for real (:func:`slim_model`).
 
@@ -125,7 +125,7 @@ class EffpTrainer(StaticMaskMixin, Trainer):
         prunable = [(bi, li, c) for bi, pair in enumerate(masks) for li, m in enumerate(pair)
                     for c in torch.nonzero(~m).flatten().tolist()]
         n_regrow = self.regrow_count(step, len(prunable))
-        # The first step with nothing left to regrow fixes the final set; the rest of the session
+        # The first step with nothing left to regrow fixes the final set; the rest of the run
         # fine-tunes it. Re-selecting later swapped channels with no training left to adapt the
         # BN statistics behind them (demo: AP50 0.909 after epoch 2, 0.481 after a swap in the
         # last steps of epoch 3).
