@@ -351,7 +351,7 @@ def cmd_prune(args) -> int:
     from dynprune.train.prune import prune_checkpoint
 
     if args.resume:
-        raise UsageError("--resume: dynprune prune runs in one session and cannot be resumed; run it again")
+        raise UsageError("--resume: dynprune prune runs in one go and cannot be resumed; run it again")
     if not args.weights:
         raise UsageError("--weights is required: the dense checkpoint to prune (runs/dense/best.pt)")
     spec = _load_spec(args)
@@ -666,16 +666,6 @@ def error_message(e: BaseException) -> Tuple[int, str]:
                "traceback, and please report it)")
 
 
-def _quiet_stdout() -> None:
-    """After the reader of stdout went away (``| head``): send the rest nowhere, so that Python's
-    final flush does not print a second error."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -693,7 +683,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"dynprune {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader of our stdout stopped reading: not an error of ours
-        _quiet_stdout()
+        from dynprune.serve.outputs import quiet_stdout
+
+        quiet_stdout()
         return 0
     except Exception as e:
         if _debug_wanted(args):

@@ -58,6 +58,16 @@ def check_outputs(opts) -> None:
                          f"{', '.join(sorted(VIDEO_CODECS))} (e.g. out.mp4)")
 
 
+def quiet_stdout() -> None:
+    """After the reader of stdout went away (``| head``): send the rest nowhere, so that Python's
+    final flush does not print a second error."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 class JsonLines:
     """One JSON object per frame, to a file or stdout (``-``)."""
 
@@ -74,9 +84,8 @@ class JsonLines:
             self.fh.flush()
         except BrokenPipeError:
             self.broken = True
-            if self.fh is sys.stdout:  # send the rest nowhere, so that Python's last flush stays quiet
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())
+            if self.fh is sys.stdout:
+                quiet_stdout()
             return False
         return True
 
