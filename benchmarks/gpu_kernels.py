@@ -9,7 +9,7 @@
 2. Whole network at 640 (and 320), fp16, batch 1, gates included: dense eager, dense in a
    CUDA graph, dynamic eager, dynamic in a CUDA graph, at a mean keep ratio near --keep.
 Timing: triton.testing.do_bench (CUDA events, median), warm-up excluded; inputs are random
-(never zeros). Prints a table and writes JSON. Method notes: benchmarks/GPU_NOTES.md.
+(never zeros). Prints a table and writes JSON. Why the kernels look as they do: docs/DESIGN.md, "The GPU path".
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""GPU sweep of the fused pool-and-gates kernel's tiling (GPU_NOTES.md, v7).
+"""GPU sweep of the fused pool-and-gates kernel's tiling (docs/DESIGN.md, "The GPU path").
 
     python3 benchmarks/gpu_pool_sweep.py --json pool_sweep.json      # on a CUDA machine
 

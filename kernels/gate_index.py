@@ -1,9 +1,8 @@
 """The gate of a block in one Triton launch: saliency MLP, keep decision and kept-index lists.
 
-Measured on the H100 (benchmarks/GPU_NOTES.md, v1): built from PyTorch ops, a block's two
-gates and their index lists cost about 25 small kernels (two Linear+ReLU pairs, the compare,
-a sort per gate, casts, gathers), and in a CUDA graph those launches made the dynamic network
-2.6x *slower* than dense although its convolutions were cheaper. This kernel does all of it
+Why (docs/DESIGN.md, "The GPU path"): built from PyTorch ops, a block's two gates and their
+index lists are about 25 small kernels (two Linear+ReLU pairs, the compare, a sort per gate,
+casts, gathers), and at batch 1 on a GPU the launches cost more than the convolutions skip. This kernel does all of it
 for both gates of a block at once, one program per (image, gate):
 
     hidden   = relu(fc1 @ pooled)                              (ManiDP Sec. 3.1 gate MLP)
@@ -202,9 +201,8 @@ def pool_workspace(batch: int, channels: int, device: torch.device | str) -> Tup
 
 
 #: pixels times (power-of-two) channels of one pooling tile, and pooling programs per image at
-#: most (each sums every N-th tile). From a sweep on the H100 (GPU_NOTES.md, v7): the network at
-#: 640 took 0.338 ms with 2048 and 128, 0.346-0.391 ms with 8-32 programs, within 0.002 ms
-#: with tiles of 4096 or 8192.
+#: most (each sums every N-th tile). From ``benchmarks/gpu_pool_sweep.py`` on the H100: 8-32
+#: programs were slower, tiles of 4096 or 8192 the same.
 POOL_TILE = 2048
 POOL_PROGRAMS = 128
 
@@ -217,9 +215,8 @@ def pooled_block_gates_triton(
     channels-last reads coalesced) and both gates, in one launch: what
     ``block_gates_triton(x.mean((2, 3)), ...)`` returns, with the pool summed in float32.
 
-    Measured on the H100 (benchmarks/GPU_NOTES.md, v7): the pool as a batched matrix-vector
-    product took 13 cuBLAS kernels for the nine blocks at 640 (about 40 us of GPU time) and the
-    gates nine more; here each block is one kernel. ``workspace``: :func:`pool_workspace`'s
+    One kernel a block where the pool as a batched matrix-vector product and the gates take
+    two or more (docs/DESIGN.md, "The GPU path"). ``workspace``: :func:`pool_workspace`'s
     buffers for this ``(B, C)``, owned by the caller (one set per block; calls on one stream).
     """
     if x.dim() != 4:

@@ -15,7 +15,7 @@ projection) the residual add into the full-width stream.
 Group gates keep whole aligned groups of 8 or 16 channels. Told so (``in_run``/``out_run``),
 the kernel compares masks run by run and marks the index lists contiguous in runs, and its
 activation and weight loads and compact stores become 16-byte vectors instead of 2-byte
-gathers: the nano network at 640 on the H100 went from 0.415 to 0.346 ms (GPU_NOTES.md, v5b-v6).
+gathers: the nano network at 640 on the H100 went from 0.415 to 0.346 ms (docs/DESIGN.md, "The GPU path").
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def _gather_conv_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # Input slots outside, the k x k taps inside: each slice of the index list is loaded once
-    # for all taps (v1 had the taps outside and reloaded it K*K times; GPU_NOTES.md, v2).
+    # for all taps, not K*K times.
     for k0 in range(0, n_in, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)  # input slots
         k_ok = offs_k < n_in
@@ -97,7 +97,7 @@ def _gather_conv_kernel(
             # Group gates keep whole aligned groups, so the kept list is runs of IN_RUN consecutive
             # channels and the count a multiple of IN_RUN. Said to the compiler (the hints, and a
             # mask compared run by run), the activation and weight loads can be 16-byte vectors;
-            # with a per-slot mask they are 2-byte loads (GPU_NOTES.md, v5 and v5b).
+            # with a per-slot mask they are 2-byte loads (docs/DESIGN.md, "The GPU path").
             k_ok = (offs_k // IN_RUN) * IN_RUN < n_in
             ic = tl.load(in_idx_ptr + b * C_IN_FULL + offs_k, mask=k_ok, other=0)
             ic = tl.max_contiguous(tl.multiple_of(ic, IN_RUN), IN_RUN)
@@ -179,14 +179,13 @@ def conv_config(c_out: int, c_in: int, k: int, pixels: int, in_run: int = 1) -> 
     """Tile sizes for a layer shape.
 
     From ``benchmarks/gpu_kernels.py --sweep`` on the H100 (NHWC fp16, the nano detector's
-    layers at 640, keep 1.0 and 0.5; GPU_NOTES.md, v3): large maps want long pixel tiles; the
+    layers at 640, keep 1.0 and 0.5): large maps want long pixel tiles; the
     small deep layers want short tiles and a deep input-channel step, so that enough programs
     run (a 20x20 map has only 400 pixels) and each loads its index slice and weights once per
     64 channels. Re-run the sweep on a new board.
 
-    With kept lists read a run at a time (``in_run``; ``--sweep --sweep-run 8``, GPU_NOTES.md,
-    v6) the 3x3 layers at 40x40 want longer pixel tiles: 64x32x64 took 11.4/7.6 us at keep
-    1.0/0.5 on 128->128 against 16.0/8.9 us with the default.
+    With kept lists read a run at a time (``in_run``; ``--sweep --sweep-run 8``) the 3x3 layers
+    at 40x40 want longer pixel tiles (64x32x64).
     """
     if k > 1 and in_run > 1 and 1600 <= pixels < 6400:
         return {"block_m": 64, "block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3}

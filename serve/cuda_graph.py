@@ -2,7 +2,7 @@
 
 At batch 1 a small detector on a GPU is bound by kernel launches (docs/DESIGN.md, "Numbers to
 know"): on the H100 the nano detector is about 90-120 kernels of 2-10 us each
-(benchmarks/GPU_NOTES.md). Replaying them from a graph removes the host's launch cost per
+("The GPU path"). Replaying them from a graph removes the host's launch cost per
 kernel. The dynamic network qualifies because its kept counts and index lists never leave
 the device (kernels/gate_index.py), so one capture serves every frame, whatever it keeps.
 """

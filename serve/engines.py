@@ -137,15 +137,15 @@ class OnnxEngine(Engine):
         if not Path(onnx_path).is_file():
             raise BundleError(f"{onnx_path}: missing from the bundle; export the bundle again (dynprune export)")
         try:
-            self.session = ort.InferenceSession(onnx_path, opts, providers=providers)
+            self.ort_session = ort.InferenceSession(onnx_path, opts, providers=providers)
         except Exception as e:  # ONNX Runtime's InvalidProtobuf, Fail, ... carry no common base class
             raise BundleError(f"{onnx_path}: not a loadable ONNX model ({type(e).__name__}); the file is damaged or "
                               "truncated: copy it again or export the bundle again (dynprune export)") from e
         self.flops = gflops
-        self.description = f"ONNX Runtime ({self.session.get_providers()[0]})"
+        self.description = f"ONNX Runtime ({self.ort_session.get_providers()[0]})"
 
     def network(self, x: torch.Tensor):
-        boxes, scores = self.session.run(None, {"images": x.numpy()})
+        boxes, scores = self.ort_session.run(None, {"images": x.numpy()})
         return torch.from_numpy(boxes), torch.from_numpy(scores), {"gflops": self.flops}
 
 
@@ -203,7 +203,6 @@ class DynamicEngine(Engine):
                             f"({str(self.dtype).replace('torch.', '')})")
         if self.net.backend == "triton" and any(b.kept_run(g, w) == 1 for b in self.net.blocks
                                                 for g, w in ((b.gate1, b.h1), (b.gate2, b.h2))):
-            # Measured on the H100 (GPU_NOTES.md, v5b-v6): the same network 0.415 -> 0.346 ms at 640.
             hint = ("gates of single channels: the GPU kernels gather them 2 bytes at a time; gates trained with "
                     "--group 8 are read as 16-byte vectors (the network about 1.2x faster on an H100)")
             log.warning("dynamic engine: %s", hint)

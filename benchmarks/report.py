@@ -1,0 +1,253 @@
+"""Build the tables of BENCHMARKS.md from the JSON under benchmarks/results/, or check them.
+
+    python benchmarks/report.py            # rewrite every table in BENCHMARKS.md
+    python benchmarks/report.py --check    # exit 1 if a table differs from its JSON
+
+Each table sits between ``<!-- table: NAME -->`` and ``<!-- end table -->``; NAME is a key of
+:data:`TABLES`. A table opens with the command, machine, commit and date its JSON records, so
+the document cannot carry a figure its data does not hold. Prose around the tables is written
+by hand and says what the figures mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence, Tuple
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DOCUMENT = ROOT / "BENCHMARKS.md"
+MARKER = re.compile(r"<!-- table: ([\w-]+) -->\n.*?<!-- end table -->", re.S)
+
+Table = Tuple[dict, List[str], List[Sequence]]
+
+
+def _load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def _f(x, digits: int = 3) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def _spread(values: Sequence[float], digits: int = 3) -> str:
+    """``mean (min-max)`` of several runs, or the value of one."""
+    if len(set(_f(v, digits) for v in values)) == 1:
+        return _f(values[0], digits)
+    return f"{_f(statistics.mean(values), digits)} ({_f(min(values), digits)}-{_f(max(values), digits)})"
+
+
+def _median(values: Sequence[float], digits: int = 1) -> str:
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def demo() -> Table:
+    d = _load("cpu-x86-2core/demo-synthetic.json")
+    rows = [(r["engine"], _f(r["fps"], 1), _f(r["p50_ms"], 2), _f(r["keep_mean"], 2), _f(r["gflops"], 3),
+             _f(r["ap50"]), _f(r["ap50_95"])) for r in d["bench"]["rows"]]
+    rows.append(("serve --engine auto", _f(d["serve"]["fps"], 1), "", "", "",
+                 f"chose {d['serve']['active']}", ""))
+    rows.append(("whole demo", f"{d['timings']['total_s'] / 60:.1f} min", "", "", "", "", ""))
+    return d, ["engine", "FPS", "p50 ms", "keep", "GFLOPs", "AP50", "AP50-95"], rows
+
+
+def dense_recipe() -> Table:
+    rows = []
+    for name, label in (("ema-window-raccoon.json", "raccoon"), ("ema-window-raccoon-half.json", "raccoon, half")):
+        d = _load(f"cpu-x86-2core/{name}")
+        by: Dict[str, list] = {}
+        for r in d["rows"]:
+            if r["weights"] != "ema f=0.05":  # the saved average itself, listed as the default
+                by.setdefault(r["weights"], []).append(r)
+        for weights, rs in by.items():
+            rows.append((label, weights, len(rs), _spread([r["ap50"] for r in rs]),
+                         _spread([r["ap50_95"] for r in rs])))
+    d = _load("cpu-x86-2core/ema-window-raccoon.json")
+    return d, ["data", "weights of the same runs", "seeds", "AP50 mean (range)", "AP50-95 mean (range)"], rows
+
+
+def robustness() -> Table:
+    d = _load("cpu-x86-2core/unseen-robustness.json")
+    groups: Dict[tuple, list] = {}
+    for r in d["rows"]:
+        groups.setdefault((r["dataset"], r["stage"], r["recipe"]), []).append(r)
+    rows = []
+    for (dataset, stage, recipe), rs in groups.items():
+        rows.append((dataset, stage, recipe, ", ".join(str(r["seed"]) for r in rs),
+                     _spread([r["ap50"] for r in rs]), _spread([r["ap50_95"] for r in rs]),
+                     _spread([r["flops"] for r in rs], 2), ", ".join(str(r["best_epoch"]) for r in rs)))
+    return d, ["data", "stage", "recipe", "seeds", "AP50 mean (range)", "AP50-95", "FLOPs", "best epoch"], rows
+
+
+def contention() -> Table:
+    d = _load("cpu-x86-2core/contention-one-busy-process.json")
+    solo = {(r["setup"], r["engine"]): r["fps_median"] for r in d["rows"] if r["burners"] == 0}
+    rows = [(r["setup"], r["engine"], _f(solo[(r["setup"], r["engine"])], 1), _f(r["fps_median"], 1),
+             _f(r["of_solo"], 2)) for r in d["rows"] if r["burners"] > 0]
+    return d, ["threads", "engine", "solo FPS", "FPS beside a busy process", "of its solo"], rows
+
+
+def model_sizes() -> Table:
+    d = _load("cpu-x86-2core/model-sizes.json")
+    rows = [(r["size"], r["imgsz"], _f(r["params_m"]), _f(r["gflops"]), _f(r["gateable_share"])) for r in d["rows"]]
+    return d, ["size", "input", "parameters (M)", "GFLOPs", "share of FLOPs on gated channels"], rows
+
+
+def cpu_dynamic() -> Table:
+    d = _load("cpu-x86-2core/dynamic-vs-dense-untrained-nano-320.json")
+    rows = []
+    for threads in sorted({r["threads"] for r in d["runs"]}, reverse=True):
+        rs = [r for r in d["runs"] if r["threads"] == threads]
+        rows.append((threads, len(rs), _f(statistics.median(r["keep_mean"] for r in rs), 3),
+                     _median([r["dense_p50_ms"] for r in rs], 2), _median([r["dynamic_p50_ms"] for r in rs], 2),
+                     _median([r["speedup"] for r in rs], 2)))
+    return d, ["threads", "runs", "keep", "dense p50 ms, median (range)", "dynamic p50 ms", "speed-up"], rows
+
+
+def _bench_rows(d: dict) -> List[Sequence]:
+    engines = [r["engine"] for r in d["runs"][0]["rows"]]
+    rows = []
+    for engine in engines:
+        rs = [next(r for r in run["rows"] if r["engine"] == engine) for run in d["runs"]]
+        rows.append((engine, _median([r["fps"] for r in rs], 1), _median([r["p50_ms"] for r in rs], 2),
+                     _median([r["stages_ms"]["network_ms"] for r in rs], 2), _f(rs[0]["keep_mean"], 3),
+                     _f(rs[0]["gflops"], 3), _f(rs[0]["ap50"]), _f(rs[0]["ap50_95"])))
+    return rows
+
+
+BENCH_HEADER = ["engine", "FPS, median (range)", "p50 ms", "network ms", "keep", "GFLOPs", "AP50", "AP50-95"]
+
+
+def raccoon_bench() -> Table:
+    d = _load("cpu-x86-2core/raccoon-bundle-bench.json")
+    return d, BENCH_HEADER, _bench_rows(d)
+
+
+def serving_overhead() -> Table:
+    d = _load("cpu-x86-2core/raccoon-bundle-serving-overhead.json")
+    rows = []
+    for engine in [r["engine"] for r in d["runs"][0]["rows"]]:
+        rs = [next(r for r in run["rows"] if r["engine"] == engine) for run in d["runs"]]
+        rows.append((engine, " / ".join(_f(r["network_ms"], 2) for r in rs),
+                     " / ".join(_f(r["total_ms"], 2) for r in rs),
+                     " / ".join(f"{100 * r['overhead']:.1f}%" for r in rs)))
+    return d, ["engine", "network ms (runs)", "frame ms", "overhead (capture, letterbox, NMS, drawing)"], rows
+
+
+def gate_ablation() -> Table:
+    d = _load("cpu-x86-2core/gate-ablation-matched-keep.json")
+    groups: Dict[tuple, list] = {}
+    for r in d["rows"]:
+        groups.setdefault((r["dataset"], r["method"]), []).append(r)
+    rows = [(ds, m, len(rs), _spread([r["ap50"] for r in rs]), _spread([r["ap50_95"] for r in rs]),
+             _spread([r["keep_mean"] for r in rs], 2), _spread([r["flops_mean"] for r in rs], 2),
+             _spread([r["cpu_speedup"] for r in rs], 2)) for (ds, m), rs in sorted(groups.items())]
+    return d, ["data", "gates", "seeds", "AP50", "AP50-95", "keep", "FLOPs", "CPU speed-up"], rows
+
+
+def static_methods() -> Table:
+    d = _load("cpu-x86-2core/static-pruning-methods.json")
+    rows = [(r["dataset"], "dense", "", _f(r["params_m"]), _f(r["gflops"]), _f(r["ap50"]), _f(r["ap50_95"]),
+             _f(r["ort_p50_ms"], 2), "") for r in d["dense"]]
+    rows += [(r["dataset"], r["method"], r["flops_target"], _f(r["params_m"]), _f(r["gflops"]), _f(r["ap50"]),
+              _f(r["ap50_95"]), _f(r["ort_p50_ms"], 2), f"{r['epochs']} ep, {r['train_s']} s") for r in d["rows"]]
+    e = d["effp_default"]
+    rows.append(("raccoon", f"EFFP, default 20 epochs ({e['commit']}; dense AP50 {e['dense_ap50']})",
+                 e["flops_target"], _f(e["params_m"]), _f(e["gflops"]), _f(e["ap50"]), _f(e["ap50_95"]), "",
+                 f"20 ep, {e['train_wall_s']:.0f} s"))
+    header = ["data", "method", "FLOPs target", "params M", "GFLOPs", "AP50", "AP50-95", "ORT p50 ms", "training"]
+    return d, header, rows
+
+
+def h100_layers() -> Table:
+    d = _load("h100/layer-triton-vs-cudnn.json")
+    rows = []
+    for r in d["layers"]:
+        if not r["layer"].startswith("3x3"):
+            continue
+        t1 = r.get("triton_1.0_r8_ms", r["triton_1.0_ms"])
+        rows.append((r["layer"], _f(r["cudnn_ms"] * 1e3, 1), _f(t1 * 1e3, 1), f"{t1 / r['cudnn_ms']:.2f}x",
+                     _f(r.get("triton_0.5_r8_ms", r["triton_0.5_ms"]) * 1e3, 1)))
+    header = ["layer (nano at 640, fp16)", "cuDNN NHWC us", "Triton keep 1.0 us", "of cuDNN", "Triton keep 0.5 us"]
+    return d, header, rows
+
+
+def h100_network() -> Table:
+    d = _load("h100/network-dense-vs-dynamic.json")
+    by_keep = _load("h100/network-by-keep.json")
+    rows = [(r["imgsz"], _f(r["keep_mean"], 2), _f(r["dense_nhwc_graph_ms"]), _f(r["dynamic_graph_ms"]),
+             f"{r['dense_nhwc_graph_ms'] / r['dynamic_graph_ms']:.2f}x") for r in d["network"]]
+    rows += [(r["imgsz"], _f(r["keep_mean"], 2), _f(r["dense_nhwc_graph_ms"]), _f(r["dynamic_graph_ms"]),
+              f"{r['dense_nhwc_graph_ms'] / r['dynamic_graph_ms']:.2f}x")
+             for r in by_keep["network"] if r["keep_target"] != 0.5]
+    return d, ["input", "keep", "dense ms (CUDA graph, NHWC)", "dynamic ms (CUDA graph)", "speed-up"], rows
+
+
+def h100_bench() -> Table:
+    d = _load("h100/raccoon-bundle-bench.json")
+    return d, BENCH_HEADER, _bench_rows(d)
+
+
+TABLES: Dict[str, Callable[[], Table]] = {
+    "demo": demo, "dense-recipe": dense_recipe, "robustness": robustness, "contention": contention,
+    "model-sizes": model_sizes, "cpu-dynamic": cpu_dynamic, "raccoon-bench": raccoon_bench,
+    "serving-overhead": serving_overhead, "gate-ablation": gate_ablation, "static-methods": static_methods,
+    "h100-layers": h100_layers, "h100-network": h100_network, "h100-bench": h100_bench,
+}
+
+
+def render(name: str) -> str:
+    data, header, rows = TABLES[name]()
+    source = (f"`{data['command']}` ({data['machine']}; commit {data.get('commit', '?')}, {data['date']})")
+    lines = [f"<!-- table: {name} -->", source, "", "| " + " | ".join(header) + " |",
+             "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines + ["<!-- end table -->"])
+
+
+def build(text: str) -> Tuple[str, List[str]]:
+    """``(text with every table rebuilt, names of the tables that changed)``."""
+    changed: List[str] = []
+    missing = set(TABLES)
+
+    def replace(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in TABLES:
+            raise SystemExit(f"BENCHMARKS.md: unknown table {name!r}; known: {', '.join(TABLES)}")
+        missing.discard(name)
+        new = render(name)
+        if new != match.group(0):
+            changed.append(name)
+        return new
+
+    out = MARKER.sub(replace, text)
+    if missing:
+        raise SystemExit(f"BENCHMARKS.md: no place for table(s) {', '.join(sorted(missing))}")
+    return out, changed
+
+
+def main(argv: List[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="exit 1 if a table differs from its JSON")
+    args = ap.parse_args(argv)
+    text = DOCUMENT.read_text()
+    new, changed = build(text)
+    if args.check:
+        if changed:
+            print(f"BENCHMARKS.md: table(s) {', '.join(changed)} differ from benchmarks/results/; "
+                  "run python benchmarks/report.py", file=sys.stderr)
+            return 1
+        print(f"BENCHMARKS.md: {len(TABLES)} tables match benchmarks/results/")
+        return 0
+    DOCUMENT.write_text(new)
+    print(f"BENCHMARKS.md: rebuilt {len(changed)} of {len(TABLES)} tables")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
