@@ -1,8 +1,8 @@
-"""Box decoding, NMS and the letterbox transform between image and model pixels."""
+"""Box decoding and NMS: the detector's raw outputs to boxes in model pixels (letterbox.py maps
+them to image pixels)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
@@ -109,93 +109,3 @@ def detections_numpy(
         kept = batched_nms(torch.from_numpy(picked), torch.from_numpy(top), torch.from_numpy(label), iou)
     kept = kept[:max_det].numpy()
     return picked[kept], top[kept], label[kept]
-
-
-@dataclass
-class Letterbox:
-    """How an image was fitted into the model input: ``model = image * scale + pad``."""
-
-    scale: float
-    pad_x: float
-    pad_y: float
-    width: int  # original image size
-    height: int
-
-    def to_image(self, boxes: np.ndarray) -> np.ndarray:
-        """Model-pixel ``xyxy`` boxes -> original-image pixels, clipped to the image."""
-        b = boxes.astype(np.float32)  # a copy
-        b[:, 0::2] = ((b[:, 0::2] - self.pad_x) / self.scale).clip(0, self.width)
-        b[:, 1::2] = ((b[:, 1::2] - self.pad_y) / self.scale).clip(0, self.height)
-        return b
-
-    def to_model(self, boxes: np.ndarray) -> np.ndarray:
-        b = boxes.astype(np.float32).copy()
-        b[:, [0, 2]] = b[:, [0, 2]] * self.scale + self.pad_x
-        b[:, [1, 3]] = b[:, [1, 3]] * self.scale + self.pad_y
-        return b
-
-
-def letterbox(image: np.ndarray, size: int, color: int = 114) -> Tuple[np.ndarray, Letterbox]:
-    """Resize keeping the aspect ratio and pad to ``size x size`` (HWC uint8 in, out)."""
-    import cv2
-
-    fitted, (nh, nw) = _fit(image.shape[0], image.shape[1], size)
-    if (nh, nw) != image.shape[:2]:
-        image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
-    out = np.full((size, size, 3), color, dtype=np.uint8)
-    out[int(fitted.pad_y) : int(fitted.pad_y) + nh, int(fitted.pad_x) : int(fitted.pad_x) + nw] = image
-    return out, fitted
-
-
-def _fit(h: int, w: int, size: int) -> Tuple[Letterbox, Tuple[int, int]]:
-    """How an ``h x w`` image fits a ``size x size`` input: the transform and the resized ``(h, w)``."""
-    scale = min(size / h, size / w)
-    nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    pad_y, pad_x = (size - nh) // 2, (size - nw) // 2
-    return Letterbox(scale, float(pad_x), float(pad_y), w, h), (nh, nw)
-
-
-class LetterboxInput:
-    """Letterbox and model input for a stream of frames, with its buffers kept between calls.
-
-    ``__call__(image)`` gives ``(input (1, 3, S, S) float32 RGB in [0, 1], Letterbox)``, bit for bit
-    :func:`~dynprune.data.dataset.to_tensor` of :func:`letterbox`'s image, but the canvas keeps its
-    padding while the frame size stays the same, the resize writes straight into it, and the float
-    input is one NumPy division into a kept buffer. Serving runs it once per frame, right after a
-    network has left the caches cold; the input tensor is that buffer, so the next call overwrites
-    it (use it before then).
-    """
-
-    def __init__(self, size: int, color: int = 114) -> None:
-        self.size, self.color = size, color
-        self._canvas = np.full((size, size, 3), color, dtype=np.uint8)
-        self._input = np.empty((1, 3, size, size), dtype=np.float32)
-        self._tensor = torch.from_numpy(self._input)
-        self._frame_shape: Tuple[int, ...] = ()
-        self._roi = self._canvas
-        self._fitted = Letterbox(1.0, 0.0, 0.0, size, size)
-
-    def __call__(self, image: np.ndarray) -> Tuple[torch.Tensor, Letterbox]:
-        import cv2
-
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            from dynprune.data.dataset import to_tensor
-
-            boxed, fitted = letterbox(image, self.size, self.color)  # (and its error for bad input)
-            return to_tensor(boxed), fitted
-        if image.shape != self._frame_shape:  # a new frame size: new padding
-            self._fitted, (nh, nw) = _fit(image.shape[0], image.shape[1], self.size)
-            pad_y, pad_x = int(self._fitted.pad_y), int(self._fitted.pad_x)
-            self._canvas.fill(self.color)
-            self._roi = self._canvas[pad_y : pad_y + nh, pad_x : pad_x + nw]
-            self._frame_shape = image.shape
-        roi = self._roi
-        if roi.shape != image.shape:
-            resized = cv2.resize(image, (roi.shape[1], roi.shape[0]), dst=roi, interpolation=cv2.INTER_LINEAR)
-            if resized is not roi:  # OpenCV made its own array after all
-                roi[...] = resized
-        else:
-            roi[...] = image
-        np.divide(self._canvas[:, :, ::-1].transpose(2, 0, 1), np.float32(255), out=self._input[0])  # BGR -> RGB
-        return self._tensor, self._fitted
-

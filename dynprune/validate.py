@@ -12,10 +12,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from dynprune.boxes import Letterbox, postprocess
+from dynprune.boxes import postprocess
 from dynprune.data.dataset import DetectionDataset, collate
 from dynprune.data.records import ImageRecord
 from dynprune.flops import CostModel
+from dynprune.letterbox import Letterbox
 from dynprune.metrics import evaluate_detections
 from dynprune.model import Detector
 

@@ -17,8 +17,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from dynprune.boxes import LetterboxInput, postprocess
+from dynprune.boxes import postprocess
 from dynprune.checkpoint import model_from_checkpoint
+from dynprune.letterbox import LetterboxInput
 from dynprune.serve.bundle import BundleError
 
 log = logging.getLogger("dynprune.serve")

@@ -52,8 +52,7 @@ class ImageCalibrator:
     def __new__(cls, images: Iterable[np.ndarray], imgsz: int, cache: str):
         import tensorrt as trt
 
-        from dynprune.boxes import letterbox
-        from dynprune.data.dataset import to_tensor
+        from dynprune.letterbox import letterbox, to_tensor
 
         class _Calibrator(trt.IInt8EntropyCalibrator2):
             def __init__(self) -> None:

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from dynprune.boxes import Letterbox, _detections_torch, detections_numpy, postprocess
+from dynprune.boxes import _detections_torch, detections_numpy, postprocess
+from dynprune.letterbox import Letterbox
 
 
 def _random_detections(anchors: int, classes: int, seed: int):
@@ -46,8 +47,7 @@ def test_letterbox_maps_boxes_back_and_clips():
 def test_letterbox_input_equals_letterbox_and_to_tensor_across_frame_sizes():
     """Kept buffers, bit for bit the one-shot functions: frames of one size, a new size (new padding),
     back again, a frame already at model size, and a float image (the one-shot fallback)."""
-    from dynprune.boxes import LetterboxInput, letterbox
-    from dynprune.data.dataset import to_tensor
+    from dynprune.letterbox import LetterboxInput, letterbox, to_tensor
 
     rng = np.random.default_rng(0)
     prepare = LetterboxInput(64)

@@ -96,8 +96,3 @@ class DetectionDataset(Dataset):
 def collate(batch: List) -> tuple:
     images, targets, indices = zip(*batch)
     return torch.stack(images), list(targets), list(indices)
-
-
-def to_tensor(image_bgr: np.ndarray) -> torch.Tensor:
-    """A letterboxed BGR uint8 image -> the ``(1, 3, S, S)`` float input the models take."""
-    return torch.from_numpy(np.ascontiguousarray(image_bgr[:, :, ::-1].transpose(2, 0, 1))).float().div_(255)[None]

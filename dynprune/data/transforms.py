@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from dynprune.boxes import Letterbox, letterbox
+from dynprune.letterbox import Letterbox, letterbox
 
 
 def read_image(path: str) -> Optional[np.ndarray]:
