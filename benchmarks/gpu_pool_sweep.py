@@ -30,7 +30,8 @@ def main() -> None:
     from gpu_kernels import class_switch, gated_nano, graph_ms
 
     import dynprune.kernels.gate_index as gate_index
-    from dynprune.compact import CompactDetector, TritonCompactBottleneck
+    from dynprune.compact import CompactDetector
+    from dynprune.kernels.triton_block import TritonBlock
 
     defaults = gate_index.POOL_TILE, gate_index.POOL_PROGRAMS
     result = {}
@@ -40,7 +41,7 @@ def main() -> None:
             dyn = CompactDetector(gated.cuda(), backend="triton", device="cuda").to(torch.float16)
             x = torch.rand(1, 3, imgsz, imgsz, device="cuda", dtype=torch.float16)
             with torch.no_grad():
-                with class_switch(TritonCompactBottleneck, "fuse_pool", False):
+                with class_switch(TritonBlock, "fuse_pool", False):
                     result[f"{imgsz} pool apart"] = graph_ms(dyn, x)
                 print(f"{imgsz} pool apart: {result[f'{imgsz} pool apart']:.4f} ms", flush=True)
                 for tile in args.tiles:

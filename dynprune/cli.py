@@ -580,7 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=nonneg_int, default=200, help="frames to measure (0: all the source has)")
     p.add_argument("--engines", nargs="+", choices=["dense", "static", "dynamic"])
     p.add_argument("--device", default="auto")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"], help="dynamic engine kernels")
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu", "reference"],
+                   help="how the dynamic engine runs gated blocks (auto: Triton on a GPU, else compiled CPU blocks)")
     p.add_argument("--precision", default="fp16", choices=["fp16", "int8", "fp32"],
                    help="TensorRT plan precision; on a GPU also the PyTorch engines' (int8 runs them in fp16)")
     p.add_argument("--no-cuda-graph", action="store_true",
@@ -594,7 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="csi://0, /dev/video0, 0, file.mp4, folder/, 'imgs/*.jpg', rtsp://..., or a GStreamer pipeline")
     p.add_argument("--engine", default="auto", choices=["auto", "dense", "static", "dynamic"])
     p.add_argument("--device", default="auto")
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu", "reference"],
+                   help="how the dynamic engine runs gated blocks (auto: Triton on a GPU, else compiled CPU blocks)")
     p.add_argument("--precision", default="fp16", choices=["fp16", "int8", "fp32"],
                    help="TensorRT plan precision; on a GPU also the PyTorch engines' (int8 runs them in fp16)")
     p.add_argument("--no-cuda-graph", action="store_true",

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dynprune.kernels.cpu_blocks import DenseBlockKernel, compiled_forward, compiled_library, image_pixels
 from dynprune.layers import Bottleneck, ConvBNAct
 
 log = logging.getLogger(__name__)
@@ -224,33 +225,16 @@ def pointwise_as_matmul(model: nn.Module) -> nn.Module:
     return model
 
 
-def image_pixels(x: torch.Tensor) -> Optional[np.ndarray]:
-    """One float32 CPU image in channels-last memory as its ``(H, W, C)`` NumPy pixels (a view),
-    or ``None`` for anything else: a batch, another dtype or device, NCHW memory, a tensor that
-    needs grad. The checks are the NumPy conversion's own and its array's flags, which cost far
-    less inside a running network than asking the tensor (see :func:`bottleneck_pixels`)."""
-    try:
-        nhwc = x.numpy().transpose(0, 2, 3, 1)  # raises for a GPU tensor or one that needs grad
-    except (TypeError, RuntimeError):
-        return None
-    if nhwc.shape[0] != 1 or nhwc.dtype != np.float32 or not nhwc.flags.c_contiguous:
-        return None
-    return nhwc[0]
-
-
 def bottleneck_pixels(xi: torch.Tensor, h: int, w: int, b1: torch.Tensor, w1_t: torch.Tensor, w2: torch.Tensor,
                       b2: torch.Tensor, w3_t: torch.Tensor, b3: torch.Tensor) -> torch.Tensor:
     """A residual bottleneck on one image's channels-last pixels ``xi`` ``(H*W, C)``, BN folded:
     ``xi + silu(conv3x3(silu(xi @ w1_t + b1), w2) + b2) @ w3_t + b3``, returned NCHW-shaped in
     channels-last memory. ``w2`` is a plain weight or one in oneDNN's layout. The dense blocks
-    (:class:`FoldedBottleneck`) and the compact ones (gathered weights,
-    :class:`~dynprune.compact.CompactBottleneck`) both run it.
+    (:class:`FoldedBottleneck`) run it where it measures faster than their compiled form.
 
     Why so few calls, each a plain op or a NumPy view: inside the running network every Python
-    statement costs several times what it costs in a loop on its own (most likely cold caches after
-    each convolution). Measured on two cores with real block inputs (BENCHMARKS.md):
-    ``x.device``/``x.dtype`` checks add 7 us to a block, a fresh kept-count array and a module
-    attribute set 14 us, where timeit gives 0.5 and 2.3 us.
+    statement costs several times what it costs in a loop on its own (docs/DESIGN.md, "The CPU
+    path").
     """
     hw = h * w
     y = torch.from_numpy(_silu_(torch.addmm(b1, xi, w1_t)).numpy().reshape(1, h, w, -1).transpose(0, 3, 1, 2))
@@ -267,7 +251,7 @@ class FoldedBottleneck(nn.Module):
     """An un-gated :class:`~dynprune.layers.Bottleneck` for inference: its three layers as
     :class:`FoldedConv`. For one float32 image in channels-last memory on the CPU, the block runs
     as one call of whichever is faster: the compiled block of the compact path on every channel
-    (:class:`~dynprune.kernels.cpu_gate.DenseBlockPlan`, where a C compiler works; ``native``)
+    (:class:`~dynprune.kernels.cpu_blocks.DenseBlockKernel`, where a C compiler works)
     or :func:`bottleneck_pixels` on cached weight views, the 3x3 on oneDNN. Each block measures
     both on its first frames of each input size (:class:`FormTrials`) and keeps the faster one,
     so the dense network is the fastest dense form found whatever the CPU (nano at 320 px on two
@@ -284,19 +268,19 @@ class FoldedBottleneck(nn.Module):
         self.cv1, self.cv2, self.cv3 = (c if isinstance(c, FoldedConv) else FoldedConv(c)
                                         for c in (block.cv1, block.cv2, block.cv3))
         self._weights: Optional[Tuple[torch.Tensor, ...]] = None
-        self.native = True  # may the compiled block run (False: always bottleneck_pixels)
-        self._plan = None  # the compiled block, made on the first call (False: cannot be had)
+        self.allow_compiled = True  # may the compiled block run (False: always bottleneck_pixels)
+        self._kernel = None  # the compiled block, made on the first call (False: cannot be had)
         self._forms = FormTrials()  # per input size: 0 bottleneck_pixels, 1 the compiled block
 
     def _apply(self, fn, recurse: bool = True):
-        self._weights = self._plan = None  # views or copies of the old tensors: remade on the next call
+        self._weights = self._kernel = None  # views or copies of the old tensors: remade on the next call
         self._forms.clear()
         return super()._apply(fn, recurse)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         # a oneDNN weight and the compiled block's pointers cannot be copied; remade on use
-        state["_weights"], state["_plan"], state["_forms"] = None, None, FormTrials(self._forms.frames)
+        state["_weights"], state["_kernel"], state["_forms"] = None, None, FormTrials(self._forms.frames)
         return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -309,30 +293,28 @@ class FoldedBottleneck(nn.Module):
         h, w, c = nhwc.shape
         form = self._forms.chosen.get((h, w))
         if form is None:  # the first frames of this input size: time both forms
-            plan = self._compiled_plan()
+            kernel = self._compiled_kernel()
             forms = (lambda: bottleneck_pixels(torch.from_numpy(nhwc.reshape(h * w, c)), h, w, *weights),)
-            if plan is not None:
-                forms += (lambda: compiled_forward(plan, x, h, w, c)[0],)
+            if kernel is not None:
+                forms += (lambda: compiled_forward(kernel, x, h, w, c)[0],)
             return self._forms.run((h, w), forms)
         if form:
-            return compiled_forward(self._plan, x, h, w, c)[0]
+            return compiled_forward(self._kernel, x, h, w, c)[0]
         return bottleneck_pixels(torch.from_numpy(nhwc.reshape(h * w, c)), h, w, *weights)
 
-    def _compiled_plan(self):
-        """The compiled block (:class:`~dynprune.kernels.cpu_gate.DenseBlockPlan`), or ``None``
-        where ``native`` is off or no C compiler works."""
-        if self._plan is None:
-            self._plan = False
-            if self.native:
-                from dynprune.kernels.cpu_gate import DenseBlockPlan, native_library
-
-                lib = native_library()
+    def _compiled_kernel(self):
+        """The compiled block (:class:`~dynprune.kernels.cpu_blocks.DenseBlockKernel`), or ``None``
+        where ``allow_compiled`` is off or no C compiler works."""
+        if self._kernel is None:
+            self._kernel = False
+            if self.allow_compiled:
+                lib = compiled_library()
                 if lib is not None:
-                    self._plan = DenseBlockPlan(
+                    self._kernel = DenseBlockKernel(
                         lib, w1=_array(self.cv1.weight.view(self.h1, self.c)), b1=_array(self.cv1.bias),
                         w2=_array(self.cv2.weight), b2=_array(self.cv2.bias),
                         w3=_array(self.cv3.weight.view(self.c, self.h2)), b3=_array(self.cv3.bias))
-        return self._plan or None
+        return self._kernel or None
 
     def _pixel_weights(self, input_size: Tuple[int, ...]) -> Tuple[torch.Tensor, ...]:
         """The arguments of :func:`bottleneck_pixels` after the pixels: views of the layers'
@@ -348,14 +330,6 @@ class FoldedBottleneck(nn.Module):
 
 def _array(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().contiguous().numpy()
-
-
-def compiled_forward(plan, x: torch.Tensor, h: int, w: int, c: int) -> Tuple[torch.Tensor, Any]:
-    """A compiled block (:mod:`dynprune.kernels.cpu_gate`: ``BlockPlan`` or ``DenseBlockPlan``) on
-    one channels-last float32 image ``x`` of ``h x w`` pixels: its new ``(1, c, h, w)`` channels-last
-    output (NumPy-made: one torch call), and what ``plan.forward`` returned."""
-    out = torch.from_numpy(np.empty((1, h, w, c), np.float32).transpose(0, 3, 1, 2))
-    return out, plan.forward(x.data_ptr(), h, w, out.data_ptr())
 
 
 def fold_bottlenecks(model: nn.Module) -> nn.Module:

@@ -1,6 +1,6 @@
 """How a serving process shares the CPU: its thread count, chosen by trial while it serves.
 
-PyTorch's intra-op pool and the compiled CPU runtime (``kernels/cpu_gate.c``) share one OpenMP
+PyTorch's intra-op pool and the compiled CPU blocks (``kernels/cpu_blocks.c``) share one OpenMP
 runtime, whose idle threads spin before they sleep. Alone on the machine that is what makes the
 many short parallel regions of a frame fast (sleeping at once, ``OMP_WAIT_POLICY=PASSIVE``,
 costs the dynamic engine about a quarter of its solo FPS on 2 cores). Beside another busy

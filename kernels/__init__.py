@@ -1,9 +1,8 @@
-"""Gather convolutions: compute only the kept channels of a gated layer.
+"""Executing a gated block on its kept channels: one contract, three backends.
 
-``reference`` holds the PyTorch versions (the CPU runtime, and the ground truth for the
-tests); ``gather_conv`` holds the Triton convolution kernels for CUDA GPUs; ``gate_index``
-the Triton kernel that turns a block's two gates into kept-index lists on the device;
-``dispatch`` picks Triton or PyTorch for a device. ``cpu_gate`` (C source ``cpu_gate.c``,
-compiled on first use) is the CPU path's host step: pool, gates, kept lists and weight gathers
-of a block in one call, with CompactBottleneck's NumPy path as its reference.
+``block`` holds the contract (:class:`~dynprune.kernels.block.CompactBlock`); ``reference`` the
+PyTorch backend, which is the specification of the others; ``cpu_blocks`` (C source
+``cpu_blocks.c``, compiled on first use) the compiled CPU backend; ``triton_block`` the Triton
+backend, built from ``gate_index`` (both gates and their kept lists in one launch) and
+``gather_conv`` (the gather convolutions); ``dispatch`` chooses a backend and says why.
 """

@@ -1,41 +1,112 @@
-"""Which gather-convolution backend a device gets, and why."""
+"""The one place that chooses a gated model's backend (kernels/block.py), and says why.
+
+``auto`` picks, in order: ``triton`` on a CUDA GPU that Triton supports; ``cpu`` (the compiled C
+blocks) where a C compiler works and every gated block is one they run; else ``reference``
+(PyTorch). A backend asked for by name is given or refused with the reason.
+"""
 
 from __future__ import annotations
 
 import os
-from typing import Tuple
+from typing import Iterable, Optional, Tuple, Type
 
 import torch
 
+from dynprune.kernels.block import CompactBlock
+
+#: the backends, in the order ``auto`` prefers them
+BACKENDS = ("triton", "cpu", "reference")
+
 #: Triton compiles for NVIDIA GPUs of compute capability 7.0 (Volta) and newer: Xavier (7.2) and
-#: Orin (8.7) qualify, a TX2 (6.2) or a Nano (5.3) gets the CPU runtime.
+#: Orin (8.7) qualify, a TX2 (6.2) or a Nano (5.3) gets the CPU backends.
 TRITON_MIN_CAPABILITY = (7, 0)
 
 
-def select_backend(device: torch.device | str, requested: str = "auto") -> Tuple[str, str]:
-    """Return ``(backend, reason)`` with backend ``"triton"`` or ``"torch"``."""
-    device = torch.device(device)
-    if requested not in ("auto", "torch", "triton"):
-        raise ValueError(f"unknown backend {requested!r}; choose auto, torch or triton")
-    if requested == "torch":
-        return "torch", "CPU runtime (requested)"
-    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+def _triton_refusal(device: torch.device, requested: bool) -> Optional[str]:
+    """Why the Triton backend cannot run on ``device``, or ``None`` where it can. Its interpreter
+    (``TRITON_INTERPRET=1``, CPU tensors; slow) only serves a backend asked for by name."""
     try:
         import triton  # noqa: F401
     except ImportError:
-        if requested == "triton":
-            raise RuntimeError("backend 'triton' requested but Triton is not installed (pip install triton)") from None
-        return "torch", "CPU runtime: Triton is not installed"
+        return "Triton is not installed (pip install triton)"
     if device.type != "cuda":
-        if requested == "triton" and interpret:
-            return "triton", "Triton kernels through the interpreter (TRITON_INTERPRET=1; slow, for tests)"
-        if requested == "triton":
-            raise RuntimeError("backend 'triton' needs a CUDA device (or TRITON_INTERPRET=1 for tests)")
-        return "torch", "CPU runtime (Triton kernels need a CUDA GPU)"
+        if requested and os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        return "the Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 for tests)"
     cap = torch.cuda.get_device_capability(device)
     if cap < TRITON_MIN_CAPABILITY:
+        return (f"compute capability {cap[0]}.{cap[1]} is below Triton's "
+                f"{TRITON_MIN_CAPABILITY[0]}.{TRITON_MIN_CAPABILITY[1]}")
+    return None
+
+
+def _compiled_refusal(blocks: Iterable) -> Optional[str]:
+    """Why the compiled CPU backend cannot run these gated blocks, or ``None`` where it can."""
+    from dynprune.kernels.cpu_blocks import compiled_library, unsupported
+
+    for block in blocks:
+        why = unsupported(block)
+        if why is not None:
+            return f"a gated block is not one the compiled CPU blocks run: {why}"
+    if compiled_library() is None:
+        return "no C compiler works here, or DYNPRUNE_COMPILED=0 (the log says which)"
+    return None
+
+
+def _compiled_description() -> str:
+    from dynprune.kernels.cpu_blocks import compiled_library
+
+    lib = compiled_library()
+    built = "built for this CPU" if lib.for_this_cpu else "built for the architecture's baseline"
+    return f"compiled CPU blocks (C, {int(lib.dp_vector_floats())}-float vectors, {built})"
+
+
+def select_backend(device: torch.device | str, requested: str = "auto",
+                   blocks: Iterable = ()) -> Tuple[str, str]:
+    """``(backend, reason)`` for a model whose gated blocks are ``blocks`` on ``device``.
+
+    ``backend`` is one of :data:`BACKENDS`; ``reason`` says what runs and, where ``auto`` passed
+    over a faster backend, why. ``cpu`` runs on the CPU whatever ``device`` is: the caller moves
+    the model. Raises ``ValueError`` for an unknown name or a named backend that cannot run.
+    """
+    device = torch.device(device)
+    blocks = list(blocks)
+    if requested not in ("auto", *BACKENDS):
+        raise ValueError(f"unknown backend {requested!r}; choose auto, {', '.join(BACKENDS)}")
+    if requested == "reference":
+        return "reference", "reference backend (PyTorch, requested)"
+    if requested in ("auto", "triton"):
+        why_not = _triton_refusal(device, requested == "triton")
+        if why_not is None:
+            where = torch.cuda.get_device_name(device) if device.type == "cuda" else "the Triton interpreter"
+            return "triton", f"Triton kernels on {where}"
         if requested == "triton":
-            raise RuntimeError(f"compute capability {cap[0]}.{cap[1]} is below Triton's {TRITON_MIN_CAPABILITY}")
-        return "torch", (f"CPU runtime: compute capability {cap[0]}.{cap[1]} is below Triton's "
-                         f"{TRITON_MIN_CAPABILITY[0]}.{TRITON_MIN_CAPABILITY[1]}")
-    return "triton", f"Triton gather kernels on {torch.cuda.get_device_name(device)} (sm_{cap[0]}{cap[1]})"
+            raise ValueError(f"--backend triton: {why_not}")
+    else:
+        why_not = None
+    compiled_why_not = _compiled_refusal(blocks)
+    if compiled_why_not is None:
+        reason = _compiled_description()
+        if why_not is not None and device.type == "cuda":
+            reason += f" (not Triton: {why_not})"
+        return "cpu", reason
+    if requested == "cpu":
+        raise ValueError(f"--backend cpu: {compiled_why_not}")
+    return "reference", f"reference backend (PyTorch): {compiled_why_not}"
+
+
+def block_class(backend: str) -> Type[CompactBlock]:
+    """The :class:`~dynprune.kernels.block.CompactBlock` subclass of a backend."""
+    if backend == "triton":
+        from dynprune.kernels.triton_block import TritonBlock
+
+        return TritonBlock
+    if backend == "cpu":
+        from dynprune.kernels.cpu_blocks import CompiledCpuBlock
+
+        return CompiledCpuBlock
+    if backend == "reference":
+        from dynprune.kernels.reference import ReferenceBlock
+
+        return ReferenceBlock
+    raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

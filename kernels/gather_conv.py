@@ -129,49 +129,6 @@ def _gather_conv_kernel(
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _gather_dwconv_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, scale_ptr, idx_ptr, cnt_ptr,
-    C_FULL, H, W, HO, WO,
-    sxb, sxc, sxh, sxw, sob, soc, soh, sow,
-    STRIDE: tl.constexpr, PAD: tl.constexpr, K: tl.constexpr, DENSE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_SCALE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2)
-    if DENSE:
-        n = C_FULL
-    else:
-        n = tl.load(cnt_ptr + b)
-    if pid_c * BLOCK_C >= n:
-        return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    m_ok = offs_m < HO * WO
-    c_ok = offs_c < n
-    oh = offs_m // WO
-    ow = offs_m % WO
-    if DENSE:
-        ch = offs_c
-    else:
-        ch = tl.load(idx_ptr + b * C_FULL + offs_c, mask=c_ok, other=0)
-    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for kh in tl.static_range(K):
-        for kw in tl.static_range(K):
-            ih = oh * STRIDE - PAD + kh
-            iw = ow * STRIDE - PAD + kw
-            pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a = tl.load(x_ptr + b * sxb + offs_c[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
-                        mask=pix_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
-            wt = tl.load(w_ptr + ch * (K * K) + kh * K + kw, mask=c_ok, other=0.0).to(tl.float32)
-            acc += a * wt[None, :]
-    acc = _bias_act_scale(acc, b_ptr, ch, offs_c, c_ok, scale_ptr + b * C_FULL, HAS_BIAS, ACT, HAS_SCALE)
-    tl.store(out_ptr + b * sob + offs_c[None, :] * soc + oh[:, None] * soh + ow[:, None] * sow,
-             acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & c_ok[None, :])
-
-
 _ACTS = {None: 0, "silu": 1}
 
 
@@ -306,38 +263,5 @@ def gather_conv2d_triton(
         # error), and the fp32 path promises 1e-5. fp16 operands ignore it.
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
-    )
-    return out
-
-
-def gather_depthwise_conv2d_triton(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    index: Optional[torch.Tensor],
-    count: Optional[torch.Tensor],
-    stride: int = 1,
-    padding: int = 1,
-    act: Optional[str] = None,
-    scale: Optional[torch.Tensor] = None,
-    out: Optional[torch.Tensor] = None,
-    block_m: int = 64,
-    block_c: int = 32,
-) -> torch.Tensor:
-    """Depthwise convolution over the kept channels (compact in, compact out, same index list)."""
-    b_sz, c_full, h, w = x.shape
-    k = weight.shape[-1]
-    ho, wo = conv_output_hw(h, w, k, stride, padding)
-    if out is None:
-        out = empty_like_layout(x, (b_sz, c_full, ho, wo))
-    dense = index is None
-    dummy = weight
-    grid = (triton.cdiv(ho * wo, block_m), triton.cdiv(c_full, block_c), b_sz)
-    _gather_dwconv_kernel[grid](
-        x, weight, bias if bias is not None else dummy, out, scale if scale is not None else dummy,
-        index if not dense else dummy, count if not dense else dummy,
-        c_full, h, w, ho, wo, *x.stride(), *out.stride(),
-        STRIDE=stride, PAD=padding, K=k, DENSE=dense, HAS_BIAS=bias is not None, ACT=_check_act(act),
-        HAS_SCALE=scale is not None, BLOCK_M=block_m, BLOCK_C=block_c,
     )
     return out

@@ -1,4 +1,11 @@
-"""PyTorch gather convolutions: the CPU runtime and the reference for the Triton kernels.
+"""The reference backend: a gated block on its kept channels in PyTorch, the specification of
+the other backends.
+
+It defines what the compiled CPU runtime and the Triton kernels must compute (kernels/block.py):
+the keep decision (:meth:`Gate.group_keep <dynprune.gates.Gate.group_keep>`, the only copy in
+Python), the slot order of kept channels (:func:`build_keep_index`: kept first, ascending), each
+slot's scale (the kept channel's saliency) and the compact computation (:class:`ReferenceBlock`).
+The tests run every backend against it on the same cases.
 
 A gated layer reads a *compact* activation (only the kept input channels, densely packed,
 in the order of ``in_index``) and writes a compact activation (only the channels in
@@ -10,10 +17,14 @@ gathers the rows (kept output filters) and columns (kept input channels) it need
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from dynprune.kernels.block import CompactBlock
 
 ACTIVATIONS = (None, "silu", "relu")
 
@@ -72,31 +83,6 @@ def gather_conv2d(
     return y.contiguous()
 
 
-def gather_depthwise_conv2d(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    index: Optional[torch.Tensor],
-    stride: int = 1,
-    padding: int = 1,
-    act: Optional[str] = None,
-    scale: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Depthwise convolution over the kept channels only (input and output share ``index``)."""
-    n, c, h, w = x.shape
-    k = weight.shape[-1]
-    if index is not None:
-        weight = weight.index_select(0, index)
-        bias = None if bias is None else bias.index_select(0, index)
-    if weight.shape[0] == 0:
-        ho, wo = conv_output_hw(h, w, k, stride, padding)
-        return x.new_zeros(n, 0, ho, wo)
-    y = _act(F.conv2d(x, weight, bias, stride, padding, groups=weight.shape[0]), act)
-    if scale is not None:
-        y = y * scale.view(n, -1, 1, 1)
-    return y.contiguous()
-
-
 def gather_conv2d_padded(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -142,32 +128,6 @@ def gather_conv2d_padded(
     return out
 
 
-def gather_depthwise_conv2d_padded(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    index: Optional[torch.Tensor],
-    count: Optional[torch.Tensor],
-    stride: int = 1,
-    padding: int = 1,
-    act: Optional[str] = None,
-    scale: Optional[torch.Tensor] = None,
-    out: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """Fixed-shape contract of the Triton depthwise kernel (compact in and out, one index list)."""
-    b_sz, c, h, w = x.shape
-    k = weight.shape[-1]
-    ho, wo = conv_output_hw(h, w, k, stride, padding)
-    if out is None:
-        out = x.new_zeros(b_sz, c, ho, wo)
-    for b in range(b_sz):
-        n = int(count[b]) if count is not None else c
-        idx = index[b, :n].long() if index is not None else None
-        s = scale[b : b + 1, :n] if scale is not None else None
-        out[b, :n] = gather_depthwise_conv2d(x[b : b + 1, :n], weight, bias, idx, stride, padding, act, s)[0]
-    return out
-
-
 def build_keep_index(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image kept-channel lists without a host sync: ``(index (B, C) int32, count (B,) int32)``.
 
@@ -189,3 +149,32 @@ def gate_keep_index(pooled: torch.Tensor, gate: torch.nn.Module) -> tuple[torch.
     _, mask = gate(pooled)
     index, count = build_keep_index(mask)
     return index, count, torch.gather(mask, 1, index.long())
+
+
+class ReferenceBlock(CompactBlock):
+    """A gated block image by image in PyTorch: pool, both gates (their own modules, so the keep
+    decision is :meth:`~dynprune.gates.Gate.group_keep`), kept lists by :func:`build_keep_index`,
+    then :func:`gather_conv2d` for cv1 (rows of gate 1's kept channels, SiLU, scale), cv2 (those
+    columns, gate 2's rows, SiLU, scale) and cv3 (gate 2's columns) plus the shortcut. Any device,
+    dtype and batch; each image keeps its own channels."""
+
+    backend = "reference"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter() if self.profile else 0.0
+        pooled = x.mean((2, 3))
+        _, mask1 = self.gate1(pooled)
+        _, mask2 = self.gate2(pooled)
+        index1, count1 = build_keep_index(mask1)
+        index2, count2 = build_keep_index(mask2)
+        counts = torch.stack([count1, count2], 1).cpu()
+        if self.profile:
+            self.gate_ms += (time.perf_counter() - t0) * 1e3
+        out = torch.empty_like(x)
+        for b, (n1, n2) in enumerate(counts.tolist()):
+            i1, i2 = index1[b, :n1].long(), index2[b, :n2].long()
+            y = gather_conv2d(x[b : b + 1], self.w1, self.b1, None, i1, act="silu", scale=mask1[b : b + 1, i1])
+            y = gather_conv2d(y, self.w2, self.b2, i1, i2, padding=1, act="silu", scale=mask2[b : b + 1, i2])
+            out[b] = x[b] + gather_conv2d(y, self.w3, self.b3, i2, None)[0]
+        self.last_kept = counts.numpy().astype(np.int64)
+        return out

@@ -27,7 +27,7 @@ log = logging.getLogger("dynprune.serve")
 class ServeOptions:
     engine: str = "auto"  # auto | dense | static | dynamic
     device: str = "auto"
-    backend: str = "auto"  # dynamic engine: auto | torch | triton
+    backend: str = "auto"  # dynamic engine: auto | triton | cpu | reference
     precision: str = "fp16"  # TensorRT: fp16 | int8 | fp32; PyTorch engines on a GPU: fp16 | fp32
     cuda_graph: bool = True  # PyTorch engines on a GPU replay one CUDA graph per frame
     max_frames: Optional[int] = None

@@ -178,20 +178,17 @@ class DynamicEngine(Engine):
                  cuda_graph: bool = True) -> None:
         from dynprune.compact import CompactDetector
         from dynprune.flops import CostModel
-        from dynprune.kernels.dispatch import select_backend
         from dynprune.serve.cuda_graph import GraphedForward
 
-        chosen, reason = select_backend(device, backend)
-        if chosen == "torch" and device.type != "cpu":
-            # The "torch" backend is the CPU runtime (compiled C blocks, or the NumPy step and PyTorch products).
-            log.warning("dynamic engine runs on the CPU: %s", reason)
-            device = torch.device("cpu")
         model, ckpt = model_from_checkpoint(checkpoint)
+        self.net = CompactDetector(model, backend=backend, device=device)
+        if self.net.device != device:
+            log.warning("dynamic engine runs on the CPU: %s", self.net.backend_reason)
+            device = self.net.device
         super().__init__(ckpt["imgsz"], conf, iou, device)
         self.cost = CostModel(model, self.imgsz)
         self.widths = torch.tensor([[b.h1, b.h2] for b in model.blocks], dtype=torch.float64)
-        self.net = CompactDetector(model.to(device), backend=backend, device=device).to(device)
-        # The CPU path is float32 NumPy/oneDNN; the Triton path runs fp16 (or fp32) and, having no
+        # The CPU backends run float32; the Triton path runs fp16 (or fp32) and, having no
         # host sync, replays from one CUDA graph whatever each frame keeps.
         self.dtype = network_dtype(device, precision) if self.net.backend == "triton" else torch.float32
         self.net.to(self.dtype)
@@ -200,8 +197,7 @@ class DynamicEngine(Engine):
         self.profile_gates = profile_gates and device.type == "cpu"
         for b in self.net.blocks:
             b.profile = self.profile_gates
-        self.description = (f"{self.net.backend_reason}, gate step in {self.net.gate_step} "
-                            f"({str(self.dtype).replace('torch.', '')})")
+        self.description = f"{self.net.backend_reason} ({str(self.dtype).replace('torch.', '')})"
         if self.net.backend == "triton" and any(b.kept_run(g, w) == 1 for b in self.net.blocks
                                                 for g, w in ((b.gate1, b.h1), (b.gate2, b.h2))):
             hint = ("gates of single channels: the GPU kernels gather them 2 bytes at a time; gates trained with "

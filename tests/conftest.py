@@ -28,12 +28,12 @@ def grad_mode_is_not_leaked():
         pytest.fail("autograd was left disabled globally (use a scoped torch.no_grad())")
 
 
-def require_native_gate_step() -> None:
-    """Skip the calling test where the compiled CPU gate step (kernels/cpu_gate.c) cannot be built."""
-    from dynprune.kernels.cpu_gate import native_library
+def require_compiled_blocks() -> None:
+    """Skip the calling test where the compiled CPU blocks (kernels/cpu_blocks.c) cannot be built."""
+    from dynprune.kernels.cpu_blocks import compiled_library
 
-    if native_library() is None:
-        pytest.skip("no working C compiler: the compiled gate step cannot be built here")
+    if compiled_library() is None:
+        pytest.skip("no working C compiler: the compiled CPU blocks cannot be built here")
 
 
 def tiny_config(num_classes: int = 1, **kw) -> DetectorConfig:

@@ -15,7 +15,7 @@ from dynprune.manidp import (
     sparsity_loss,
 )
 from dynprune.model import build_detector
-from tests.conftest import ODD_BLOCK_SHAPES, input_sensitive_block, randomize_bn, require_native_gate_step, tiny_config
+from tests.conftest import randomize_bn, require_compiled_blocks, tiny_config
 
 
 def gated_model(group=1, seed=0):
@@ -37,21 +37,6 @@ def test_open_gates_equal_the_dense_model():
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-def compact_on(model, path):
-    """CompactDetector on the CPU: each block one compiled call ("fused"), the compiled gate step
-    then PyTorch's products ("native"), or the gate step in NumPy ("numpy")."""
-    compact = CompactDetector(model)
-    if path != "numpy":
-        require_native_gate_step()
-    for blk in compact.blocks:
-        blk.use_native = path != "numpy"
-        blk.fused = path == "fused"
-    return compact
-
-
-PATHS = ["fused", "native", "numpy"]
-
-
 def _random_gates(model, seed, empty_every=3):
     """Random saliencies and thresholds: some layers keep nothing, some everything."""
     g = torch.Generator().manual_seed(seed)
@@ -67,98 +52,36 @@ def _random_gates(model, seed, empty_every=3):
             gate.threshold.fill_(0.8)
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("group", [1, 8])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_compact_execution_equals_masked_dense(group, seed, path, batch):
-    # batch 1 with the compiled step is CompactBottleneck's lean path (one compiled call a block
-    # where fused), more is its per-image loop
-    model, _ = gated_model(group, seed)
-    _random_gates(model, seed)
-    x = torch.rand(batch, 3, 64, 64)
-    with torch.no_grad():
-        ref_boxes, ref_logits = model(x)
-        compact = compact_on(model, path)
-        boxes, logits = compact(x)
-    torch.testing.assert_close(boxes, ref_boxes, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
-    kept = compact.kept_counts()
-    assert kept.shape == (batch, len(model.blocks), 2)
-    assert (kept == 0).any() and (kept > 0).any()
-    if path == "native":
-        assert all(bool(blk._views) == (batch == 1) and not blk._counts for blk in compact.blocks)
-    if path == "fused":
-        assert all(bool(blk._counts) == (batch == 1) and not blk._views for blk in compact.blocks)
-    if group > 1:  # kept widths are whole groups unless the group is cut by the layer width
-        for b, blk in enumerate(compact.blocks):
-            for j, width in enumerate((blk.h1, blk.h2)):
-                k = kept[:, b, j]
-                assert torch.all((k % group == 0) | (k == width) | (k % group == width % group))
-
-
-@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("pad_to", [1, 3, (4, 8), (8, 1)])
-def test_padded_kept_lists_change_nothing(pad_to, path, monkeypatch):
-    """Each gate's kept list padded to its own multiple with zero-scaled slots: the same output
-    and accounting, and every compact 3x3 runs on padded widths (PyTorch's, on a batch of two;
-    the fused blocks on single images)."""
+def test_padded_kept_lists_change_nothing(pad_to):
+    """Each gate's kept list padded to its own multiple with zero-scaled slots (the compiled CPU
+    blocks): the same output and accounting, and the slot counts are padded multiples."""
+    from dynprune.kernels.cpu_blocks import CompiledCpuBlock
+
+    require_compiled_blocks()
     model, _ = gated_model(1, seed=4)
     _random_gates(model, 4)
-    x = torch.rand(2, 3, 64, 64)
-    if path == "fused":
-        x = x[:1].contiguous(memory_format=torch.channels_last)
-    widths = []
-    plain_conv2d = torch.conv2d
-
-    def conv2d(inp, weight, *args, **kwargs):  # the compact 3x3s (the other layers run on oneDNN weights)
-        widths.append(tuple(weight.shape[:2]))
-        return plain_conv2d(inp, weight, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "conv2d", conv2d)
+    x = torch.rand(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    pad1, pad2 = (pad_to, pad_to) if isinstance(pad_to, int) else pad_to
     with torch.no_grad():
         ref_boxes, ref_logits = model(x)
-        ref_kept = [[int((m[i] > 0).sum()) for b in model.blocks for m in b.last["mask"]] for i in range(len(x))]
-        compact = compact_on(model, path)
-        pad1, pad2 = (pad_to, pad_to) if isinstance(pad_to, int) else pad_to
+        ref_kept = [[int((m[0] > 0).sum()) for b in model.blocks for m in b.last["mask"]]]
+        compact = CompactDetector(model, backend="cpu")
         for blk in compact.blocks:
             blk.pad_to = (pad1, pad2)
         boxes, logits = compact(x)
+    assert all(isinstance(blk, CompiledCpuBlock) for blk in compact.blocks)
     torch.testing.assert_close(boxes, ref_boxes, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-4)
     assert compact.kept_counts().flatten(1).tolist() == ref_kept
-    if path == "fused":  # no torch.conv2d: the slot counts of the compiled step
-        assert not widths
-        slots = [blk._native.counts[2:].tolist() for blk in compact.blocks]
-        assert all(s1 % pad1 == 0 and s2 % pad2 == 0 for s1, s2 in slots)
-        if max(pad1, pad2) > 1:  # some list was padded
-            assert any(s1 > k1 or s2 > k2 for (s1, s2), (k1, k2) in zip(slots, compact.kept_counts()[0].tolist()))
-    else:
-        assert widths and all(out % pad2 == 0 and inp % pad1 == 0 for out, inp in widths)
+    slots = [blk.kernel.counts[2:].tolist() for blk in compact.blocks]
+    assert all(s1 % pad1 == 0 and s2 % pad2 == 0 for s1, s2 in slots)
+    if max(pad1, pad2) > 1:  # some list was padded
+        assert any(s1 > k1 or s2 > k2 for (s1, s2), (k1, k2) in zip(slots, compact.kept_counts()[0].tolist()))
 
 
-@pytest.mark.parametrize("group", [1, 8])
-@pytest.mark.parametrize("keep", [0.3, 1.0])
-def test_compact_fbs_topk_equals_masked_dense(group, keep):
-    """FBS's k-winners-take-all gates: the CPU path's NumPy decision equals Gate.group_keep."""
-    model, _ = gated_model(group, seed=3)
-    for gate in (m for m in model.modules() if isinstance(m, Gate)):
-        gate.fc1.weight.data.normal_(0, 2.0)
-        gate.fc2.weight.data.normal_(0, 1.0)
-    set_gate_mode(model, "topk", keep)
-    x = torch.rand(3, 3, 64, 64)
-    with torch.no_grad():
-        ref = model(x)
-        kept_ref = [[int((m[i] > 0).sum()) for b in model.blocks for m in b.last["mask"]] for i in range(3)]
-        compact = CompactDetector(model)
-        out = compact(x)
-    for a, b in zip(out, ref):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    assert compact.kept_counts().flatten(1).tolist() == kept_ref
-
-
-@pytest.mark.parametrize("path", PATHS)
-def test_batch_images_keep_different_channel_sets(path):
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_batch_images_keep_different_channel_sets(backend):
     model, _ = gated_model()
     set_gate_mode(model, "threshold")
     gates = [m for m in model.modules() if isinstance(m, Gate)]
@@ -173,7 +96,9 @@ def test_batch_images_keep_different_channel_sets(path):
                 gate.threshold.fill_(float(s.min() + s.median()) / 2)
         model(x)
         sets = [torch.cat([(m[i] > 0) for b in model.blocks for m in b.last["mask"]]) for i in range(3)]
-        compact = compact_on(model, path)
+        if backend == "cpu":
+            require_compiled_blocks()
+        compact = CompactDetector(model, backend=backend)
         out = compact(x)
         kept = compact.kept_counts()
         single = [compact(x[i : i + 1]) for i in range(3)]
@@ -183,16 +108,15 @@ def test_batch_images_keep_different_channel_sets(path):
         assert torch.equal(kept[i].sum(), torch.tensor(int(sets[i].sum())))
 
 
-@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("profile", [False, True])
-def test_lean_path_reads_each_frames_weights_when_counts_repeat(profile, fused):
-    """Frames one at a time (the lean path): views of the compiled step's buffers (or, fused,
-    the kept-count arrays) are made once per set of kept counts and reused, so frames that keep
-    as many channels as an earlier one, but other channels, must still compute with their own
-    gathered weights."""
-    from dynprune.compact import CompactBottleneck
+def test_compiled_block_reads_each_frames_weights_when_counts_repeat(profile):
+    """Frames one at a time: the kept-count arrays are made once per set of kept counts and
+    reused, and the gathered weights are reused only when a frame keeps the last frame's channels,
+    so frames that keep as many channels as an earlier one, but other channels, must still compute
+    with their own gathered weights."""
+    from dynprune.kernels.cpu_blocks import CompiledCpuBlock
 
-    require_native_gate_step()
+    require_compiled_blocks()
     torch.manual_seed(0)
     block = Bottleneck(16, 16, 16).eval()
     randomize_bn(block, 0)
@@ -202,14 +126,13 @@ def test_lean_path_reads_each_frames_weights_when_counts_repeat(profile, fused):
         gate.fc1.weight.data.normal_(0, 3.0)
         gate.fc2.weight.data.normal_(0, 3.0)
         gate.threshold.fill_(1.0)
-    compact = CompactBottleneck(block)
+    compact = CompiledCpuBlock(block)
     compact.profile = profile
-    compact.fused = fused
     sets_by_counts, reused, last_set, x_last = {}, [], None, None
     with torch.no_grad():
         for i in range(40):
             x = (torch.randn(1, 16, 6, 6) * 2).contiguous(memory_format=torch.channels_last)
-            if fused and i % 5 == 4:  # mostly the same frame again, with other saliencies: the same kept lists
+            if i % 5 == 4:  # mostly the same frame again, with other saliencies: the same kept lists
                 x = x_last * 1.05
             ref = block(x)
             out = compact(x)
@@ -219,103 +142,81 @@ def test_lean_path_reads_each_frames_weights_when_counts_repeat(profile, fused):
             assert compact.last_kept.tolist() == [counts]
             kept_set = tuple(torch.cat(masks).tolist())
             sets_by_counts.setdefault(tuple(counts), set()).add(kept_set)
-            if fused and sum(counts) and min(counts):  # (a gate that keeps nothing takes no gather)
-                reused.append((bool(compact._native.reused[0]), kept_set == last_set))
+            if sum(counts) and min(counts):  # (a gate that keeps nothing takes no gather)
+                reused.append((bool(compact.kernel.reused[0]), kept_set == last_set))
             last_set, x_last = kept_set, x
-    assert len(compact._counts if fused else compact._views) == len(sets_by_counts) < 40  # reused
+    assert len(compact._counts) == len(sets_by_counts) < 40  # reused
     assert any(len(sets) > 1 for sets in sets_by_counts.values())  # with other channels kept
     assert (compact.gate_ms > 0) == profile
-    if fused:  # the gathered weights were reused, and only when a frame kept the last frame's channels
-        assert any(r for r, _ in reused) and not all(r for r, _ in reused)
-        assert all(r <= same for r, same in reused)
+    # the gathered weights were reused, and only when a frame kept the last frame's channels
+    assert any(r for r, _ in reused) and not all(r for r, _ in reused)
+    assert all(r <= same for r, same in reused)
 
 
-def test_fused_block_gathers_anew_after_the_step_path_ran():
-    """The compiled step (``fused = False``, or a batch) rewrites buffers the fused call's gather
-    lives in: the next fused call must gather again, not reuse."""
-    from dynprune.compact import CompactBottleneck
+def test_compiled_block_alternating_single_frames_and_batches():
+    """A batch runs the same compiled call per image, rewriting the last gather: single frames
+    after it must gather again, not reuse a gather made for another image."""
+    from dynprune.kernels.cpu_blocks import CompiledCpuBlock
 
-    require_native_gate_step()
+    require_compiled_blocks()
     torch.manual_seed(1)
     block = Bottleneck(16, 24, 24).eval()
     randomize_bn(block, 1)
     block.add_gates(group=8)
     set_gate_mode(block, "threshold")
     for gate in (block.gate1, block.gate2):  # saliencies near 2: a gather scaled twice shows in the output
+        gate.fc1.weight.data.normal_(0, 2.0)
         gate.fc2.bias.data.fill_(2.0)
-        gate.threshold.fill_(1.0)
-    compact = CompactBottleneck(block)
-    x = torch.randn(1, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+        gate.threshold.fill_(1.5)
+    compact = CompiledCpuBlock(block)
+    frames = [torch.randn(1, 16, 6, 6) * s for s in (0.5, 2.0)]
     with torch.no_grad():
-        ref = block(x)
-        for fused, batch in ((True, 1), (True, 1), (False, 1), (True, 1), (True, 2), (True, 1)):
-            compact.fused = fused
-            inp = torch.cat([x] * batch).contiguous(memory_format=torch.channels_last)
-            torch.testing.assert_close(compact(inp)[:1], ref, atol=1e-4, rtol=1e-4)
-    assert compact._native.reused[0] == 0  # the batch ran the step: the last call gathered anew
+        refs = [block(f) for f in frames]
+        for batch in (False, False, True, False, True, False):
+            if batch:
+                out = compact(torch.cat([frames[1], frames[0]]))
+                torch.testing.assert_close(out, torch.cat([refs[1], refs[0]]), atol=1e-4, rtol=1e-4)
+            else:
+                x = frames[0].contiguous(memory_format=torch.channels_last)
+                torch.testing.assert_close(compact(x), refs[0], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_compact_block_really_skips_work(memory_format):
-    """Counting multiply-adds proves no full-width hidden activation is ever computed (the
-    channels-last frame takes the lean path with PyTorch's products, the NCHW one the per-image
-    loop)."""
+def test_reference_block_really_skips_work(memory_format):
+    """Counting multiply-adds proves the reference backend skips what its gates drop: past a gate
+    that keeps nothing no 3x3 runs (a dense one would add 2 x 64 x 9 x 32 x 32)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dynprune.compact import CompactBottleneck
+    from dynprune.kernels.reference import ReferenceBlock
 
     block = Bottleneck(16, 32, 32).eval()
     block.add_gates()
     set_gate_mode(block, "threshold")
-    block.gate1.threshold.fill_(1e9)
-    compact = CompactBottleneck(block)
-    compact.fused = False
     x = torch.rand(1, 16, 8, 8).contiguous(memory_format=memory_format)
     with FlopCounterMode(display=False) as fc:
-        compact(x)
-    # The gates run in C or NumPy (uncounted); no 3x3 at all, at most the constant through the 1x1 out.
-    assert fc.get_total_flops() <= 2 * 16 * 32
+        pooled = x.mean((2, 3))
+        block.gate1(pooled), block.gate2(pooled)
+    gate_flops = fc.get_total_flops()
+    block.gate1.threshold.fill_(1e9)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        ReferenceBlock(block)(x)
+    # no 1x1 in, no 3x3 (its bias is the map): at most the output 1x1 over gate 2's channels
+    assert fc.get_total_flops() <= gate_flops + 2 * 64 * 32 * 16
     block.gate1.threshold.fill_(0.0)
     block.gate2.threshold.fill_(1e9)
-    compact = CompactBottleneck(block)
-    compact.fused = False
-    with FlopCounterMode(display=False) as fc:
-        compact(x)
-    assert fc.get_total_flops() == 0  # nothing reaches the output projection: shortcut plus bias
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        ReferenceBlock(block)(x)
+    assert gate_flops < fc.get_total_flops() <= gate_flops + 2 * 64 * 16 * 32  # cv1 only
 
 
-@pytest.mark.parametrize("c,h1,h2,group", [shape[:4] for shape in ODD_BLOCK_SHAPES])
-@pytest.mark.parametrize("size", [shape[4] for shape in ODD_BLOCK_SHAPES])
-def test_fused_block_equals_torch_products_on_odd_shapes(c, h1, h2, group, size):
-    """The fused block's tiles at their edges: widths that are no multiple of a vector, rows that
-    are no multiple of a tile, maps down to one pixel; against the compiled step with PyTorch's
-    products, over frames whose gates keep different channels."""
-    from dynprune.compact import CompactBottleneck
-
-    require_native_gate_step()
-    torch.manual_seed(c + h1 + size[1])
-    block, _ = input_sensitive_block(c, h1, h2, group)
-    fused, plain = CompactBottleneck(block), CompactBottleneck(block)
-    plain.fused = False
-    with torch.no_grad():
-        for _ in range(6):
-            x = (torch.randn(1, c, *size) * 2).contiguous(memory_format=torch.channels_last)
-            out = fused(x)
-            torch.testing.assert_close(out, plain(x), atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(out, block(x), atol=1e-4, rtol=1e-4)
-            assert fused.last_kept.tolist() == plain.last_kept.tolist()
-            assert out.is_contiguous(memory_format=torch.channels_last)
-    assert fused._counts and not fused._views
-
-
-def test_fused_blocks_follow_the_input_size():
+def test_compiled_blocks_follow_the_input_size():
     """Frames of different sizes through one network (a stream that changes resolution): the
     compiled blocks' scratch grows for a larger input and is reused for a smaller one; the dense
     blocks measure their two forms per size."""
     from dynprune.compact import DenseInference
     from dynprune.fusion import FoldedBottleneck
 
-    require_native_gate_step()
+    require_compiled_blocks()
     model, dense_model = gated_model(8, seed=2)
     _random_gates(model, 2, empty_every=5)
     compact, dense = CompactDetector(model), DenseInference(dense_model)
@@ -331,12 +232,12 @@ def test_fused_blocks_follow_the_input_size():
     assert all(len(m._forms.trials) == 4 for m in folded)  # four input sizes each
 
 
-def test_fused_block_really_skips_work():
-    """The fused block's products count the multiply-adds they run (whole vectors): the compact
+def test_compiled_block_really_skips_work():
+    """The compiled block's products count the multiply-adds they run (whole vectors): the compact
     widths' work, not the dense block's, and none past a gate that keeps nothing."""
-    from dynprune.compact import CompactBottleneck
+    from dynprune.kernels.cpu_blocks import CompiledCpuBlock
 
-    require_native_gate_step()
+    require_compiled_blocks()
     torch.manual_seed(0)
     c, hidden, h, w = 16, 64, 8, 10
     block = Bottleneck(c, hidden, hidden).eval()
@@ -350,13 +251,12 @@ def test_fused_block_really_skips_work():
     x = torch.rand(1, c, h, w).contiguous(memory_format=torch.channels_last)
 
     def run():
-        compact = CompactBottleneck(block)
+        compact = CompiledCpuBlock(block)
         with torch.no_grad():
             out, ref = compact(x), block(x)
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
-        native = compact._native
-        assert native is not None and native.fused and compact._counts  # the fused path ran
-        return native, [int(v) for v in native.counts]
+        assert compact._counts  # the single-image call ran
+        return compact.kernel, [int(v) for v in compact.kernel.counts]
 
     native, (kept1, kept2, slots1, slots2) = run()
     assert 0 < kept1 < hidden and 0 < kept2 < hidden
@@ -562,13 +462,13 @@ def test_gate_training_saves_the_model_it_validated(synthetic_yaml, tmp_path, th
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_triton_block_pool_is_the_global_average(channels_last):
     """The GPU engine's pool (a matrix-vector product on NHWC memory) is the plain mean."""
-    from dynprune.compact import TritonCompactBottleneck
+    from dynprune.kernels.triton_block import TritonBlock
 
     x = torch.randn(3, 16, 5, 7)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(TritonCompactBottleneck.pool(x), x.mean((2, 3)))
-    torch.testing.assert_close(TritonCompactBottleneck.pool(x[:1]), x[:1].mean((2, 3)))  # cached row, new batch
+    torch.testing.assert_close(TritonBlock.pool(x), x.mean((2, 3)))
+    torch.testing.assert_close(TritonBlock.pool(x[:1]), x[:1].mean((2, 3)))  # cached row, new batch
 
 
 def test_gate_bias_starts_ordered_by_importance_and_finite_for_a_single_group():

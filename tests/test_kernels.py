@@ -9,7 +9,6 @@ from dynprune.kernels.reference import (
     build_keep_index,
     gather_conv2d,
     gather_conv2d_padded,
-    gather_depthwise_conv2d_padded,
 )
 
 triton = pytest.importorskip("triton", reason="Triton is not installed")
@@ -17,7 +16,7 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
 
-from dynprune.kernels.gather_conv import gather_conv2d_triton, gather_depthwise_conv2d_triton  # noqa: E402
+from dynprune.kernels.gather_conv import gather_conv2d_triton  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 
@@ -171,22 +170,6 @@ def test_fp32_relative_error_is_ieee_level():
     assert err < 1e-5
 
 
-@pytest.mark.parametrize("counts,stride", [([0, 5, 16], 1), ([16, 1, 9], 2)])
-def test_depthwise_matches_reference(counts, stride):
-    g = torch.Generator().manual_seed(6)
-    b = len(counts)
-    x = torch.randn(b, 16, 7, 9, generator=g)
-    weight = torch.randn(16, 1, 3, 3, generator=g)
-    bias = torch.randn(16, generator=g)
-    idx, cnt = build_keep_index(masks_with_counts(b, 16, counts, g).float())
-    scale = torch.rand(b, 16, generator=g)
-    ref = gather_depthwise_conv2d_padded(x, weight, bias, idx, cnt, stride, 1, "silu", scale)
-    out = torch.full_like(ref, float("nan"), device=DEVICE)
-    gather_depthwise_conv2d_triton(x.to(DEVICE), weight.to(DEVICE), bias.to(DEVICE), idx.to(DEVICE),
-                                   cnt.to(DEVICE), stride, 1, "silu", scale.to(DEVICE), out=out)
-    check(out, ref, counts, atol=1e-4, rtol=1e-4)
-
-
 def test_build_keep_index_without_host_sync():
     mask = torch.tensor([[0.0, 0.5, 0.0, 2.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     index, count = build_keep_index(mask)
@@ -195,9 +178,9 @@ def test_build_keep_index_without_host_sync():
 
 
 @pytest.mark.parametrize("group", [1, 8])
-def test_triton_engine_equals_the_pytorch_engine(group, monkeypatch):
-    """The whole dynamic detector through the Triton blocks equals the CPU runtime (a batch: its
-    PyTorch products); with group-8 gates the blocks read kept lists a run of 8 at a time (``in_run``)."""
+def test_triton_engine_equals_the_compiled_cpu_engine(group, monkeypatch):
+    """The whole dynamic detector through the Triton blocks equals the compiled CPU blocks; with
+    group-8 gates the blocks read kept lists a run of 8 at a time (``in_run``)."""
     from dynprune.compact import CompactDetector
     from dynprune.kernels import gather_conv
     from dynprune.model import build_detector
@@ -216,7 +199,7 @@ def test_triton_engine_equals_the_pytorch_engine(group, monkeypatch):
                         or launch(*a, **kw))
     x = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
-        ref = CompactDetector(model, backend="torch")(x)
+        ref = CompactDetector(model, backend="cpu")(x)
         tri = CompactDetector(model, backend="triton", device=DEVICE)
         assert tri.backend == "triton", tri.backend_reason
         out = tri.to(DEVICE)(x.to(DEVICE))
@@ -256,7 +239,7 @@ def test_dynamic_forward_captures_in_one_cuda_graph_and_replays_new_kept_sets():
             frame = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * (seed + 1) / 4
             static_x.copy_(frame.cuda())
             graph.replay()
-            ref = CompactDetector(model, backend="torch")(frame)
+            ref = CompactDetector(model, backend="cpu")(frame)
             torch.testing.assert_close(static_out[1].cpu(), ref[1], atol=1e-3, rtol=1e-3)
             kept_sets.add(tuple(static_kept.flatten().tolist()))
         assert len(kept_sets) > 1  # different frames, different kept sets, same graph
@@ -345,5 +328,3 @@ def test_pool_and_gates_in_one_kernel_match_pool_then_gates(mode, layout, h, w, 
     with pytest.raises(ValueError, match="pool_workspace"):
         gate_index.pooled_block_gates_triton(x[:2], *dev, torch.float32, workspace)
 
-
-# -- the compiled CPU gate step (kernels/cpu_gate.c) against its NumPy reference ---------------

@@ -135,18 +135,18 @@ def test_folded_bottleneck_equals_the_block_in_every_form():
 def test_folded_bottleneck_measures_both_one_image_forms(c, h1, h2, size):
     """One image at a time, a dense block runs the compiled block and bottleneck_pixels on its
     first frames, FormTrials.frames each, then keeps the faster for that input size; both equal the
-    block. With native off it never runs the compiled one."""
+    block. With allow_compiled off it never runs the compiled one."""
     from dynprune.fusion import FoldedBottleneck, fuse_conv_bn, pointwise_as_matmul
     from dynprune.layers import Bottleneck
-    from tests.conftest import require_native_gate_step
+    from tests.conftest import require_compiled_blocks
 
-    require_native_gate_step()
+    require_compiled_blocks()
     torch.manual_seed(c)
     block = Bottleneck(c, h1, h2).eval()
     randomize_bn(block, 1)
     folded = pointwise_as_matmul(fuse_conv_bn(torch.nn.Sequential(FoldedBottleneck(block))))[0]
     plain = copy.deepcopy(folded)
-    plain.native = False
+    plain.allow_compiled = False
     n = folded._forms.frames
     with torch.no_grad():
         for i in range(2 * n + 2):
@@ -159,10 +159,10 @@ def test_folded_bottleneck_measures_both_one_image_forms(c, h1, h2, size):
             if i < 2 * n - 1:
                 assert size not in folded._forms.chosen
     assert [len(t) for t in folded._forms.trials[size]] == [n, n] and size in folded._forms.chosen
-    assert folded._plan and int(folded._plan.macs[0]) > 0  # the compiled block ran
-    assert plain._forms.chosen == {size: 0} and not plain._plan
+    assert folded._kernel and int(folded._kernel.macs[0]) > 0  # the compiled block ran
+    assert plain._forms.chosen == {size: 0} and not plain._kernel
     folded.double()  # .to() drops the compiled block and the choice with the weights
-    assert folded._plan is None and not folded._forms.chosen
+    assert folded._kernel is None and not folded._forms.chosen
 
 
 @pytest.mark.parametrize("k,stride,act", [(3, 2, True), (3, 1, True), (1, 1, True), (1, 1, False)])

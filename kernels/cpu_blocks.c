@@ -1,14 +1,13 @@
-/* CPU host step of one gated bottleneck for one image, in one call.
+/* The compiled CPU backend of a gated bottleneck: the whole block on one image in one call.
  *
- * Pool the block input, run both ManiDP gates (fc1 -> ReLU -> fc2 + bias -> ReLU), keep the
- * groups whose saliency reaches the threshold, build both kept-channel lists, each padded to a
- * multiple of its pad_to with zero-scaled copies, and gather the saliency-scaled weights of the
- * three convolutions (dp_block_plan; dp_block_forward below runs the whole block and scales the
- * activations instead). Python (kernels/cpu_gate.py) compiles this file on first use; its
- * reference is CompactBottleneck's NumPy path (dynprune/compact.py), which the tests compare
- * it with. Done in NumPy, this step is a few dozen calls of about a microsecond each, three to
- * five times slower inside the running network, where every call finds cold caches; here it is
- * one call whose cost is the memory it reads.
+ * dp_block_forward pools the block input, runs both ManiDP gates (fc1 -> ReLU -> fc2 + bias ->
+ * ReLU), keeps the groups whose saliency reaches the threshold (the decision of Gate.group_keep
+ * in dynprune/gates.py), builds both kept-channel lists, each padded to a multiple of its pad_to
+ * with zero-scaled copies, gathers the kept weights, then runs the block's three products on the
+ * kept channels with bias, SiLU, saliency scale and shortcut fused, tiled in vector registers.
+ * dp_dense_forward runs the same products on every channel of an un-gated block. Python
+ * (kernels/cpu_blocks.py) compiles this file on first use; its specification is the reference
+ * backend (kernels/reference.py), which the tests compare it with.
  */
 #define _POSIX_C_SOURCE 199309L  /* clock_gettime under -std=c99 */
 #include <stdint.h>
@@ -16,7 +15,7 @@
 #include <math.h>
 #include <time.h>
 
-/* Built with -fopenmp where PyTorch runs on GNU OpenMP (kernels/cpu_gate.py checks): the
+/* Built with -fopenmp where PyTorch runs on GNU OpenMP (kernels/cpu_blocks.py checks): the
    parallel loops below then run on PyTorch's own thread pool, whose workers are still spinning
    from the block's previous matrix product, and follow torch.set_num_threads. Built without it,
    the pragmas are ignored and the step is serial. Only large loops go parallel: a parallel
@@ -33,7 +32,6 @@ typedef struct {
     const float *fc2_b;      /* (g1 + g2) */
     const float *thresholds; /* (g1 + g2), already >= the smallest positive float */
     const float *rows;       /* (h1 + h2, c + 1): W1 | b1 rows, then W3^T | b2 rows */
-    const float *w2_ohwi;    /* (h2, taps, h1) */
     double *pooled;          /* scratch (c) */
     float *chunk_sums;       /* scratch (chunk_capacity, c): the pool's per-chunk partial sums */
     int64_t chunk_capacity;  /* chunks of POOL_CHUNK pixels that chunk_sums holds */
@@ -42,11 +40,9 @@ typedef struct {
     int64_t *index;          /* out (h1 + pad_to1 + h2 + pad_to2): rows of `rows`, gate 1 then gate 2 */
     float *scale;            /* out, same length: each slot's saliency, 0 for padding */
     float *rows_out;         /* out (h1 + pad_to1 + h2 + pad_to2, c + 1) */
-    float *w2_out;           /* out (h2 + pad_to2, taps, h1 + pad_to1) as (slots2, taps, slots1) */
     int64_t *counts;         /* out: kept1, kept2, slots1, slots2 */
     int64_t *run_bounds;     /* scratch (h1 + pad_to1 + 1): first slot of each run of gate 1's list */
-    int64_t *run_bounds2;    /* scratch (h2 + pad_to2 + 1): the same for gate 2's list (dp_block_forward) */
-    /* dp_block_forward only (NULL where it is not used) */
+    int64_t *run_bounds2;    /* scratch (h2 + pad_to2 + 1): the same for gate 2's list */
     const float *w1_kn;      /* (c, h1): W1 transposed, a row per input channel */
     const float *w2_tio;     /* (taps, h1, h2): W2 with the input channel before the output one */
     const float *b3;         /* (round16(c) + 16): cv3's bias, zero padded */
@@ -88,7 +84,7 @@ static int64_t kept_list(const float *saliency, const float *thresholds, int64_t
     return slots;
 }
 
-static inline int plan_lists(const dp_block *b, const float *pixels, int64_t hw) {
+static inline int gates_and_kept_lists(const dp_block *b, const float *pixels, int64_t hw) {
     const int64_t c = b->c, hid = b->hid1 + b->hid2;
 
     /* global average pool: float sums over chunks of POOL_CHUNK pixels (vectorized loops),
@@ -152,66 +148,12 @@ static int64_t kept_runs(const int64_t *index, int64_t n, int64_t *bounds) {
     return runs;
 }
 
-/* W1 | b1 rows for gate 1's slots; W3^T | b2 rows for gate 2's, W3 scaled by saliency where
-   `scaled`; rows [first, slots1 + slots2) of them. */
-static inline void gather_rows(const dp_block *b, int64_t first, int scaled) {
+/* W3^T | b2 rows of gate 2's slots, rows [first, slots1 + slots2) of rows_out. */
+static inline void gather_rows(const dp_block *b, int64_t first) {
     const int64_t c = b->c, width = c + 1, slots1 = b->counts[2], slots2 = b->counts[3];
     #pragma omp parallel for schedule(static) if ((slots1 + slots2 - first) * width >= GATHER_PARALLEL_MIN)
-    for (int64_t r = first; r < slots1 + slots2; ++r) {
-        float *row = b->rows_out + r * width;
-        memcpy(row, b->rows + b->index[r] * width, (size_t)width * sizeof(float));
-        if (scaled && r >= slots1) {
-            const float s = b->scale[r];
-            for (int64_t k = 0; k < c; ++k) row[k] *= s;
-        }
-    }
-}
-
-/* Built for the machine itself (-march=native, DP_NATIVE) where the compiler can; otherwise, on
-   x86-64 with GCC, an AVX2+FMA clone of the whole step is picked at load time where the CPU has
-   them (vector gathers for W2, wider pool and MLP loops), and the portable build elsewhere. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(DP_NATIVE)
-__attribute__((target_clones("arch=x86-64-v3", "default")))
-#endif
-int dp_block_plan(const dp_block *b, const float *pixels, int64_t hw) {
-    if (plan_lists(b, pixels, hw) != 0) return -1;
-    if (b->gathered) b->gathered[0] = -1;  /* rows_out is rewritten: dp_block_forward gathers anew */
-    gather_rows(b, 0, 1);
-    const int64_t kept1 = b->counts[0], kept2 = b->counts[1], slots1 = b->counts[2], slots2 = b->counts[3];
-    /* W2 rows of gate 2's slots, columns of gate 1's, each column scaled by its saliency, as
-       (slots2, taps, slots1). Where gate 1's list is made of long runs of consecutive channels
-       (group gates: runs of 8 or 16) they are copied a run at a time, with contiguous loads
-       that vectorise; a per-slot index needs a vector gather, slow on x86. In the network
-       (nano, 320 px, keep 0.48) runs cut group-8 gates' W2 gather from 243-270 to 207-237 us
-       a frame, but made group-1 gates' slower (317-377 -> 362-516 us: runs of one or two), so
-       single channels keep the per-slot loop. Storing W2 group-major, so that only kept
-       groups' weights are read, was slower still (284-348 us): the writes stride across taps. */
-    if (kept1 > 0 && kept2 > 0) {
-        const int64_t runs = kept_runs(b->index, slots1, b->run_bounds);
-        const int64_t *bounds = b->run_bounds;
-        const int by_runs = runs * 4 <= slots1;  /* runs of 4 or more on average */
-        #pragma omp parallel for schedule(static) if (slots2 * b->taps * slots1 >= GATHER_PARALLEL_MIN)
-        for (int64_t o = 0; o < slots2; ++o) {
-            const float *src = b->w2_ohwi + (b->index[slots1 + o] - b->h1) * b->taps * b->h1;
-            float *dst = b->w2_out + o * b->taps * slots1;
-            for (int64_t t = 0; t < b->taps; ++t) {
-                const float *src_tap = src + t * b->h1;
-                float *dst_tap = dst + t * slots1;
-                if (!by_runs) {
-                    for (int64_t i = 0; i < slots1; ++i) dst_tap[i] = src_tap[b->index[i]] * b->scale[i];
-                    continue;
-                }
-                for (int64_t r = 0; r < runs; ++r) {
-                    const int64_t i0 = bounds[r], n = bounds[r + 1] - i0;
-                    const float *from = src_tap + b->index[i0];
-                    const float *scale = b->scale + i0;
-                    float *to = dst_tap + i0;
-                    for (int64_t k = 0; k < n; ++k) to[k] = from[k] * scale[k];
-                }
-            }
-        }
-    }
-    return 0;
+    for (int64_t r = first; r < slots1 + slots2; ++r)
+        memcpy(b->rows_out + r * width, b->rows + b->index[r] * width, (size_t)width * sizeof(float));
 }
 
 /* Pixels per chunk of the pool, for the caller sizing chunk_sums. */
@@ -232,7 +174,7 @@ int64_t dp_pool_chunk(void) { return POOL_CHUNK; }
  */
 /* The tile of one product: MR pixels of an image row x NV vectors of VL output channels, all
    its sums in registers. Sized to the register file of the target the library is built for
-   (-march=native where the compiler has it; kernels/cpu_gate.py keys its cache on the CPU). */
+   (-march=native where the compiler has it; kernels/cpu_blocks.py keys its cache on the CPU). */
 #if defined(__AVX512F__)
 #define VL 16  /* 32 zmm registers: 20 sums, 2 weight vectors, a broadcast */
 #define NV 2
@@ -446,12 +388,12 @@ static void block_products(const float *pixels, int64_t h, int64_t w, int64_t c,
 
 /* The block on one image: pixels (h * w, c) float32 NHWC in, out (h * w, c) NHWC. Returns 0,
    -1 where chunk_sums is too small for the pool, -2 where maps is too small for this input and
-   these kept widths (the caller grows them and calls again). counts as for dp_block_plan. */
+   these kept widths (the caller grows them and calls again). counts: kept1, kept2, slots1, slots2. */
 int dp_block_forward(const dp_block *b, const float *pixels, int64_t h, int64_t w, float *out) {
     const int64_t c = b->c, hw = h * w, taps = b->taps;
     struct timespec start;
     clock_gettime(CLOCK_MONOTONIC, &start);
-    if (plan_lists(b, pixels, hw) != 0) return -1;
+    if (gates_and_kept_lists(b, pixels, hw) != 0) return -1;
     const int64_t slots1 = b->counts[2], slots2 = b->counts[3];
     const int64_t ld1 = ROUND16(slots1), ld2 = ROUND16(slots2);
     if (map_floats(h, w, slots1, slots2) > b->map_capacity) return -2;
@@ -461,7 +403,7 @@ int dp_block_forward(const dp_block *b, const float *pixels, int64_t h, int64_t 
     if (slots1 == 0 || slots2 == 0) {
         /* A gate keeps nothing: the 3x3's output is its bias (or nothing reaches cv3), so the
            block adds one constant row to its shortcut: b3 + s2 * silu(b2) @ W3^T over gate 2's slots */
-        gather_rows(b, slots1, 0);
+        gather_rows(b, slots1);
         b->gathered[0] = -1;  /* the rows above overwrote part of the kept gather */
         *b->reused = 0;
         float *row = b->constant_row;
@@ -488,7 +430,7 @@ int dp_block_forward(const dp_block *b, const float *pixels, int64_t h, int64_t 
                       && memcmp(last + 2, b->index, (size_t)n_index * sizeof(int64_t)) == 0;
     *b->reused = reuse;
     if (!reuse) {
-        gather_rows(b, slots1, 0);  /* W3^T rows and b2 of gate 2's slots */
+        gather_rows(b, slots1);  /* W3^T rows and b2 of gate 2's slots */
         /* Runs of consecutive channels in both kept lists (group gates: runs of 8 or 16), so that the
            gathers below copy a run at a time */
         const int64_t *out_index = b->index + slots1, *bounds1 = b->run_bounds, *bounds2 = b->run_bounds2;
