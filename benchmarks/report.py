@@ -99,14 +99,15 @@ def model_sizes() -> Table:
 
 
 def cpu_dynamic() -> Table:
-    d = _load("cpu-x86-2core/dynamic-vs-dense-untrained-nano-320.json")
-    rows = []
-    for threads in sorted({r["threads"] for r in d["runs"]}, reverse=True):
-        rs = [r for r in d["runs"] if r["threads"] == threads]
-        rows.append((threads, len(rs), _f(statistics.median(r["keep_mean"] for r in rs), 3),
-                     _median([r["dense_p50_ms"] for r in rs], 2), _median([r["dynamic_p50_ms"] for r in rs], 2),
-                     _median([r["speedup"] for r in rs], 2)))
-    return d, ["threads", "runs", "keep", "dense p50 ms, median (range)", "dynamic p50 ms", "speed-up"], rows
+    d = _load("cpu-x86-2core/dynamic-vs-dense-raccoon-320.json")
+    groups: Dict[tuple, list] = {}
+    for r in d["runs"]:
+        groups.setdefault((r["models"], r["commit"], r["date"], r["threads"]), []).append(r)
+    rows = [(models, f"{commit}, {date}", threads, len(rs), _f(statistics.median(r["keep_mean"] for r in rs), 3),
+             _median([r["dense_p50_ms"] for r in rs], 2), _median([r["dynamic_p50_ms"] for r in rs], 2),
+             _median([r["speedup"] for r in rs], 2)) for (models, commit, date, threads), rs in groups.items()]
+    return d, ["models", "commit", "threads", "runs", "keep", "dense p50 ms, median (range)", "dynamic p50 ms",
+               "speed-up"], rows
 
 
 def _bench_rows(d: dict) -> List[Sequence]:
