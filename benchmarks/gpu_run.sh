@@ -7,8 +7,8 @@
 # git; see the device README), e.g. here:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux2014_x86_64 -d .whl pycocotools
-# The whole suite on the H100 found two crashes of `dynprune prune` on CUDA that
-# no CPU run could; tests/test_kernels.py alone would not have.
+# The whole suite, not only the Triton tests: it runs the CUDA paths of training and pruning,
+# which no CPU run reaches.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"

@@ -80,6 +80,36 @@ def input_sensitive_block(c: int, h1: int, h2: int, group: int, seed: int = 1):
     return block, plain
 
 
+def gated_model(group: int = 1, seed: int = 0):
+    """A tiny gated detector (BN randomized) and its dense twin with the same weights."""
+    from dynprune.model import build_detector
+
+    torch.manual_seed(seed)
+    model = build_detector(tiny_config(widths=(8, 16, 24, 16)))
+    dense = build_detector(tiny_config(widths=(8, 16, 24, 16)))
+    randomize_bn(model, seed)
+    dense.load_state_dict(model.state_dict())
+    model.add_gates(group=group)
+    return model.eval(), dense.eval()
+
+
+def random_gates(model, seed, empty_every=3):
+    """Random saliencies and thresholds: some layers keep nothing, some everything."""
+    from dynprune.gates import Gate, set_gate_mode
+
+    g = torch.Generator().manual_seed(seed)
+    set_gate_mode(model, "threshold")
+    for i, gate in enumerate(m for m in model.modules() if isinstance(m, Gate)):
+        gate.fc2.weight.data.normal_(0, 1.0, generator=g)
+        gate.fc2.bias.data.uniform_(0.0, 1.0, generator=g)
+        if i % empty_every == 0:
+            gate.threshold.fill_(1e9)  # empty mask
+        elif i % empty_every == 1:
+            gate.threshold.fill_(0.0)  # full mask (saliency > 0 still required)
+        else:
+            gate.threshold.fill_(0.8)
+
+
 @pytest.fixture
 def synthetic_yaml(tmp_path):
     from dynprune.data.synthetic import write_synthetic

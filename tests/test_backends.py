@@ -144,12 +144,12 @@ def test_the_compiled_kept_lists_are_the_reference_slot_order_padded(group):
 @pytest.mark.parametrize("group", [1, 8])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_compact_detector_equals_the_masked_dense_detector(backend, batch, group, seed):
-    from tests.test_gates import _random_gates, gated_model
+    from tests.conftest import gated_model, random_gates
 
     if backend == "cpu":
         require_compiled_blocks()
     model, _ = gated_model(group, seed)
-    _random_gates(model, seed)
+    random_gates(model, seed)
     x = torch.rand(batch, 3, 64, 64)
     with torch.no_grad():
         ref_boxes, ref_logits = model(x)
@@ -170,7 +170,7 @@ def test_compact_detector_equals_the_masked_dense_detector(backend, batch, group
 def test_fbs_topk_gates_run_on_the_reference_backend(group, keep):
     """FBS's k-winners-take-all has no compiled form: ``auto`` gives the reference backend, says
     why, and the result is the masked dense model's."""
-    from tests.test_gates import gated_model
+    from tests.conftest import gated_model
 
     model, _ = gated_model(group, seed=3)
     for gate in (m for m in model.modules() if isinstance(m, Gate)):

@@ -49,13 +49,12 @@ def test_calibrate_measures_the_new_thresholds_metrics(synthetic_yaml, tmp_path,
     from dynprune.checkpoint import model_from_checkpoint
     from dynprune.data import load_dataset
     from dynprune.validate import run_validation
-    from tests.conftest import randomize_bn
-    from tests.test_gates import _random_gates
+    from tests.conftest import random_gates, randomize_bn
 
     model = build_detector(tiny_config())
     randomize_bn(model)
     model.add_gates()
-    _random_gates(model, 0, empty_every=100)
+    random_gates(model, 0, empty_every=100)
     stale = {"epoch": 3, "ap50": 0.99, "ap50_95": 0.77, "keep_mean": 0.11}
     path = tmp_path / "gate.pt"
     save_atomic(make_checkpoint(model.eval(), ["ring"], 64, "gated", gate={"method": "manidp", "mode": "threshold"},

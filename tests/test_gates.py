@@ -15,17 +15,7 @@ from dynprune.manidp import (
     sparsity_loss,
 )
 from dynprune.model import build_detector
-from tests.conftest import randomize_bn, require_compiled_blocks, tiny_config
-
-
-def gated_model(group=1, seed=0):
-    torch.manual_seed(seed)
-    model = build_detector(tiny_config(widths=(8, 16, 24, 16)))
-    dense = build_detector(tiny_config(widths=(8, 16, 24, 16)))
-    randomize_bn(model, seed)
-    dense.load_state_dict(model.state_dict())
-    model.add_gates(group=group)
-    return model.eval(), dense.eval()
+from tests.conftest import gated_model, random_gates, randomize_bn, require_compiled_blocks, tiny_config
 
 
 def test_open_gates_equal_the_dense_model():
@@ -37,21 +27,6 @@ def test_open_gates_equal_the_dense_model():
             torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
-def _random_gates(model, seed, empty_every=3):
-    """Random saliencies and thresholds: some layers keep nothing, some everything."""
-    g = torch.Generator().manual_seed(seed)
-    set_gate_mode(model, "threshold")
-    for i, gate in enumerate(m for m in model.modules() if isinstance(m, Gate)):
-        gate.fc2.weight.data.normal_(0, 1.0, generator=g)
-        gate.fc2.bias.data.uniform_(0.0, 1.0, generator=g)
-        if i % empty_every == 0:
-            gate.threshold.fill_(1e9)  # empty mask
-        elif i % empty_every == 1:
-            gate.threshold.fill_(0.0)  # full mask (saliency > 0 still required)
-        else:
-            gate.threshold.fill_(0.8)
-
-
 @pytest.mark.parametrize("pad_to", [1, 3, (4, 8), (8, 1)])
 def test_padded_kept_lists_change_nothing(pad_to):
     """Each gate's kept list padded to its own multiple with zero-scaled slots (the compiled CPU
@@ -60,7 +35,7 @@ def test_padded_kept_lists_change_nothing(pad_to):
 
     require_compiled_blocks()
     model, _ = gated_model(1, seed=4)
-    _random_gates(model, 4)
+    random_gates(model, 4)
     x = torch.rand(1, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     pad1, pad2 = (pad_to, pad_to) if isinstance(pad_to, int) else pad_to
     with torch.no_grad():
@@ -218,7 +193,7 @@ def test_compiled_blocks_follow_the_input_size():
 
     require_compiled_blocks()
     model, dense_model = gated_model(8, seed=2)
-    _random_gates(model, 2, empty_every=5)
+    random_gates(model, 2, empty_every=5)
     compact, dense = CompactDetector(model), DenseInference(dense_model)
     with torch.no_grad():
         for size in (64, 96, 32, 96, 64, 128):

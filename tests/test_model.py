@@ -34,9 +34,17 @@ def test_input_not_multiple_of_32_is_refused():
 
 
 def test_predict_returns_boxes_in_input_pixels():
+    """On a 96x64 input every anchor's box comes back (no threshold, no suppression) centred on
+    its anchor point in input pixels: x from 4 to 92, y from 4 to 60 (strides 8 to 32)."""
+    torch.manual_seed(0)
     model = build_detector(tiny_config()).eval()
-    dets = model.predict(torch.rand(1, 3, 64, 64), conf=0.0)
-    assert dets[0]["boxes"].shape[1] == 4 and len(dets[0]["boxes"]) <= 100
+    with torch.no_grad():
+        dets = model.predict(torch.rand(1, 3, 64, 96), conf=0.0, iou=1.0, max_det=1000)
+    boxes = dets[0]["boxes"]
+    assert boxes.shape == (12 * 8 + 6 * 4 + 3 * 2, 4)
+    centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+    torch.testing.assert_close(centres.min(0).values, torch.tensor([4.0, 4.0]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(centres.max(0).values, torch.tensor([92.0, 60.0]), atol=1e-3, rtol=0)
 
 
 def test_cost_model_agrees_with_flop_counter_for_pruned_widths():

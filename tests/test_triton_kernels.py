@@ -184,15 +184,14 @@ def test_triton_engine_equals_the_compiled_cpu_engine(group, monkeypatch):
     from dynprune.compact import CompactDetector
     from dynprune.kernels import gather_conv
     from dynprune.model import build_detector
-    from tests.conftest import randomize_bn, tiny_config
-    from tests.test_gates import _random_gates
+    from tests.conftest import random_gates, randomize_bn, tiny_config
 
     torch.manual_seed(0)
     model = build_detector(tiny_config(widths=(8, 16, 24, 16)))
     randomize_bn(model)
     model.add_gates(group=group)
     model.eval()
-    _random_gates(model, 0)
+    random_gates(model, 0)
     runs = []
     launch = gather_conv.gather_conv2d_triton
     monkeypatch.setattr(gather_conv, "gather_conv2d_triton", lambda *a, **kw: runs.append(kw.get("in_run", 1))
@@ -213,15 +212,14 @@ def test_dynamic_forward_captures_in_one_cuda_graph_and_replays_new_kept_sets():
     from dynprune.compact import CompactDetector
     from dynprune.gates import Gate
     from dynprune.model import build_detector
-    from tests.conftest import randomize_bn, tiny_config
-    from tests.test_gates import _random_gates
+    from tests.conftest import random_gates, randomize_bn, tiny_config
 
     torch.manual_seed(0)
     model = build_detector(tiny_config(widths=(8, 16, 24, 16)))
     randomize_bn(model)
     model.add_gates()
     model.eval()
-    _random_gates(model, 1, empty_every=100)
+    random_gates(model, 1, empty_every=100)
     for gate in model.modules():  # gates that react strongly to the frame (checked on the CPU path:
         if isinstance(gate, Gate):  # these four frames give two different kept sets)
             gate.fc1.weight.data.normal_(0, 1.0)
