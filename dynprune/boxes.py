@@ -91,8 +91,7 @@ def detections_numpy(
     The CPU path of :func:`postprocess` (serving, validation). It filters by ``conf`` before ranking,
     and all of it runs as a dozen NumPy calls and one call of torchvision's NMS kernel, where the
     torch steps make about forty calls. That matters right after a network has run, when each call
-    finds cold caches: on the raccoon bundle, a frame's post-processing took 0.33-0.59 ms in the
-    pipeline against 0.12 ms warm (BENCHMARKS.md)."""
+    finds cold caches (docs/DESIGN.md, "The CPU path")."""
     num_classes = scores.shape[-1]
     flat = scores.reshape(-1)
     index = np.flatnonzero(flat > conf)

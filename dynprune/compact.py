@@ -70,15 +70,13 @@ class CompactDetector(nn.Module):
 
 class DenseInference(nn.Module):
     """The fastest PyTorch form of a dense (or statically pruned) model: BN folded into one
-    :class:`~dynprune.fusion.FoldedConv` per layer, channels_last (on the CPU as fast or faster for
-    every layer shape measured; on the H100 in fp16 the nano detector takes 0.387 ms in a CUDA graph
-    NHWC against 0.489 ms NCHW), and on the CPU the 1x1 convolutions as matrix products, the other
+    :class:`~dynprune.fusion.FoldedConv` per layer, channels_last (faster on the CPU and for cuDNN's
+    fp16 convolutions), and on the CPU the 1x1 convolutions as matrix products, the other
     convolutions on oneDNN weights made once with the SiLU fused
-    (:func:`~dynprune.fusion.prepack_convolutions`: 8-10% off the dense nano network at 320 px on two
-    cores), and each bottleneck as one :class:`~dynprune.fusion.FoldedBottleneck` call, as the
-    compact blocks run theirs (the same code, :func:`~dynprune.fusion.bottleneck_pixels`). So a
-    dense-against-dynamic comparison measures the skipped channels against the fastest dense form
-    found, not against a slower wrapper."""
+    (:func:`~dynprune.fusion.prepack_convolutions`), and each bottleneck as one
+    :class:`~dynprune.fusion.FoldedBottleneck` call. So a dense-against-dynamic comparison measures
+    the skipped channels against the fastest dense form found, not against a slower wrapper
+    (docs/DESIGN.md, "The CPU path")."""
 
     def __init__(self, model: Detector) -> None:
         super().__init__()

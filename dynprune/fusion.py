@@ -147,9 +147,8 @@ def packed_conv_weight(weight: torch.Tensor, padding, stride, groups: int, input
     ``x``, or a PyTorch built without oneDNN (said once in the log).
 
     Why: PyTorch's eager ``conv2d`` on the CPU reorders the weight into oneDNN's layout on every
-    call. Reordered once, with the SiLU fused into the convolution, the dense nano network at 320 px
-    ran 8-10% faster on two cores (BENCHMARKS.md); a 3x3 at 256 channels and 10x10,
-    623 -> 505 us. The compact blocks' gathered weights change every frame and cannot be kept so.
+    call; reordered once, with the SiLU fused into the convolution, the dense network runs faster.
+    The compact blocks' gathered weights change every frame and cannot be kept so.
     """
     global _prepack_failure_logged
     for t in (weight,) if x is None else (weight, x):
@@ -191,8 +190,7 @@ class PointwiseConv(nn.Module):
     """A biased 1x1 convolution that runs as one ``addmm`` over channels-last pixels on the CPU.
 
     oneDNN's 1x1 convolution is slower than a plain matrix product at the detector's shapes on
-    two AVX2 cores (measured at 80x80, 32->32: 307 us against 222 us; the dense nano network at
-    320: 27.5 ms against 26.8 ms). Elsewhere (a GPU, NCHW memory, a stride) it is the
+    small CPUs. Elsewhere (a GPU, NCHW memory, a stride) it is the
     convolution it replaces, so the CUDA path keeps cuDNN and its measured timings.
     """
 
@@ -254,9 +252,7 @@ class FoldedBottleneck(nn.Module):
     (:class:`~dynprune.kernels.cpu_blocks.DenseBlockKernel`, where a C compiler works)
     or :func:`bottleneck_pixels` on cached weight views, the 3x3 on oneDNN. Each block measures
     both on its first frames of each input size (:class:`FormTrials`) and keeps the faster one,
-    so the dense network is the fastest dense form found whatever the CPU (nano at 320 px on two
-    cores: the compiled block wins on every block but the 256-channel one at 10x10, and the
-    network is 6% faster; BENCHMARKS.md). Anything else (a batch, a GPU, half
+    so the dense network is the fastest dense form found whatever the CPU. Anything else (a batch, a GPU, half
     precision) runs the three layers and the add as the block does.
     """
 

@@ -22,9 +22,8 @@ from torch import nn
 MODES = ("open", "threshold", "topk")
 
 #: Channels per gate decision when gates are trained (``dynprune gate --group``). Whole groups of
-#: 8 let the GPU kernels read kept channels as 16-byte vectors (the nano network 1.2x faster on an
-#: H100), run as fast on the CPU, and held AP on raccoon (AP50 0.783 against 0.759 for single
-#: channels; BENCHMARKS.md).
+#: 8 let the GPU kernels read kept channels as 16-byte vectors (docs/DESIGN.md, "The GPU path"),
+#: run as fast on the CPU, and hold AP as well as single channels.
 DEFAULT_GATE_GROUP = 8
 
 

@@ -15,7 +15,7 @@ projection) the residual add into the full-width stream.
 Group gates keep whole aligned groups of 8 or 16 channels. Told so (``in_run``/``out_run``),
 the kernel compares masks run by run and marks the index lists contiguous in runs, and its
 activation and weight loads and compact stores become 16-byte vectors instead of 2-byte
-gathers: the nano network at 640 on the H100 went from 0.415 to 0.346 ms (docs/DESIGN.md, "The GPU path").
+gathers (docs/DESIGN.md, "The GPU path").
 """
 
 from __future__ import annotations

@@ -63,10 +63,8 @@ def measure_in_turns(engines: Dict[str, Callable[[np.ndarray], Any]], images: Li
     ``total_ms``), ``wall`` (seconds in the calls), ``keep``, ``gflops`` and ``stages``.
 
     The engines take turns on each frame, in an order that rotates from frame to frame, after
-    all of them are warm. Run one after the other, the first engine measured was slower in code
-    that every engine shares: on the H100 letterboxing took 1.05 ms a frame for
-    dense, measured first, against 0.67 ms for dynamic, measured second, while CPU clocks and
-    caches settled.
+    all of them are warm: run one after the other, the first engine measured is slower in code
+    that every engine shares (letterboxing, NMS) while CPU clocks and caches settle.
 
     ``progress(done, total)`` is called every ``every_s`` seconds (not timed). With a
     ``governor``, the engines on PyTorch's CPU threads run with the thread count it chooses, as
