@@ -225,6 +225,8 @@ class Trainer:
         if main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+            if self.start_epoch == 0:  # a new run: a new record (a resumed one appends)
+                (self.out / "results.jsonl").write_text("")
         loader_gen = torch.Generator()
         metrics: Dict[str, Any] = {}
         for epoch in range(self.start_epoch, cfg.epochs):
@@ -282,6 +284,8 @@ class Trainer:
                 if is_best:
                     self.best = fitness(record)
                 self._save(epoch, record, is_best or not (self.out / "best.pt").exists())
+                with open(self.out / "results.jsonl", "a") as f:  # one line an epoch, for plots and scripts
+                    f.write(json.dumps({**record, "best": is_best}) + "\n")
                 self.log(self.format_record(record))
         if self.world > 1:
             import torch.distributed as dist
