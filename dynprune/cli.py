@@ -165,7 +165,7 @@ def _apply_resume(args, kind: str, explicit: set) -> dict:
 _GATE_FLAGS = (("--keep", "keep", "keep"), ("--gate", "gate", "method"), ("--sparsity", "sparsity", "sparsity"),
                ("--similarity", "similarity", "similarity"), ("--beta", "beta", "beta"),
                ("--threshold-every", "threshold_every", "threshold_every"), ("--keep-on", "keep_on", "keep_on"),
-               ("--schedule", "schedule", "schedule"))
+               ("--schedule", "schedule", "schedule"), ("--distill", "distill", "distill"))
 
 
 def _resume_gate_settings(args, ckpt: dict) -> None:
@@ -259,7 +259,8 @@ def cmd_gate(args) -> int:
     result = train_gates(args.weights, spec, cfg, keep=args.keep, method=args.gate, group=args.group,
                          resume=args.resume, sparsity=args.sparsity, similarity=args.similarity, beta=args.beta,
                          complexity=not args.no_complexity, threshold_every=args.threshold_every,
-                         gate_lr_mult=args.gate_lr_mult, keep_on=args.keep_on, schedule=args.schedule)
+                         gate_lr_mult=args.gate_lr_mult, keep_on=args.keep_on, schedule=args.schedule,
+                         distill=args.distill)
     print(f"done: best AP50-95 {result['best_ap50_95']:.4f}; gated weights in {args.out}/best.pt "
           f"(dynprune val --weights {args.out}/best.pt --report {args.out}/report)")
     note = keep_shortfall(result, args.keep, args.gate, not args.no_complexity, args.keep_on)
@@ -530,6 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=sorted(SCHEDULES),
                    help="settle: thresholds reach the target at 65%% of the epochs and the rest fine-tunes at it; "
                         "paper: ManiDP's official schedule, at the target only in the last epoch")
+    p.add_argument("--distill", type=nonneg_float, default=0.0, metavar="W",
+                   help="weight of a loss pulling each block's output toward the dense model's (0: off)")
     p.add_argument("--threshold-every", type=nonneg_int, default=0, metavar="N",
                    help="reset thresholds every N steps instead of every epoch (smoother on short schedules)")
     p.add_argument("--out", default="runs/gate")

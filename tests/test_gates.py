@@ -474,3 +474,35 @@ def test_keep_shortfall_names_the_cause():
     assert "--keep-on frames" in keep_shortfall(result, 0.5, keep_on="mean")
     note = keep_shortfall(result, 0.5, keep_on="frames")
     assert note.startswith("the gates keep 0.20") and "calibrate --keep 0.5" in note
+
+
+def test_distillation_trains_the_gated_model_toward_a_frozen_dense_teacher(synthetic_yaml, tmp_path):
+    """--distill: a training step computes a finite block-output loss against the dense teacher on
+    the same images, its gradient reaches the student, the teacher never changes, and the gate
+    record says it was used (so --resume takes it)."""
+    import copy
+
+    from dynprune.checkpoint import load_checkpoint
+    from dynprune.data import load_dataset
+    from dynprune.train.engine import TrainConfig
+    from dynprune.train.gate import GateTrainer
+
+    model, dense = gated_model()
+    teacher_before = copy.deepcopy(dense.state_dict())
+    cfg = TrainConfig(epochs=2, batch=8, imgsz=64, workers=0, out=str(tmp_path))
+    t = GateTrainer(model.train(), load_dataset(synthetic_yaml), cfg, keep=0.5, distill=1.0, teacher=dense,
+                    log=lambda *_: None)
+    x = torch.rand(4, 3, 64, 64)
+    t.model.train()
+    boxes, logits = t.model(x)
+    loss = t.distill_loss()
+    assert torch.isfinite(loss) and float(loss) > 0 and len(t._teacher_out) == len(t.model.blocks)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in t.model.parameters())
+    t.model.zero_grad()
+    t.fit()
+    for k, v in t.teacher.state_dict().items():
+        torch.testing.assert_close(v.cpu(), teacher_before[k])
+    assert load_checkpoint(tmp_path / "last.pt")["gate"]["distill"] == 1.0
+    with pytest.raises(ValueError, match="teacher"):
+        GateTrainer(gated_model()[0], load_dataset(synthetic_yaml), cfg, distill=1.0)

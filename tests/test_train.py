@@ -63,7 +63,8 @@ def test_resume_continues_from_the_saved_epoch(synthetic_yaml, tmp_path):
     assert [h["epoch"] for h in hist] == [1, 2, 3]
     # results.jsonl: one line an epoch across the interruption, validated epochs with their AP
     lines = [json.loads(line) for line in (tmp_path / "a" / "results.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in lines] == [1, 2, 3] and all("ap50_95" in r and "best" in r for r in lines)
+    assert [r["epoch"] for r in lines] == [1, 2, 3]
+    assert all("ap50_95" in r and "best" in r and r["eligible"] for r in lines)
     # The resumed run equals an uninterrupted one.
     torch.manual_seed(0)
     full = Trainer(build_detector(tiny_config()), spec, _cfg(tmp_path / "b", 3), log=quiet)

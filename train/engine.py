@@ -284,8 +284,9 @@ class Trainer:
                 if is_best:
                     self.best = fitness(record)
                 self._save(epoch, record, is_best or not (self.out / "best.pt").exists())
-                with open(self.out / "results.jsonl", "a") as f:  # one line an epoch, for plots and scripts
-                    f.write(json.dumps({**record, "best": is_best}) + "\n")
+                # one line an epoch, for plots and scripts; eligible: an epoch that may become best.pt
+                with open(self.out / "results.jsonl", "a") as f:
+                    f.write(json.dumps({**record, "best": is_best, "eligible": epoch >= self.min_best_epoch}) + "\n")
                 self.log(self.format_record(record))
         if self.world > 1:
             import torch.distributed as dist

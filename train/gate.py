@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Dict, Optional, Tuple
 
@@ -50,6 +51,8 @@ class GateTrainer(Trainer):
         gate_lr_mult: float = 10.0,
         keep_on: str = "mean",
         schedule: str = DEFAULT_SCHEDULE,
+        distill: float = 0.0,
+        teacher: Optional[Detector] = None,
         log=print,
     ) -> None:
         if schedule not in SCHEDULES:
@@ -79,6 +82,46 @@ class GateTrainer(Trainer):
         # An epoch that keeps more channels than the target must not become best.pt: best.pt is the
         # best of the epochs run wholly at the target thresholds (FBS keeps the target from the start).
         self.min_best_epoch = self.first_epoch_at_target() if method == "manidp" else 0
+        self.distill = distill
+        if distill > 0:
+            if teacher is None:
+                raise ValueError("distill > 0 needs the dense teacher model")
+            self._attach_teacher(teacher)
+
+    def _attach_teacher(self, teacher: Detector) -> None:
+        """Block-output distillation: each block's output (the full-width residual stream, which the
+        gates never cut) is pulled toward the dense model's on the same images, so that the network
+        learns to do without the skipped channels instead of drifting from what the dense model
+        computed (FitNets, Romero et al., ICLR 2015, hint loss; used to recover pruned networks)."""
+        self.teacher = teacher.to(self.device).eval().requires_grad_(False).to(memory_format=torch.channels_last)
+        self._student_out: list = []
+        self._teacher_out: list = []
+
+        def keep(outputs: list):
+            def hook(module, inputs, output):
+                if module.training or outputs is self._teacher_out:
+                    outputs.append(output)
+            return hook
+
+        for b in self.model.blocks:
+            b.register_forward_hook(keep(self._student_out))
+        for b in self.teacher.blocks:
+            b.register_forward_hook(keep(self._teacher_out))
+
+        def teacher_forward(module, args):
+            if module.training:  # training steps only; validation runs the student alone
+                self._student_out.clear()
+                self._teacher_out.clear()
+                with torch.no_grad():
+                    self.teacher(args[0])
+
+        self.model.register_forward_pre_hook(teacher_forward)
+
+    def distill_loss(self) -> torch.Tensor:
+        """Mean over blocks of ``|student - teacher|^2 / |teacher|^2`` for the last training step."""
+        terms = [((s.float() - t.float()) ** 2).mean() / (t.float() ** 2).mean().clamp_min(1e-6)
+                 for s, t in zip(self._student_out, self._teacher_out)]
+        return torch.stack(terms).mean()
 
     def first_epoch_at_target(self) -> int:
         """The first (0-based) epoch that runs at the target thresholds."""
@@ -113,7 +156,8 @@ class GateTrainer(Trainer):
         mode = "topk" if self.method == "fbs" else "threshold"
         return {"mode": mode, "keep": self.keep, "method": self.method, "complexity": self.complexity,
                 "sparsity": self.sparsity_w, "similarity": self.similarity_w, "beta": self.beta,
-                "threshold_every": self.threshold_every, "keep_on": self.stats.keep_on, "schedule": self.schedule}
+                "threshold_every": self.threshold_every, "keep_on": self.stats.keep_on, "schedule": self.schedule,
+                "distill": self.distill}
 
     def epoch_start(self, epoch: int) -> None:
         if not self.threshold_every:
@@ -149,7 +193,12 @@ class GateTrainer(Trainer):
             for s, f in zip(sal, feats):
                 l_sim = l_sim + similarity_loss(f, s)
             l_sim = self.similarity_w * l_sim
-        return l_sparse + l_sim, {"sp": float(l_sparse.detach()), "sim": float(l_sim.detach())}
+        logs = {"sp": float(l_sparse.detach()), "sim": float(l_sim.detach())}
+        if self.distill > 0:
+            l_kd = self.distill * self.distill_loss()
+            logs["kd"] = float(l_kd.detach())
+            return l_sparse + l_sim + l_kd, logs
+        return l_sparse + l_sim, logs
 
     def epoch_end(self, epoch: int, per_image_losses: torch.Tensor) -> None:
         self.c_value = COMPLEXITY_FACTOR * float(per_image_losses.mean())
@@ -181,11 +230,12 @@ def train_gates(
         raise ValueError(f"{weights}: already gated; start from a dense checkpoint")
     if list(ckpt["names"]) != list(spec.names):
         raise ValueError(f"{weights}: trained on classes {ckpt['names']}, dataset has {spec.names}")
+    teacher = copy.deepcopy(model) if loss_options.get("distill", 0.0) > 0 else None
     model.add_gates(group=group)
     for b in model.blocks:  # saliency ordered by BN |gamma| at the start (see init_from_importance)
         init_from_importance(b.gate1, b.cv1.bn.weight.abs())
         init_from_importance(b.gate2, b.cv2.bn.weight.abs())
-    trainer = GateTrainer(model, spec, cfg, keep=keep, method=method, log=log, **loss_options)
+    trainer = GateTrainer(model, spec, cfg, keep=keep, method=method, teacher=teacher, log=log, **loss_options)
     if resume:
         trainer.resume(resume)
     return trainer.fit()
