@@ -67,6 +67,9 @@ def dense_recipe() -> Table:
         for weights, rs in by.items():
             rows.append((label, weights, len(rs), _spread([r["ap50"] for r in rs]),
                          _spread([r["ap50_95"] for r in rs])))
+    for r in _load("cpu-x86-2core/yolov8n-from-scratch-raccoon-half.json")["rows"]:
+        rows.append(("raccoon, half", f"Ultralytics {r['model']}, {r['epochs']} epochs, {r['imgsz']} px "
+                     "(yolov8n-from-scratch-raccoon-half.json)", 1, _f(r["ap50"]), _f(r["ap50_95"])))
     d = _load("cpu-x86-2core/ema-window-raccoon.json")
     return d, ["data", "weights of the same runs", "seeds", "AP50 mean (range)", "AP50-95 mean (range)"], rows
 
