@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from dynprune.gates import DEFAULT_GATE_GROUP
-from dynprune.manidp import DEFAULT_SCHEDULE, SCHEDULES
+from dynprune.manidp import DEFAULT_KEEP_ON, DEFAULT_SCHEDULE, SCHEDULES
 
 
 class UsageError(ValueError):
@@ -330,7 +330,7 @@ def cmd_calibrate(args) -> int:
                    "fewer channels than the gates were trained with")
             keep = f"{target:g}" if measure == "keep" else f"{metrics.get('keep_mean', target):.2f}"
             print(f"warning: AP50 fell {100 * lost:.1f} points at the new thresholds ({why}). Gates trained at the "
-                  f"target hold AP better: dynprune gate --keep {keep} --keep-on frames ...")
+                  f"target hold AP better: dynprune gate --keep {keep} ...")
     else:
         print(f"{data} has no val split: the calibrated checkpoint records no metrics (the trained ones no "
               "longer hold)")
@@ -525,9 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-complexity", action="store_true", help="ablation: weight every image equally")
     p.add_argument("--gate-lr-mult", type=positive_float, default=10.0,
                    help="learning-rate multiplier of the new gates")
-    p.add_argument("--keep-on", default="mean", choices=["mean", "frames"],
-                   help="mean: ManiDP's thresholds (k-th largest mean saliency; frames keep less than --keep); "
-                        "frames: thresholds at the saliency quantile, so the mean per-frame keep is --keep")
+    p.add_argument("--keep-on", default=DEFAULT_KEEP_ON, choices=["frames", "mean"],
+                   help="frames (default): thresholds at the per-frame saliency quantile, so the mean per-frame "
+                        "keep is --keep; mean: ManiDP's k-th largest mean saliency (frames keep less than --keep)")
     p.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=sorted(SCHEDULES),
                    help="settle: thresholds reach the target at 65%% of the epochs and the rest fine-tunes at it; "
                         "paper: ManiDP's official schedule, at the target only in the last epoch")

@@ -57,6 +57,13 @@ def similarity_loss(features: torch.Tensor, saliency: torch.Tensor) -> torch.Ten
 SCHEDULES = {"settle": 0.65, "paper": 1.0}
 DEFAULT_SCHEDULE = "settle"
 
+#: Where the thresholds sit (:class:`SaliencyStats`): "frames" at the quantile of the per-frame
+#: saliencies, so that a frame keeps ``--keep`` of its channels on average (what a user asking for a
+#: keep of 0.5 expects); "mean" is ManiDP's k-th largest mean saliency, with which frames keep less
+#: (0.42 for 0.5 on raccoon) and, on raccoon and its half set, the gated AP50 fell further below
+#: dense (BENCHMARKS.md, "Robustness over seeds and datasets").
+DEFAULT_KEEP_ON = "frames"
+
 
 def remain_rate(epoch: int, epochs: int, target: float, reach: float = 1.0) -> float:
     """Cosine annealing of the kept fraction from 1 to ``target`` over the first ``reach`` of the

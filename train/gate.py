@@ -14,6 +14,7 @@ from dynprune.gates import DEFAULT_GATE_GROUP, init_from_importance, set_gate_mo
 from dynprune.manidp import (
     BETA,
     COMPLEXITY_FACTOR,
+    DEFAULT_KEEP_ON,
     DEFAULT_SCHEDULE,
     SCHEDULES,
     SIMILARITY_WEIGHT,
@@ -49,7 +50,7 @@ class GateTrainer(Trainer):
         complexity: bool = True,
         threshold_every: int = 0,
         gate_lr_mult: float = 10.0,
-        keep_on: str = "mean",
+        keep_on: str = DEFAULT_KEEP_ON,
         schedule: str = DEFAULT_SCHEDULE,
         distill: float = 0.0,
         teacher: Optional[Detector] = None,
@@ -242,7 +243,7 @@ def train_gates(
 
 
 def keep_shortfall(result: Dict[str, Any], keep: float, method: str = "manidp", complexity: bool = True,
-                   keep_on: str = "mean", margin: float = 0.1) -> Optional[str]:
+                   keep_on: str = DEFAULT_KEEP_ON, margin: float = 0.1) -> Optional[str]:
     """A note when the trained gates keep far fewer hidden channels on the val images (last epoch) than
     ``--keep`` asked for, naming the likely cause and what to change; ``None`` when within ``margin``.
 
