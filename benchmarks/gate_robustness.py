@@ -82,6 +82,7 @@ def main() -> None:
                     help="static pruning runs from the same dense model, e.g. \"effp=--method effp --flops 0.5\"")
     ap.add_argument("--keep", type=float, default=0.5)
     ap.add_argument("--work", default="runs/robustness")
+    ap.add_argument("--collect", action="store_true", help="run nothing: gather the finished runs under --work")
     ap.add_argument("--json")
     args = ap.parse_args()
     datasets = dict(item.split("=", 1) for item in args.data)
@@ -93,6 +94,8 @@ def main() -> None:
         for seed in args.seeds:
             base = Path(args.work) / name / f"seed{seed}"
             dense = base / "dense"
+            if args.collect and not _done(dense):
+                continue
             if not _done(dense):
                 base.mkdir(parents=True, exist_ok=True)
                 _run([*exe, "train", "--data", path, "--seed", str(seed), "--out", str(dense)], base / "dense.log")
@@ -100,6 +103,8 @@ def main() -> None:
             rows.append(dense_row)
             for variant, flags in variants.items():
                 run = base / variant
+                if args.collect and not _done(run):
+                    continue
                 if not _done(run):
                     _run([*exe, "gate", "--weights", str(dense / "best.pt"), "--data", path, "--keep", str(args.keep),
                           "--seed", str(seed), "--out", str(run), *shlex.split(flags)], base / f"{variant}.log")
@@ -108,6 +113,8 @@ def main() -> None:
                 rows.append(row)
             for variant, flags in static.items():
                 run = base / variant
+                if args.collect and not _done(run):
+                    continue
                 if not _done(run):
                     _run([*exe, "prune", "--weights", str(dense / "best.pt"), "--data", path, "--seed", str(seed),
                           "--out", str(run), *shlex.split(flags)], base / f"{variant}.log")
