@@ -267,7 +267,8 @@ def cmd_gate(args) -> int:
     if note:
         print(f"note: {note}")
     gated = (load_checkpoint(os.path.join(args.out, "best.pt")).get("metrics") or {})
-    warning = accuracy_shortfall(gated, dense.get("metrics") or {}, args.keep, args.epochs, args.gate)
+    warning = accuracy_shortfall(gated, dense.get("metrics") or {}, args.keep, args.epochs, args.gate,
+                                 distill=args.distill)
     if warning:
         print(f"warning: {warning}")
     return 0

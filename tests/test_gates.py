@@ -348,7 +348,8 @@ def test_gate_warns_when_accuracy_falls_far_below_dense():
     note = accuracy_shortfall({"ap50": 0.40}, {"ap50": 0.60}, keep=0.5, epochs=20)
     assert "AP50 0.400 is 20.0 points below the dense model's 0.600" in note
     assert "--epochs 40" in note and "higher --keep (0.7)" in note
-    assert "--gate fbs" in note
+    assert "--gate fbs" in note and note.index("--distill 1.0") < note.index("--epochs 40")
+    assert "--distill" not in accuracy_shortfall({"ap50": 0.40}, {"ap50": 0.60}, keep=0.5, epochs=20, distill=1.0)
     assert accuracy_shortfall({"ap50": 0.57}, {"ap50": 0.60}, keep=0.5, epochs=20) is None
     assert accuracy_shortfall({}, {"ap50": 0.60}, keep=0.5, epochs=20) is None
 
