@@ -65,7 +65,7 @@ def _row(run: Path, dataset: str, seed: int, stage: str, recipe: str) -> dict:
     metrics = ckpt["metrics"]
     row = {"dataset": dataset, "seed": seed, "stage": stage, "recipe": recipe, "ap50": metrics["ap50"],
            "ap50_95": metrics["ap50_95"], "best_epoch": int(ckpt["epoch"]) + 1,
-           "flops": metrics.get("flops_mean", 1.0)}
+           "flops": metrics.get("flops_mean", metrics.get("flops_fraction", 1.0))}
     eligible = [r for r in _records(run) if r.get("eligible") and "ap50" in r]
     if stage == "gate" and eligible:
         row["best_ap50_at_target"] = max(r["ap50"] for r in eligible)
