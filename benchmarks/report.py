@@ -85,8 +85,8 @@ def robustness() -> Table:
         fall = [r["best_ap50_at_target"] - r["ap50"] for r in rs if "best_ap50_at_target" in r]
         rows.append((dataset, recipe, ", ".join(str(r["seed"]) for r in rs), _spread([r["ap50"] for r in rs]),
                      _spread([r["ap50_95"] for r in rs]), _spread([r["flops"] for r in rs], 2),
-                     f"{100 * statistics.mean(gap):.1f}" if gap else "",
-                     f"{100 * max(fall):.1f}" if fall else ""))
+                     f"{100 * statistics.mean(gap) + 0.0:.1f}" if gap else "",
+                     f"{max(0.0, 100 * max(fall)):.1f}" if fall else ""))
     return d, ["data", "recipe", "seeds", "AP50 mean (range)", "AP50-95", "FLOPs",
                "AP50 points below dense (mean)", "best.pt below its best epoch at the target (worst, points)"], rows
 
@@ -101,7 +101,8 @@ def contention() -> Table:
 
 def model_sizes() -> Table:
     d = _load("cpu-x86-2core/model-sizes.json")
-    rows = [(r["size"], r["imgsz"], _f(r["params_m"]), _f(r["gflops"]), _f(r["gateable_share"])) for r in d["rows"]]
+    rows = [(r["size"], r["imgsz"], _f(r["params_m"]), _f(r["gflops"]), _f(r["gateable_share"])) for r in d["rows"]
+            if r["imgsz"] == 320]  # FLOPs scale with the pixels: 4x at 640 (in the JSON)
     return d, ["size", "input", "parameters (M)", "GFLOPs", "share of FLOPs on gated channels"], rows
 
 
@@ -154,7 +155,8 @@ def gate_ablation() -> Table:
         groups.setdefault((r["dataset"], r["method"]), []).append(r)
     rows = [(ds, m, len(rs), _spread([r["ap50"] for r in rs]), _spread([r["ap50_95"] for r in rs]),
              _spread([r["keep_mean"] for r in rs], 2), _spread([r["flops_mean"] for r in rs], 2),
-             _spread([r["cpu_speedup"] for r in rs], 2)) for (ds, m), rs in sorted(groups.items())]
+             _spread([r["cpu_speedup"] for r in rs], 2)) for (ds, m), rs in sorted(groups.items())
+            if len(rs) > 1]  # the two-seed variants at matched keep (single runs stay in the JSON)
     return d, ["data", "gates", "seeds", "AP50", "AP50-95", "keep", "FLOPs", "CPU speed-up"], rows
 
 
@@ -163,7 +165,8 @@ def static_methods() -> Table:
     rows = [(r["dataset"], "dense", "", _f(r["params_m"]), _f(r["gflops"]), _f(r["ap50"]), _f(r["ap50_95"]),
              _f(r["ort_p50_ms"], 2), "") for r in d["dense"]]
     rows += [(r["dataset"], r["method"], r["flops_target"], _f(r["params_m"]), _f(r["gflops"]), _f(r["ap50"]),
-              _f(r["ap50_95"]), _f(r["ort_p50_ms"], 2), f"{r['epochs']} ep, {r['train_s']} s") for r in d["rows"]]
+              _f(r["ap50_95"]), _f(r["ort_p50_ms"], 2), f"{r['epochs']} ep, {r['train_s']} s") for r in d["rows"]
+             if r["flops_target"] == 0.5]  # (the 0.3 rows are in the JSON; the prose quotes them)
     e = d["effp_default"]
     rows.append(("raccoon", f"EFFP, default 20 epochs ({e['commit']}; dense AP50 {e['dense_ap50']})",
                  e["flops_target"], _f(e["params_m"]), _f(e["gflops"]), _f(e["ap50"]), _f(e["ap50_95"]), "",
