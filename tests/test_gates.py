@@ -497,7 +497,7 @@ def test_distillation_trains_the_gated_model_toward_a_frozen_dense_teacher(synth
     t.model.train()
     boxes, logits = t.model(x)
     loss = t.distill_loss()
-    assert torch.isfinite(loss) and float(loss) > 0 and len(t._teacher_out) == len(t.model.blocks)
+    assert torch.isfinite(loss) and float(loss.detach()) > 0 and len(t._teacher_out) == len(t.model.blocks)
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in t.model.parameters())
     t.model.zero_grad()
