@@ -101,24 +101,19 @@ def main() -> None:
                 _run([*exe, "train", "--data", path, "--seed", str(seed), "--out", str(dense)], base / "dense.log")
             dense_row = _row(dense, name, seed, "dense", "dynprune train (defaults)")
             rows.append(dense_row)
-            for variant, flags in variants.items():
+            dense_w = str(dense / "best.pt")
+            jobs = [(variant, ["gate", "--weights", dense_w, "--data", path, "--keep", str(args.keep)], flags, "gate",
+                     f"dynprune gate --keep {args.keep:g} {flags}".strip()) for variant, flags in variants.items()]
+            jobs += [(variant, ["prune", "--weights", dense_w, "--data", path], flags, variant.split("_")[0],
+                      f"dynprune prune {flags}") for variant, flags in static.items()]
+            for variant, command, flags, stage, recipe in jobs:
                 run = base / variant
                 if args.collect and not _done(run):
                     continue
                 if not _done(run):
-                    _run([*exe, "gate", "--weights", str(dense / "best.pt"), "--data", path, "--keep", str(args.keep),
-                          "--seed", str(seed), "--out", str(run), *shlex.split(flags)], base / f"{variant}.log")
-                row = _row(run, name, seed, "gate", f"dynprune gate --keep {args.keep:g} {flags}".strip())
-                row["dense_ap50"] = dense_row["ap50"]
-                rows.append(row)
-            for variant, flags in static.items():
-                run = base / variant
-                if args.collect and not _done(run):
-                    continue
-                if not _done(run):
-                    _run([*exe, "prune", "--weights", str(dense / "best.pt"), "--data", path, "--seed", str(seed),
-                          "--out", str(run), *shlex.split(flags)], base / f"{variant}.log")
-                row = _row(run, name, seed, variant.split("_")[0], f"dynprune prune {flags}")
+                    _run([*exe, *command, "--seed", str(seed), "--out", str(run), *shlex.split(flags)],
+                         base / f"{variant}.log")
+                row = _row(run, name, seed, stage, recipe)
                 row["dense_ap50"] = dense_row["ap50"]
                 rows.append(row)
     print("\n| data | recipe | seeds | AP50 mean (range) | AP50-95 | FLOPs | AP50 below dense "
