@@ -138,15 +138,15 @@ class OnnxEngine(Engine):
         if not Path(onnx_path).is_file():
             raise BundleError(f"{onnx_path}: missing from the bundle; export the bundle again (dynprune export)")
         try:
-            self.ort_session = ort.InferenceSession(onnx_path, opts, providers=providers)
+            self.onnx_runtime = ort.InferenceSession(onnx_path, opts, providers=providers)
         except Exception as e:  # ONNX Runtime's InvalidProtobuf, Fail, ... carry no common base class
             raise BundleError(f"{onnx_path}: not a loadable ONNX model ({type(e).__name__}); the file is damaged or "
                               "truncated: copy it again or export the bundle again (dynprune export)") from e
         self.flops = gflops
-        self.description = f"ONNX Runtime ({self.ort_session.get_providers()[0]})"
+        self.description = f"ONNX Runtime ({self.onnx_runtime.get_providers()[0]})"
 
     def network(self, x: torch.Tensor):
-        boxes, scores = self.ort_session.run(None, {"images": x.numpy()})
+        boxes, scores = self.onnx_runtime.run(None, {"images": x.numpy()})
         return torch.from_numpy(boxes), torch.from_numpy(scores), {"gflops": self.flops}
 
 
