@@ -223,13 +223,11 @@ def shares_torch_openmp() -> bool:
     if os.environ.get("DYNPRUNE_COMPILED_OPENMP", "1") == "0":
         return False
     try:
-        import torch
-
         if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
             return False
         with open("/proc/self/maps") as fh:
             return any(_GOMP_FILE.search(line) for line in fh)
-    except (ImportError, OSError):
+    except OSError:
         return False
 
 
@@ -247,16 +245,12 @@ def image_pixels(x: torch.Tensor) -> Optional[np.ndarray]:
     return nhwc[0]
 
 
-
-
 def compiled_forward(kernel, x: torch.Tensor, h: int, w: int, c: int) -> Tuple[torch.Tensor, Any]:
     """A compiled block (:class:`BlockKernel` or :class:`DenseBlockKernel`) on one channels-last
     float32 image ``x`` of ``h x w`` pixels: its new ``(1, c, h, w)`` channels-last output
     (NumPy-made: one torch call), and what ``kernel.forward`` returned."""
     out = torch.from_numpy(np.empty((1, h, w, c), np.float32).transpose(0, 3, 1, 2))
     return out, kernel.forward(x.data_ptr(), h, w, out.data_ptr())
-
-
 
 
 def _ptr(array: np.ndarray, kind=_float_p):
@@ -269,10 +263,10 @@ class BlockKernel:
     module). Threshold gates and a 3x3 middle layer only (:func:`unsupported` says why not)."""
 
     def __init__(self, lib: ctypes.CDLL, *, fc1_t: np.ndarray, fc2a_t: np.ndarray, fc2b_t: np.ndarray,
-                 fc2_b: np.ndarray, thresholds: np.ndarray, rows: np.ndarray, w2_ohwi: np.ndarray,
+                 fc2_b: np.ndarray, thresholds: np.ndarray, rows: np.ndarray, w2: np.ndarray,
                  groups: Tuple[int, int], group_sizes: Tuple[int, int], pad_to: Tuple[int, int],
                  b3: np.ndarray) -> None:
-        h2, kh, kw, h1 = w2_ohwi.shape
+        h2, h1, kh, kw = w2.shape
         if (kh, kw) != (3, 3):
             raise ValueError(f"the compiled block runs 3x3 middle layers (got {kh}x{kw})")
         c = rows.shape[1] - 1
@@ -301,8 +295,7 @@ class BlockKernel:
                              _ptr(self.counts, _int64_p), _ptr(self.run_bounds, _int64_p),
                              _ptr(self.run_bounds2, _int64_p))
         ld1, ld2 = _round16(h1 + pad_to[0]), _round16(h2 + pad_to[1])
-        w2 = f32(w2_ohwi)
-        self._product_inputs = [f32(table[:h1, :c].T), f32(w2.transpose(1, 2, 3, 0).reshape(taps, h1, h2)),
+        self._product_inputs = [f32(table[:h1, :c].T), f32(w2.transpose(2, 3, 1, 0).reshape(taps, h1, h2)),
                                 _padded_rows(f32(b3)[None], _round16(c))]
         self._product_outputs = [np.zeros(c * ld1 + _SLACK, np.float32), np.zeros(ld1 + _SLACK, np.float32),
                                  np.zeros(taps * (h1 + pad_to[0]) * ld2 + _SLACK, np.float32),
@@ -352,12 +345,11 @@ class BlockKernel:
         self._block.chunk_capacity = chunks
 
 
-def unsupported(block) -> Optional[str]:
-    """Why the compiled backend cannot run a gated block (a :class:`~dynprune.layers.Bottleneck`
-    or a :class:`~dynprune.kernels.block.CompactBlock`), or ``None`` where it can."""
+def unsupported(block: Bottleneck) -> Optional[str]:
+    """Why the compiled backend cannot run a gated block, or ``None`` where it can."""
     if block.gate1.mode != "threshold" or block.gate2.mode != "threshold":
         return f"its gates are {block.gate1.mode!r} (the compiled blocks run ManiDP's thresholds)"
-    kernel = tuple(block.w2.shape[-2:]) if hasattr(block, "w2") else tuple(block.cv2.conv.weight.shape[-2:])
+    kernel = tuple(block.cv2.conv.weight.shape[-2:])
     if kernel != (3, 3):
         return f"its middle layer is {kernel[0]}x{kernel[1]} (the compiled blocks run 3x3)"
     return None
@@ -378,7 +370,7 @@ class CompiledCpuBlock(CompactBlock):
 
     def __init__(self, block: Bottleneck, pad_to: int | Tuple[int, int] = (4, 8)) -> None:
         super().__init__(block)
-        why = unsupported(self)
+        why = unsupported(block)
         if why is not None:
             raise ValueError(f"the compiled CPU backend cannot run this block: {why}")
         pad_to = (pad_to, pad_to) if isinstance(pad_to, int) else tuple(pad_to)
@@ -429,7 +421,7 @@ class CompiledCpuBlock(CompactBlock):
                            fc2a_t=arr(g1.fc2.weight.t()), fc2b_t=arr(g2.fc2.weight.t()),
                            fc2_b=arr(torch.cat([g1.fc2.bias, g2.fc2.bias])),
                            thresholds=np.maximum(arr(thresholds), np.finfo(np.float32).tiny), rows=arr(rows),
-                           w2_ohwi=arr(self.w2.permute(0, 2, 3, 1)), groups=(g1.groups, g2.groups),
+                           w2=arr(self.w2), groups=(g1.groups, g2.groups),
                            group_sizes=(g1.group, g2.group), pad_to=self.pad_to, b3=arr(self.b3))
 
     def forward(self, x):
