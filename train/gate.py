@@ -98,19 +98,17 @@ class GateTrainer(Trainer):
         self._student_out: list = []
         self._teacher_out: list = []
 
-        def keep(outputs: list):
-            def hook(module, inputs, output):
-                if module.training or outputs is self._teacher_out:
-                    outputs.append(output)
-            return hook
+        def keep_student(module, inputs, output):
+            if module.training:  # training steps only; validation runs the student alone
+                self._student_out.append(output)
 
         for b in self.model.blocks:
-            b.register_forward_hook(keep(self._student_out))
+            b.register_forward_hook(keep_student)
         for b in self.teacher.blocks:
-            b.register_forward_hook(keep(self._teacher_out))
+            b.register_forward_hook(lambda module, inputs, output: self._teacher_out.append(output))
 
         def teacher_forward(module, args):
-            if module.training:  # training steps only; validation runs the student alone
+            if module.training:
                 self._student_out.clear()
                 self._teacher_out.clear()
                 with torch.no_grad():
