@@ -60,6 +60,28 @@ ODD_BLOCK_SHAPES = [(8, 5, 37, 1, (1, 1)), (24, 24, 24, 8, (3, 7)), (40, 37, 19,
                     (20, 48, 64, 16, (20, 12))]
 
 
+def threshold_block(c: int, h1: int, h2: int, group: int, threshold: float, seed: int = 0, *,
+                    bias_low: float = 0.0, weight_std: float | None = 1.0, randomize: bool = True):
+    """A gated Bottleneck with threshold gates: fc2 bias drawn from ``[bias_low, 1)``, fc2 weights
+    from N(0, ``weight_std``) (``None``: as initialised), one threshold for both gates; BatchNorm
+    randomized unless ``randomize`` is off."""
+    from dynprune.gates import set_gate_mode
+    from dynprune.layers import Bottleneck
+
+    torch.manual_seed(seed)
+    block = Bottleneck(c, h1, h2).eval()
+    if randomize:
+        randomize_bn(block, seed)
+    block.add_gates(group=group)
+    set_gate_mode(block, "threshold")
+    for gate in (block.gate1, block.gate2):
+        if weight_std is not None:
+            gate.fc2.weight.data.normal_(0, weight_std)
+        gate.fc2.bias.data.uniform_(bias_low, 1.0)
+        gate.threshold.fill_(threshold)
+    return block
+
+
 def input_sensitive_block(c: int, h1: int, h2: int, group: int, seed: int = 1):
     """A gated Bottleneck (BN randomized) whose threshold gates keep different channels for
     different inputs, and an un-gated copy of it taken before the gates were added."""

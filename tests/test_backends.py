@@ -17,7 +17,7 @@ from dynprune.kernels.block import CompactBlock
 from dynprune.kernels.dispatch import block_class, select_backend
 from dynprune.kernels.reference import ReferenceBlock, build_keep_index
 from dynprune.layers import Bottleneck
-from tests.conftest import ODD_BLOCK_SHAPES, input_sensitive_block, randomize_bn, require_compiled_blocks
+from tests.conftest import ODD_BLOCK_SHAPES, input_sensitive_block, require_compiled_blocks, threshold_block
 
 
 def _have_triton() -> bool:
@@ -43,19 +43,6 @@ def masked_counts(block: Bottleneck) -> list:
     """``[[kept1, kept2], ...]`` per image of the masked dense block's last call."""
     m1, m2 = block.last["mask"]
     return [[int((m1[i] > 0).sum()), int((m2[i] > 0).sum())] for i in range(m1.shape[0])]
-
-
-def threshold_block(c: int, h1: int, h2: int, group: int, threshold: float, seed: int = 0) -> Bottleneck:
-    torch.manual_seed(seed)
-    block = Bottleneck(c, h1, h2).eval()
-    randomize_bn(block, seed)
-    block.add_gates(group=group)
-    set_gate_mode(block, "threshold")
-    for gate in (block.gate1, block.gate2):
-        gate.fc2.weight.data.normal_(0, 1.0)
-        gate.fc2.bias.data.uniform_(0.0, 1.0)
-        gate.threshold.fill_(threshold)
-    return block
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -7,23 +7,15 @@ import pytest
 import torch
 
 
-def _threshold_block(c, h1, h2, *, group, threshold, bias_low, seed, weight_std=None, pad_to=(4, 8)):
-    """A gated Bottleneck with threshold gates (fc2 bias drawn from ``[bias_low, 1)``, fc2 weights
-    from N(0, ``weight_std``) where given, one threshold) and its compiled CPU block."""
-    from dynprune.gates import set_gate_mode
+def _threshold_block(c, h1, h2, *, group, threshold, bias_low, seed, weight_std=None):
+    """A gated block (BN as initialised; fc2 weights too unless ``weight_std`` is given) and its
+    compiled CPU block."""
     from dynprune.kernels.cpu_blocks import CompiledCpuBlock
-    from dynprune.layers import Bottleneck
+    from tests.conftest import threshold_block
 
-    torch.manual_seed(seed)
-    block = Bottleneck(c, h1, h2).eval()
-    block.add_gates(group=group)
-    set_gate_mode(block, "threshold")
-    for gate in (block.gate1, block.gate2):
-        if weight_std is not None:
-            gate.fc2.weight.data.normal_(0, weight_std)
-        gate.fc2.bias.data.uniform_(bias_low, 1.0)
-        gate.threshold.fill_(threshold)
-    return block, CompiledCpuBlock(block, pad_to=pad_to)
+    block = threshold_block(c, h1, h2, group, threshold, seed, bias_low=bias_low, weight_std=weight_std,
+                            randomize=False)
+    return block, CompiledCpuBlock(block)
 
 
 @pytest.mark.parametrize("group", [1, 8])
