@@ -78,8 +78,8 @@ def _add_data_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--single-class", action="store_true", help="merge all (kept) classes into one")
 
 
-def _add_train_args(p: argparse.ArgumentParser, epochs: int, lr: float) -> None:
-    p.add_argument("--epochs", type=positive_int, default=epochs)
+def _add_train_args(p: argparse.ArgumentParser, epochs: Optional[int], lr: float, epochs_help: str = "") -> None:
+    p.add_argument("--epochs", type=positive_int, default=epochs, help=epochs_help or None)
     p.add_argument("--batch", type=positive_int, default=16)
     p.add_argument("--imgsz", type=positive_int, default=None, help="input size, a multiple of 32 (default 320)")
     p.add_argument("--lr", type=positive_float, default=lr)
@@ -204,6 +204,14 @@ def _check_imgsz(imgsz) -> int:
     return imgsz
 
 
+def _best_summary(result: dict) -> str:
+    """best.pt's epoch and AP, as the end of a training command reports them."""
+    best = result.get("best")
+    if not best:
+        return "no epoch was validated, best.pt is the last epoch"
+    return f"best.pt is epoch {best['epoch']} (AP50 {best['ap50']:.4f}, AP50-95 {best['ap50_95']:.4f})"
+
+
 def _train_config(args, imgsz: int, **overrides):
     """The TrainConfig every training command builds from its shared flags."""
     from dynprune.train.engine import TrainConfig
@@ -236,13 +244,13 @@ def cmd_train(args) -> int:
                                                          "size": args.size})
     result = train_dense(spec, cfg, size=args.size, pretrained=args.pretrained, resume=args.resume)
     if _is_main_process():
-        print(f"done: best AP50-95 {result['best_ap50_95']:.4f}; weights in {args.out}/best.pt")
+        print(f"done: {_best_summary(result)}; weights in {args.out}/best.pt")
     return 0
 
 
 def cmd_gate(args) -> int:
     from dynprune.checkpoint import load_checkpoint
-    from dynprune.train.gate import accuracy_shortfall, keep_shortfall, train_gates
+    from dynprune.train.gate import accuracy_shortfall, default_gate_epochs, keep_shortfall, train_gates
 
     if args.resume:
         ckpt = _apply_resume(args, "gated", args.explicit)
@@ -254,6 +262,10 @@ def cmd_gate(args) -> int:
     spec = _load_spec(args)
     dense = load_checkpoint(args.weights)
     _check_classes(args.weights, dense["names"], spec)
+    if args.epochs is None:
+        args.epochs = default_gate_epochs(len(spec.train))
+        if _is_main_process():
+            print(f"gate training for {args.epochs} epochs ({len(spec.train)} training images; --epochs to change)")
     cfg = _train_config(args, args.imgsz or dense["imgsz"], warmup_epochs=0.5,
                         extra={"classes": args.classes, "single_class": args.single_class, "dense": args.weights})
     result = train_gates(args.weights, spec, cfg, keep=args.keep, method=args.gate, group=args.group,
@@ -261,7 +273,7 @@ def cmd_gate(args) -> int:
                          complexity=not args.no_complexity, threshold_every=args.threshold_every,
                          gate_lr_mult=args.gate_lr_mult, keep_on=args.keep_on, schedule=args.schedule,
                          distill=args.distill)
-    print(f"done: best AP50-95 {result['best_ap50_95']:.4f}; gated weights in {args.out}/best.pt "
+    print(f"done: {_best_summary(result)}; gated weights in {args.out}/best.pt "
           f"(dynprune val --weights {args.out}/best.pt --report {args.out}/report)")
     note = keep_shortfall(result, args.keep, args.gate, not args.no_complexity, args.keep_on)
     if note:
@@ -537,7 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold-every", type=nonneg_int, default=0, metavar="N",
                    help="reset thresholds every N steps instead of every epoch (smoother on short schedules)")
     p.add_argument("--out", default="runs/gate")
-    _add_train_args(p, epochs=20, lr=5e-4)
+    _add_train_args(p, epochs=None, lr=5e-4,
+                    epochs_help="default: 20, more on small datasets so that training sees at least 3200 images")
     p.set_defaults(func=cmd_gate)
 
     p = sub.add_parser("calibrate", help="move a gated checkpoint's thresholds so that the mean per-frame keep "

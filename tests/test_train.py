@@ -6,7 +6,8 @@ import torch
 from dynprune.checkpoint import load_checkpoint, model_from_checkpoint
 from dynprune.data import load_dataset
 from dynprune.model import build_detector
-from dynprune.train.engine import TrainConfig, Trainer
+from dynprune.train.engine import TrainConfig, Trainer, fitness
+from dynprune.train.gate import default_gate_epochs
 from tests.conftest import tiny_config
 
 
@@ -65,6 +66,10 @@ def test_resume_continues_from_the_saved_epoch(synthetic_yaml, tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "a" / "results.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in lines] == [1, 2, 3]
     assert all("ap50_95" in r and "best" in r and r["eligible"] for r in lines)
+    # best.pt's epoch is the one of best fitness, and the resumed run found it across the interruption
+    best = max(lines, key=fitness)
+    assert [r["epoch"] for r in lines if r["best"]][-1] == best["epoch"]
+    assert load_checkpoint(tmp_path / "a" / "best.pt")["epoch"] == best["epoch"] - 1
     # The resumed run equals an uninterrupted one.
     torch.manual_seed(0)
     full = Trainer(build_detector(tiny_config()), spec, _cfg(tmp_path / "b", 3), log=quiet)
@@ -122,3 +127,15 @@ def test_ema_window_follows_the_run_length():
     assert ModelEMA.for_run(m, 600).window == pytest.approx(600 * EMA_WINDOW_FRACTION)
     assert ModelEMA.for_run(m, 50).window == pytest.approx(10.0)
     assert ModelEMA.for_run(m, 10**7).window == pytest.approx(10000.0)
+
+
+def test_best_pt_is_chosen_by_the_mean_of_ap50_and_ap50_95():
+    # a noisy epoch with the best AP50-95 but an AP50 far below its neighbours' does not win
+    steady, noisy = {"ap50": 0.68, "ap50_95": 0.27}, {"ap50": 0.62, "ap50_95": 0.29}
+    assert fitness(steady) > fitness(noisy)
+    assert fitness({"ap50": 0.5, "ap50_95": 0.3}) == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("images, epochs", [(1000, 20), (160, 20), (120, 27), (80, 40), (1, 3200)])
+def test_gate_epochs_grow_on_small_datasets(images, epochs):
+    assert default_gate_epochs(images) == epochs

@@ -29,6 +29,17 @@ from dynprune.manidp import (
 from dynprune.model import Detector
 from dynprune.train.engine import TrainConfig, Trainer
 
+#: Gate training's default length: 20 epochs, more on a small dataset so that training sees at least
+#: GATE_MIN_IMAGES images (200 steps at batch 16). With 80 training images and 20 epochs (100 steps) the
+#: gated AP50 was still climbing at the last epoch (BENCHMARKS.md, "Robustness over seeds and datasets").
+GATE_EPOCHS = 20
+GATE_MIN_IMAGES = 3200
+
+
+def default_gate_epochs(train_images: int) -> int:
+    """``dynprune gate``'s ``--epochs`` default for a training split of ``train_images`` images."""
+    return max(GATE_EPOCHS, math.ceil(GATE_MIN_IMAGES / max(1, train_images)))
+
 
 class GateTrainer(Trainer):
     """Adds ManiDP's complexity-weighted sparsity and manifold similarity losses and resets
