@@ -320,6 +320,12 @@ class BlockKernel:
         self._ref = ctypes.byref(self._block)
         self._forward = lib.dp_block_forward
 
+    def tables(self) -> Dict[str, np.ndarray]:
+        """The weight tables ``dp_block`` reads, by field name, laid out as the C side reads them
+        (what tests/cpu_blocks_harness.c replays where Python cannot run)."""
+        names = ("fc1_t", "fc2a_t", "fc2b_t", "fc2_b", "thresholds", "rows", "w1_kn", "w2_tio", "b3")
+        return dict(zip(names, self._inputs + self._product_inputs))
+
     def forward(self, pixels_address: int, height: int, width: int, out_address: int) -> bytes:
         """The whole block on one image: ``(height * width, C)`` float32 NHWC pixels at
         ``pixels_address`` in, the block's output in the same layout written at ``out_address``.
@@ -488,6 +494,10 @@ class DenseBlockKernel:
                              _ptr(self.maps), 0, _ptr(self.macs, _int64_p))
         self._ref = ctypes.byref(self._dense)
         self._forward = lib.dp_dense_forward
+
+    def tables(self) -> Dict[str, np.ndarray]:
+        """The weight tables ``dp_dense`` reads, by field name, laid out as the C side reads them."""
+        return dict(zip(("w1", "b1", "w2", "b2", "w3", "b3"), self._arrays))
 
     def forward(self, pixels_address: int, height: int, width: int, out_address: int) -> None:
         """The block on one image's ``(height * width, C)`` float32 NHWC pixels, its output
