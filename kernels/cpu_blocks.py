@@ -43,6 +43,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from dynprune.cache import cache_dir
 from dynprune.kernels.block import CompactBlock
 from dynprune.layers import Bottleneck
 
@@ -116,10 +117,6 @@ def _grow_maps(owner, struct: ctypes.Structure, height: int, width: int) -> None
 
 _library: Optional[ctypes.CDLL] = None
 _tried = False
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DYNPRUNE_CACHE_DIR") or Path.home() / ".cache" / "dynprune")
 
 
 def _compile(target: Path, compiler: str, flags: Tuple[str, ...] = CFLAGS) -> None:

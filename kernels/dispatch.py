@@ -1,6 +1,7 @@
 """The one place that chooses a gated model's backend (kernels/block.py), and says why.
 
-``auto`` picks, in order: ``triton`` on a CUDA GPU that Triton supports; ``cpu`` (the compiled C
+``auto`` picks, in order: ``triton`` on a CUDA GPU where Triton's kernels run (its documented
+floor, then a trial: kernels/triton_trial.py); ``cpu`` (the compiled C
 blocks) where a C compiler works and every gated block is one they run; else ``reference``
 (PyTorch). A backend asked for by name is given or refused with the reason.
 """
@@ -17,11 +18,6 @@ from dynprune.kernels.block import CompactBlock
 #: the backends, in the order ``auto`` prefers them
 BACKENDS = ("triton", "cpu", "reference")
 
-#: Triton compiles for NVIDIA GPUs of compute capability 7.0 (Volta) and newer: Xavier (7.2) and
-#: Orin (8.7) qualify, a TX2 (6.2) or a Nano (5.3) gets the CPU backends.
-TRITON_MIN_CAPABILITY = (7, 0)
-
-
 def _triton_refusal(device: torch.device, requested: bool) -> Optional[str]:
     """Why the Triton backend cannot run on ``device``, or ``None`` where it can. Its interpreter
     (``TRITON_INTERPRET=1``, CPU tensors; slow) only serves a backend asked for by name."""
@@ -33,11 +29,9 @@ def _triton_refusal(device: torch.device, requested: bool) -> Optional[str]:
         if requested and os.environ.get("TRITON_INTERPRET") == "1":
             return None
         return "the Triton kernels need a CUDA GPU (or TRITON_INTERPRET=1 for tests)"
-    cap = torch.cuda.get_device_capability(device)
-    if cap < TRITON_MIN_CAPABILITY:
-        return (f"compute capability {cap[0]}.{cap[1]} is below Triton's "
-                f"{TRITON_MIN_CAPABILITY[0]}.{TRITON_MIN_CAPABILITY[1]}")
-    return None
+    from dynprune.kernels.triton_trial import triton_refusal_by_trial
+
+    return triton_refusal_by_trial(device)
 
 
 def _compiled_refusal(blocks: Iterable) -> Optional[str]:

@@ -42,7 +42,8 @@ BUILDS = {
 
 def _missing(build: str) -> str | None:
     compiler, _, runner = BUILDS[build]
-    for tool, package in ((compiler, "gcc-aarch64-linux-gnu" if runner else "gcc"), *((r, "qemu-user") for r in runner)):
+    needed = [(compiler, "gcc-aarch64-linux-gnu" if runner else "gcc")] + [(r, "qemu-user") for r in runner]
+    for tool, package in needed:
         if shutil.which(os.environ.get("CC", tool) if tool == "cc" else tool) is None:
             return f"{tool} not found (apt-get install {package})"
     return None
