@@ -489,6 +489,22 @@ def cmd_val(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    import logging
+
+    from dynprune.doctor import format_report, report
+
+    # the probes' own log lines (a Triton trial's verdict) belong in the report, not above it
+    logging.basicConfig(level=logging.ERROR)
+    say = (lambda line: print(line, file=sys.stderr)) if not args.json else (lambda _: None)
+    sections = report(args.bundle, log=say)
+    if args.json:
+        print(json.dumps({s["name"]: s for s in sections}, indent=1, default=str))
+    else:
+        print(format_report(sections))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from dynprune.demo import run_demo
 
@@ -512,6 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="where runs, weights and the report go")
     p.add_argument("--quick", action="store_true", help="a much shorter run, to check an install")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("doctor", help="what this machine has for dynprune (GPU, Triton, TensorRT, cameras, Jetson "
+                                      "clocks) and, with a bundle, which engines serve can run here and why")
+    p.add_argument("bundle", nargs="?", help="a bundle folder (from dynprune export)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser("train", help="train a dense one-class detector")
     _add_data_args(p)

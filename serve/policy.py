@@ -38,15 +38,22 @@ class EngineStats:
         self.ema_ms = ms if self.ema_ms is None else (1 - alpha) * self.ema_ms + alpha * ms
 
 
+def eligible_engines(engines: List[str], ap: Dict[str, float], ap_margin: float = 0.02) -> Tuple[List[str], List[str]]:
+    """``(eligible, dropped)``: the engines whose AP50-95 is within ``ap_margin`` of the best one's
+    (or unknown), in ``engines``' order, and the rest, sorted. Only eligible engines serve frames."""
+    best_ap = max((ap.get(e, 0.0) for e in engines), default=0.0)
+    eligible = [e for e in engines if ap.get(e) is None or ap.get(e, 0.0) >= best_ap - ap_margin]
+    return eligible, sorted(set(engines) - set(eligible))
+
+
 class FallbackPolicy:
     def __init__(self, engines: List[str], ap: Dict[str, float], ap_margin: float = 0.02, warmup: int = 5,
                  probe_every: int = 100, hysteresis: float = 0.10, alpha: float = 0.1,
                  route_by_keep: bool = False) -> None:
         if not engines:
             raise ValueError("the policy needs at least one engine")
+        self.eligible, dropped = eligible_engines(engines, ap, ap_margin)
         best_ap = max((ap.get(e, 0.0) for e in engines), default=0.0)
-        self.eligible = [e for e in engines if ap.get(e) is None or ap.get(e, 0.0) >= best_ap - ap_margin]
-        dropped = sorted(set(engines) - set(self.eligible))
         if dropped:  # an engine the bundle ships will never serve a frame: say so without -v
             log.warning("engines %s not used: AP50-95 %s, more than %.3f below the best engine's %.4f",
                         ", ".join(dropped), ", ".join(f"{ap[e]:.4f}" for e in dropped), ap_margin, best_ap)
