@@ -19,11 +19,23 @@ import subprocess
 import sys
 from typing import Any, Callable, Dict, List, Optional
 
-#: JetPack releases by L4T release (NVIDIA's JetPack archive): what `dynprune doctor` names on a board
+#: JetPack releases by L4T release (NVIDIA's JetPack archive), the longest matching prefix wins
 JETPACK_BY_L4T = {
     "32.7": "4.6.x", "35.1": "5.0.2", "35.2": "5.1", "35.3": "5.1.1", "35.4": "5.1.2", "35.5": "5.1.3",
-    "35.6": "5.1.4", "36.2": "6.0 DP", "36.3": "6.0", "36.4": "6.1 or 6.2",
+    "35.6": "5.1.4", "36.2": "6.0 DP", "36.3": "6.0", "36.4": "6.1 or later", "36.4.0": "6.1", "36.4.3": "6.2",
+    "36.4.4": "6.2.1",
 }
+
+
+def jetpack_for(l4t: str) -> str:
+    """The JetPack release of an L4T release such as ``36.4.3``, or ``unknown``."""
+    parts = l4t.split(".")
+    for n in range(len(parts), 1, -1):
+        found = JETPACK_BY_L4T.get(".".join(parts[:n]))
+        if found:
+            return found
+    return "unknown"
+
 
 #: where a Jetson's GPU clock controls live (Orin on JetPack 6, Orin on JetPack 5, Xavier, Nano/TX2)
 GPU_DEVFREQ = ("/sys/devices/platform/bus@0/*.gpu/devfreq/*", "/sys/devices/platform/*.ga10b/devfreq/*",
@@ -258,7 +270,7 @@ def probe_jetson(m: Machine) -> Dict[str, Any]:
         return _section("Jetson", "not a Jetson (no /etc/nv_tegra_release)", None, jetson=False)
     found = re.search(r"R(\d+)\s*\(release\),\s*REVISION:\s*([\d.]+)", release)
     l4t = f"{found.group(1)}.{found.group(2)}" if found else "unknown"
-    jetpack = JETPACK_BY_L4T.get(".".join(l4t.split(".")[:2]), "unknown")
+    jetpack = jetpack_for(l4t)
     model = (m.read("/proc/device-tree/model") or "Jetson").strip("\x00 \n")
     mode_out = m.run(["nvpmodel", "-q"]) if m.which("nvpmodel") else None
     mode = next((ln.split(":", 1)[1].strip() for ln in (mode_out or "").splitlines() if "Power Mode" in ln), None)

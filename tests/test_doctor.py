@@ -136,7 +136,7 @@ def jetson_files(locked: bool):
 def test_a_jetson_is_named_with_its_release_power_mode_and_clocks(locked):
     m = FakeMachine(files=jetson_files(locked), commands={"nvpmodel -q": "NV Power Mode: MAXN_SUPER\n2\n"})
     s = by_name(doctor.report(machine=m))["Jetson"]
-    assert (s["l4t"], s["jetpack"], s["power_mode"]) == ("36.4.0", "6.1 or 6.2", "MAXN_SUPER")
+    assert (s["l4t"], s["jetpack"], s["power_mode"]) == ("36.4.0", "6.1", "MAXN_SUPER")
     assert s["model"] == "NVIDIA Jetson Orin Nano Developer Kit"
     assert s["clocks_locked"] is locked and s["ok"] is locked
     assert ("NOT locked" in s["summary"]) is not locked and ("jetson_clocks" in s["summary"]) is not locked
