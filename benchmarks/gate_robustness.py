@@ -13,8 +13,10 @@ over), so the command goes on after an interruption and collects runs made by ha
 two trainings side by side on a small CPU slow each other down several times.
 
 Rows (``dataset``, ``seed``, ``stage``, ``recipe``, ``ap50``, ``ap50_95``, ``best_epoch``, ``flops``)
-are read from each run's ``best.pt`` and ``results.jsonl``; a gate row also has
-``best_ap50_at_target`` (the best AP50 among the epochs that could become best.pt) and ``dense_ap50``.
+are read from each run's ``results.jsonl`` (the epoch best.pt's rule picks now) or its ``best.pt``;
+a gate row also has ``best_ap50_at_target`` (the best AP50 among the epochs that could become
+best.pt), ``below_best_by_rule`` (how far below that each best.pt rule's choice falls) and
+``dense_ap50``.
 The table gives the mean and spread per dataset and recipe, and the gap to dense.
 """
 
@@ -58,17 +60,34 @@ def _records(run: Path) -> List[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+#: the rules best.pt could be chosen by; rows follow the one training uses (train/engine.py, fitness)
+RULES = {"ap50_95": lambda r: r["ap50_95"], "mean": lambda r: 0.5 * (r["ap50"] + r["ap50_95"])}
+
+
 def _row(run: Path, dataset: str, seed: int, stage: str, recipe: str) -> dict:
+    """A run's row, its best epoch chosen by the rule training uses now among the epochs that could
+    become best.pt (so that runs made under an earlier rule are read alike); from the checkpoint
+    where the run kept no results.jsonl."""
     from dynprune.checkpoint import safe_load
+    from dynprune.train.engine import fitness
 
     ckpt = safe_load(str(run / "best.pt"))
     metrics = ckpt["metrics"]
-    row = {"dataset": dataset, "seed": seed, "stage": stage, "recipe": recipe, "ap50": metrics["ap50"],
-           "ap50_95": metrics["ap50_95"], "best_epoch": int(ckpt["epoch"]) + 1,
-           "flops": metrics.get("flops_mean", metrics.get("flops_fraction", 1.0))}
+    flops = metrics.get("flops_mean", metrics.get("flops_fraction", 1.0))
     eligible = [r for r in _records(run) if r.get("eligible") and "ap50" in r]
+    if eligible:
+        best = max(eligible, key=fitness)  # the first of equals, as training keeps it
+        metrics, epoch = best, int(best["epoch"])
+        flops = best.get("flops_mean") or flops
+    else:
+        epoch = int(ckpt["epoch"]) + 1
+    row = {"dataset": dataset, "seed": seed, "stage": stage, "recipe": recipe, "ap50": metrics["ap50"],
+           "ap50_95": metrics["ap50_95"], "best_epoch": epoch, "flops": flops}
     if stage == "gate" and eligible:
         row["best_ap50_at_target"] = max(r["ap50"] for r in eligible)
+        # how far below that each rule's choice falls (BENCHMARKS.md compares the rules)
+        row["below_best_by_rule"] = {name: row["best_ap50_at_target"] - max(eligible, key=rule)["ap50"]
+                                     for name, rule in RULES.items()}
     return row
 
 

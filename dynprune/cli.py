@@ -16,7 +16,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from dynprune.gates import DEFAULT_GATE_GROUP
-from dynprune.manidp import DEFAULT_KEEP_ON, DEFAULT_SCHEDULE, SCHEDULES
+from dynprune.manidp import DEFAULT_KEEP_ON, DEFAULT_SCHEDULE, DISTILL_WEIGHT, SCHEDULES
 
 
 class UsageError(ValueError):
@@ -170,7 +170,8 @@ _GATE_FLAGS = (("--keep", "keep", "keep"), ("--gate", "gate", "method"), ("--spa
 
 def _resume_gate_settings(args, ckpt: dict) -> None:
     """The gate settings of a resumed gate run come from its checkpoint; a flag that disagrees is refused."""
-    record = ckpt.get("gate") or {}
+    # a checkpoint without "distill" predates distillation: it was trained without
+    record = {"distill": 0.0, **(ckpt.get("gate") or {})}
     for flag, field, key in _GATE_FLAGS:
         if key not in record:
             continue
@@ -566,8 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default=DEFAULT_SCHEDULE, choices=sorted(SCHEDULES),
                    help="settle: thresholds reach the target at 65%% of the epochs and the rest fine-tunes at it; "
                         "paper: ManiDP's official schedule, at the target only in the last epoch")
-    p.add_argument("--distill", type=nonneg_float, default=0.0, metavar="W",
-                   help="weight of a loss pulling each block's output toward the dense model's (0: off)")
+    p.add_argument("--distill", type=nonneg_float, default=DISTILL_WEIGHT, metavar="W",
+                   help=f"weight of a loss pulling each block's output toward the dense model's (default "
+                        f"{DISTILL_WEIGHT:g}; 0: off)")
     p.add_argument("--threshold-every", type=nonneg_int, default=0, metavar="N",
                    help="reset thresholds every N steps instead of every epoch (smoother on short schedules)")
     p.add_argument("--out", default="runs/gate")

@@ -64,6 +64,12 @@ DEFAULT_SCHEDULE = "settle"
 #: dense (BENCHMARKS.md, "Robustness over seeds and datasets").
 DEFAULT_KEEP_ON = "frames"
 
+#: ``dynprune gate``'s block-output distillation weight (``--distill``; train/gate.py): each block's
+#: output pulled toward the dense model's. Not part of ManiDP; on raccoon, its half set and the
+#: synthetic set, three seeds each, it raised the gated AP50 (BENCHMARKS.md, "Robustness over seeds
+#: and datasets"). 0 turns it off.
+DISTILL_WEIGHT = 1.0
+
 
 def remain_rate(epoch: int, epochs: int, target: float, reach: float = 1.0) -> float:
     """Cosine annealing of the kept fraction from 1 to ``target`` over the first ``reach`` of the

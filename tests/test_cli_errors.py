@@ -341,3 +341,20 @@ def test_preview_clients_that_vanish_leave_no_traceback(bundle, video, capfd):
         stop.set()
         t.join(timeout=30)
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_gate_distils_by_default_and_a_run_from_before_distillation_resumes_without(runs, tmp_path, capsys):
+    """The default gate run trains with the dense teacher (--distill 1.0); a checkpoint whose gate
+    record has no "distill" was trained before it existed, and resumes without a teacher."""
+    import torch
+
+    from dynprune.checkpoint import save_atomic
+
+    assert torch.load(runs["gate"] / "last.pt", weights_only=True)["gate"]["distill"] == 1.0
+    run = tmp_path / "old"
+    shutil.copytree(runs["gate"], run)
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    del ckpt["gate"]["distill"]
+    save_atomic(ckpt, run / "last.pt")
+    assert main(["gate", "--resume", str(run / "last.pt"), "--epochs", str(ckpt["epoch"] + 2)]) == 0
+    assert torch.load(run / "last.pt", weights_only=True)["gate"]["distill"] == 0.0

@@ -16,6 +16,7 @@ from dynprune.manidp import (
     COMPLEXITY_FACTOR,
     DEFAULT_KEEP_ON,
     DEFAULT_SCHEDULE,
+    DISTILL_WEIGHT,
     SCHEDULES,
     SIMILARITY_WEIGHT,
     SPARSITY_WEIGHT,
@@ -240,7 +241,8 @@ def train_gates(
         raise ValueError(f"{weights}: already gated; start from a dense checkpoint")
     if list(ckpt["names"]) != list(spec.names):
         raise ValueError(f"{weights}: trained on classes {ckpt['names']}, dataset has {spec.names}")
-    teacher = copy.deepcopy(model) if loss_options.get("distill", 0.0) > 0 else None
+    loss_options.setdefault("distill", DISTILL_WEIGHT)
+    teacher = copy.deepcopy(model) if loss_options["distill"] > 0 else None
     model.add_gates(group=group)
     for b in model.blocks:  # saliency ordered by BN |gamma| at the start (see init_from_importance)
         init_from_importance(b.gate1, b.cv1.bn.weight.abs())
@@ -283,8 +285,8 @@ def accuracy_shortfall(gated: Dict[str, Any], dense: Dict[str, Any], keep: float
     if g is None or d is None or g >= d - points:
         return None
     tries = [f"more epochs (--epochs {2 * epochs})", f"a higher --keep ({min(1.0, keep + 0.2):.1f})"]
-    if not distill:  # it closed most of the gap on raccoon (BENCHMARKS.md, "Robustness over seeds and datasets")
-        tries.insert(0, "--distill 1.0")
+    if not distill:  # the default; it closed the gap on three datasets (BENCHMARKS.md, "Robustness ...")
+        tries.insert(0, f"--distill {DISTILL_WEIGHT:.1f}")
     if method != "fbs":
         tries.append("--gate fbs")
     return (f"the gated model's AP50 {g:.3f} is {100 * (d - g):.1f} points below the dense model's {d:.3f} at "
