@@ -159,3 +159,47 @@ def test_pruned_model_exports_to_onnx_and_matches(tmp_path):
         rb, rl = slim(x)
     np.testing.assert_allclose(boxes, rb.numpy(), atol=1e-4)
     np.testing.assert_allclose(scores, rl.sigmoid().numpy(), atol=1e-4)
+
+
+def _duplicating_model(seed=0):
+    """A tiny dense detector in which, in every block, hidden channel 1 of cv1 and of cv2 is an exact
+    copy of channel 0 (filter and BatchNorm): removing channel 1 and merging loses nothing."""
+    torch.manual_seed(seed)
+    model = build_detector(tiny_config()).eval()
+    randomize_bn(model, seed)
+    with torch.no_grad():
+        for b in model.blocks:
+            for conv in (b.cv1, b.cv2):
+                conv.conv.weight[1] = conv.conv.weight[0]
+                for name in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(conv.bn, name)[1] = getattr(conv.bn, name)[0]
+    return model
+
+
+def test_merging_an_exactly_duplicated_channel_reproduces_the_unpruned_output():
+    from dynprune.pruning.merge import merge_removed
+
+    model = _duplicating_model()
+    keep = [(torch.tensor([0] + list(range(2, b.h1))), torch.tensor([0] + list(range(2, b.h2)))) for b in model.blocks]
+    merged, (done, removed) = merge_removed(model, keep)
+    assert done == removed == 2 * len(model.blocks)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref, plain, slim = model(x), slim_model(model, keep)(x), slim_model(merged, keep)(x)
+    for a, b in zip(slim, ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert any((a - b).abs().max() > 1e-3 for a, b in zip(plain, ref))  # pruning alone changes it
+
+
+def test_merging_leaves_unlike_or_sign_flipped_channels_alone():
+    from dynprune.pruning.merge import merge_removed
+
+    model = _duplicating_model()
+    with torch.no_grad():
+        for b in model.blocks:  # channel 1's BN scale of opposite sign: z < 0, no merge
+            b.cv1.bn.weight[1] = -b.cv1.bn.weight[0]
+    keep = [(torch.tensor([0] + list(range(2, b.h1))), torch.arange(b.h2)) for b in model.blocks]
+    _, (done, removed) = merge_removed(model, keep)
+    assert (done, removed) == (0, len(model.blocks))
+    _, (done, _) = merge_removed(_duplicating_model(), keep, threshold=1.01)  # no cosine reaches it
+    assert done == 0
