@@ -374,7 +374,7 @@ def cmd_prune(args) -> int:
     _check_classes(args.weights, dense["names"], spec)
     cfg = _train_config(args, args.imgsz or dense["imgsz"], warmup_epochs=0.5)
     res = prune_checkpoint(args.weights, spec, cfg, method=args.method, flops=args.flops, params=args.params,
-                           round_to=args.round_to, scope=args.scope)
+                           round_to=args.round_to, scope=args.scope, merge=args.merge)
     print(json.dumps({k: v for k, v in res.items() if k != "hidden"}, indent=2) if args.json else
           f"pruned model: {args.out}/best.pt ({res['flops_fraction']:.3f} of dense FLOPs, AP50 {res['ap50']:.4f})")
     return 0
@@ -600,6 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="kept widths are multiples of this (TensorRT likes 8)")
     p.add_argument("--scope", default="global", choices=["global", "local"],
                    help="l1: one global threshold, or the same ratio in every layer")
+    p.add_argument("--merge", action="store_true",
+                   help="Neuron Merging: compensate each removed channel in the layer that reads it, through its most "
+                        "similar kept channel, before fine-tuning (data-free)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--out", default="runs/prune")
     _add_train_args(p, epochs=20, lr=1e-3)

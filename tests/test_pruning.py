@@ -203,3 +203,23 @@ def test_merging_leaves_unlike_or_sign_flipped_channels_alone():
     assert (done, removed) == (0, len(model.blocks))
     _, (done, _) = merge_removed(_duplicating_model(), keep, threshold=1.01)  # no cosine reaches it
     assert done == 0
+
+
+@pytest.mark.parametrize("method", ["effp", "l1", "slim", "fmcluster"])
+def test_merge_runs_with_every_method_and_exports_to_onnx(method, dense_ckpt, synthetic_yaml, tmp_path):
+    import onnxruntime as ort
+
+    from dynprune.export import export_onnx
+
+    spec = load_dataset(synthetic_yaml)
+    res = prune_checkpoint(dense_ckpt, spec, _cfg(tmp_path / method), method=method, flops=0.5, merge=True,
+                           log=lambda *_: None)
+    assert res["merge"] and 0 <= res["merged_channels"] <= res["removed_channels"]
+    if method != "effp":  # (EFFP zeroes most removed channels in training: nothing left to carry)
+        assert res["merged_channels"] > 0
+    slim, _ = model_from_checkpoint(str(tmp_path / method / "best.pt"))
+    path = export_onnx(slim.eval(), str(tmp_path / "m.onnx"), IMGSZ)
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    boxes, _ = ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(boxes, slim(x)[0].numpy(), atol=1e-4)

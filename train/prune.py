@@ -39,6 +39,7 @@ from dynprune.data.formats import DatasetSpec
 from dynprune.flops import CostModel, count_flops, count_parameters
 from dynprune.model import Detector
 from dynprune.pruning.importance import bn_gamma, cluster_keep, feature_map_statistics, l1_norm
+from dynprune.pruning.merge import merge_removed
 from dynprune.pruning.select import select_widths
 from dynprune.pruning.surgery import hidden_masks, slim_model, zero_filters
 from dynprune.train.engine import TrainConfig, Trainer
@@ -219,8 +220,23 @@ def _finetune(slim: Detector, spec: DatasetSpec, cfg: TrainConfig, log) -> Detec
 
 def prune_checkpoint(weights: str, spec: DatasetSpec, cfg: TrainConfig, method: str = "effp", flops: float = 0.5,
                      params: Optional[float] = None, round_to: int = 8, scope: str = "global",
-                     log=print) -> Dict[str, Any]:
-    """Prune the dense model in ``weights`` to the targets; write ``<out>/best.pt`` (the slim model)."""
+                     merge: bool = False, log=print) -> Dict[str, Any]:
+    """Prune the dense model in ``weights`` to the targets; write ``<out>/best.pt`` (the slim model).
+
+    ``merge``: before the removed channels go, compensate each in the layer that reads it through
+    its most similar kept channel (Neuron Merging, :mod:`dynprune.pruning.merge`). EFFP zeroes most
+    of its removed channels during training, which leaves them nothing to carry; it merges what the
+    final selection removes that training had not zeroed."""
+    merged: Tuple[int, int] = (0, 0)
+
+    def merged_if_asked(m: Detector, keep) -> Detector:
+        nonlocal merged
+        if not merge:
+            return m
+        m, merged = merge_removed(m, keep)
+        log(f"Neuron Merging: {merged[0]} of the {merged[1]} removed hidden channels merged into kept ones")
+        return m
+
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     model, ckpt = model_from_checkpoint(weights)
@@ -233,6 +249,7 @@ def prune_checkpoint(weights: str, spec: DatasetSpec, cfg: TrainConfig, method: 
         trainer.fit()
         final = trainer.ema.ema
         keep = select_widths(cost, bn_gamma(final), flops, params, round_to, scope="global", normalize=False)
+        final = merged_if_asked(final.eval(), keep)
         zero_filters(final, hidden_masks(final, keep))
         slim = slim_model(final.eval(), keep)
     else:
@@ -250,7 +267,7 @@ def prune_checkpoint(weights: str, spec: DatasetSpec, cfg: TrainConfig, method: 
             stats = feature_map_statistics(model, spec.train, cfg.imgsz)
             keep = [(cluster_keep(s1, len(k1)), cluster_keep(s2, len(k2)))
                     for (s1, s2), (k1, k2) in zip(stats, ratio_keep)]
-        slim = _finetune(slim_model(model.eval(), keep), spec, cfg, log)
+        slim = _finetune(slim_model(merged_if_asked(model.eval(), keep), keep), spec, cfg, log)
     wall = time.time() - t0
     slim = slim.eval()
     from dynprune.validate import run_validation
@@ -260,7 +277,8 @@ def prune_checkpoint(weights: str, spec: DatasetSpec, cfg: TrainConfig, method: 
         "method": method, "flops_target": flops, "params_target": params,
         "gflops": count_flops(slim, cfg.imgsz) / 1e9, "dense_gflops": cost.dense / 1e9,
         "params_m": count_parameters(slim) / 1e6, "dense_params_m": count_parameters(model) / 1e6,
-        "hidden": slim.cfg.hidden, "train_wall_s": wall,
+        "hidden": slim.cfg.hidden, "train_wall_s": wall, "merge": merge, "merged_channels": merged[0],
+        "removed_channels": merged[1] if merge else None,
         **{k: v for k, v in metrics.items() if not isinstance(v, list)},
     }
     result["flops_fraction"] = result["gflops"] / result["dense_gflops"]
