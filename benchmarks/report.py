@@ -163,14 +163,9 @@ def serving_overhead() -> Table:
 
 def gate_ablation() -> Table:
     d = _load("cpu-x86-2core/gate-ablation-matched-keep.json")
-    groups: Dict[tuple, list] = {}
-    for r in d["rows"]:
-        groups.setdefault((r["dataset"], r["method"]), []).append(r)
-    rows = [(ds, m, len(rs), _spread([r["ap50"] for r in rs]), _spread([r["ap50_95"] for r in rs]),
-             _spread([r["keep_mean"] for r in rs], 2), _spread([r["flops_mean"] for r in rs], 2),
-             _spread([r["cpu_speedup"] for r in rs], 2)) for (ds, m), rs in sorted(groups.items())
-            if len(rs) > 1]  # the two-seed variants at matched keep (single runs stay in the JSON)
-    return d, ["data", "gates", "seeds", "AP50", "AP50-95", "keep", "FLOPs", "CPU speed-up"], rows
+    rows = [(r["dataset"], r["method"], _f(r["ap50"]), _f(r["ap50_95"]), _f(r["keep_mean"], 2),
+             _f(r["flops_mean"], 2)) for r in d["rows"]]
+    return d, ["data", "gates", "AP50", "AP50-95", "keep", "FLOPs"], rows
 
 
 def static_methods() -> Table:
@@ -178,12 +173,11 @@ def static_methods() -> Table:
     rows = [(r["dataset"], "dense", "", _f(r["params_m"]), _f(r["gflops"]), _f(r["ap50"]), _f(r["ap50_95"]),
              _f(r["ort_p50_ms"], 2), "") for r in d["dense"]]
     rows += [(r["dataset"], r["method"], r["flops_target"], _f(r["params_m"]), _f(r["gflops"]), _f(r["ap50"]),
-              _f(r["ap50_95"]), _f(r["ort_p50_ms"], 2), f"{r['epochs']} ep, {r['train_s']} s") for r in d["rows"]
+              _f(r["ap50_95"]), _f(r["ort_p50_ms"], 2), f"{r['epochs']} ep") for r in d["rows"]
              if r["flops_target"] == 0.5]  # (the 0.3 rows are in the JSON; the prose quotes them)
     e = d["effp_default"]
-    rows.append(("raccoon", f"EFFP, default 20 epochs ({e['commit']}; dense AP50 {e['dense_ap50']})",
-                 e["flops_target"], _f(e["params_m"]), _f(e["gflops"]), _f(e["ap50"]), _f(e["ap50_95"]), "",
-                 f"20 ep, {e['train_wall_s']:.0f} s"))
+    rows.append((e["dataset"], "EFFP, default 20 epochs", e["flops_target"], _f(e["params_m"]), _f(e["gflops"]),
+                 _f(e["ap50"]), _f(e["ap50_95"]), _f(e.get("ort_p50_ms"), 2), "20 ep"))
     header = ["data", "method", "FLOPs target", "params M", "GFLOPs", "AP50", "AP50-95", "ORT p50 ms", "training"]
     return d, header, rows
 
