@@ -95,7 +95,9 @@ class Machine:
         from dynprune.kernels.dispatch import select_backend
 
         if blocks is None:
-            blocks = [_sample_block()]
+            from dynprune.kernels.triton_trial import tiny_gated_block
+
+            blocks = [tiny_gated_block()]
         backend, reason = select_backend(torch.device(device), "auto", blocks)
         return {"backend": backend, "reason": reason}
 
@@ -108,16 +110,6 @@ class Machine:
             return None
         return {"vector_floats": int(lib.dp_vector_floats()), "for_this_cpu": bool(lib.for_this_cpu),
                 "openmp": bool(lib.openmp)}
-
-
-def _sample_block():
-    from dynprune.gates import set_gate_mode
-    from dynprune.layers import Bottleneck
-
-    block = Bottleneck(16, 16, 16).eval()
-    block.add_gates(group=8)
-    set_gate_mode(block, "threshold")
-    return block
 
 
 def _section(name: str, summary: str, ok: Optional[bool] = True, **facts: Any) -> Dict[str, Any]:

@@ -70,18 +70,25 @@ def below_floor(capability: str) -> Optional[str]:
     return None
 
 
-def run_trial(device: torch.device) -> None:
-    """A tiny gated block on the Triton backend against the reference backend on ``device``;
-    raises where a kernel fails to compile or launch, or the results differ."""
+def tiny_gated_block():
+    """A 16-channel bottleneck with group-8 threshold gates (ManiDP's), as initialised."""
     from dynprune.gates import set_gate_mode
-    from dynprune.kernels.reference import ReferenceBlock
-    from dynprune.kernels.triton_block import TritonBlock
     from dynprune.layers import Bottleneck
 
-    generator = torch.Generator().manual_seed(0)
     block = Bottleneck(16, 16, 16).eval()
     block.add_gates(group=8)
     set_gate_mode(block, "threshold")
+    return block
+
+
+def run_trial(device: torch.device) -> None:
+    """A tiny gated block on the Triton backend against the reference backend on ``device``;
+    raises where a kernel fails to compile or launch, or the results differ."""
+    from dynprune.kernels.reference import ReferenceBlock
+    from dynprune.kernels.triton_block import TritonBlock
+
+    generator = torch.Generator().manual_seed(0)
+    block = tiny_gated_block()
     with torch.no_grad():
         for gate in (block.gate1, block.gate2):
             gate.fc2.bias.copy_(torch.tensor([1.0, 0.1]))  # one group kept, one skipped, whatever the input

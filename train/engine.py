@@ -201,10 +201,17 @@ class Trainer:
         self.history = state["history"]
         # recomputed from the history, so that a run saved under another fitness rule resumes under this one
         for r in self.history:
-            if "ap50_95" in r and r["epoch"] - 1 >= self.min_best_epoch and fitness(r) > self.best:
-                self.best, self.best_record = fitness(r), r
+            self._consider_for_best(r)
         self.load_extra(ckpt)
         self.log(f"resuming {path}: epoch {self.start_epoch + 1}/{self.cfg.epochs}")
+
+    def _consider_for_best(self, record: Dict[str, Any]) -> bool:
+        """Whether a validated epoch's ``record`` beats best.pt's so far (and may become best.pt);
+        if so it becomes the best."""
+        if "ap50_95" not in record or record["epoch"] - 1 < self.min_best_epoch or fitness(record) <= self.best:
+            return False
+        self.best, self.best_record = fitness(record), record
+        return True
 
     def _save(self, epoch: int, metrics: Dict[str, Any], is_best: bool) -> None:
         model = self.export_model()
@@ -289,9 +296,7 @@ class Trainer:
                 record.update({k: v for k, v in metrics.items() if not isinstance(v, list)})
             self.history.append(record)
             if main:
-                is_best = "ap50_95" in record and epoch >= self.min_best_epoch and fitness(record) > self.best
-                if is_best:
-                    self.best, self.best_record = fitness(record), record
+                is_best = self._consider_for_best(record)
                 self._save(epoch, record, is_best or not (self.out / "best.pt").exists())
                 # one line an epoch, for plots and scripts; eligible: an epoch that may become best.pt
                 with open(self.out / "results.jsonl", "a") as f:
