@@ -2,13 +2,14 @@
 usual fine-tuning, for L1 and EFFP at two FLOPs targets.
 
     python benchmarks/neuron_merging.py --weights DENSE --data D --name raccoon [--flops 0.5 0.3]
-        [--finetune] [--work runs/merging] --json OUT
+        [--finetune [--prune-args="--epochs 6 ..."]] [--work runs/merging] --json OUT
 
 Straight after pruning: the channels each method's criterion removes from the dense model (L1: filter
 norms, one global threshold; EFFP: BatchNorm |gamma|, one global threshold, the selection EFFP makes at
 its end, here without its pruning-aware training), then the slim model, with and without merging; the
 merge also with its scale limited to [1/2, 2] (where treating SiLU as homogeneous errs least).
-``--finetune``: ``dynprune prune --method M --flops F [--merge]`` with its defaults, one run each.
+``--finetune``: ``dynprune prune --method M --flops F [--merge]`` with its defaults and ``--prune-args``, one
+run each.
 
 Rows: ``dataset``, ``method`` (``dense``, ``l1``, ``effp``), ``flops``, ``merge``, ``finetuned``,
 ``ap50``, ``ap50_95``, and for merges the channels merged of those removed (``variant`` names the
@@ -34,6 +35,8 @@ def main() -> None:
     ap.add_argument("--name", required=True, help="the dataset's name in the rows")
     ap.add_argument("--flops", type=float, nargs="+", default=[0.5, 0.3])
     ap.add_argument("--finetune", action="store_true", help="also the fine-tuned runs (dynprune prune, minutes each)")
+    ap.add_argument("--prune-args", default="", help="more dynprune prune arguments for the fine-tuned runs "
+                    "(one string, e.g. the schedule)")
     ap.add_argument("--work", default="runs/merging")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -77,7 +80,8 @@ def main() -> None:
                 for merge in (False, True):
                     out = Path(args.work) / f"{args.name}_{method}_{flops:g}{'_merge' if merge else ''}"
                     cmd = [sys.executable, "-m", "dynprune", "prune", "--weights", args.weights, "--data", args.data,
-                           "--method", method, "--flops", str(flops), "--out", str(out), "--json"]
+                           "--method", method, "--flops", str(flops), "--out", str(out), "--json",
+                           *args.prune_args.split()]
                     done = subprocess.run(cmd + (["--merge"] if merge else []), capture_output=True, text=True)
                     if done.returncode != 0:
                         raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")

@@ -259,10 +259,12 @@ def cmd_gate(args) -> int:
         args.weights = args.weights or recorded
         _resume_gate_settings(args, ckpt)
     if not args.weights:
-        raise UsageError("--weights is required: the dense checkpoint to train gates into (runs/dense/best.pt)")
+        raise UsageError("--weights is required: the dense or pruned checkpoint to train gates into "
+                         "(runs/dense/best.pt, or runs/prune/best.pt for the hybrid engine)")
     spec = _load_spec(args)
     dense = load_checkpoint(args.weights)
     _check_classes(args.weights, dense["names"], spec)
+    base = "pruned" if dense.get("kind") == "pruned" else "dense"
     if args.epochs is None:
         args.epochs = default_gate_epochs(len(spec.train))
         if _is_main_process():
@@ -274,14 +276,16 @@ def cmd_gate(args) -> int:
                          complexity=not args.no_complexity, threshold_every=args.threshold_every,
                          gate_lr_mult=args.gate_lr_mult, keep_on=args.keep_on, schedule=args.schedule,
                          distill=args.distill)
+    role = "hybrid" if base == "pruned" else "dynamic"
     print(f"done: {_best_summary(result)}; gated weights in {args.out}/best.pt "
-          f"(dynprune val --weights {args.out}/best.pt --report {args.out}/report)")
+          f"(dynprune val --weights {args.out}/best.pt --report {args.out}/report; "
+          f"dynprune export --{role} {args.out}/best.pt)")
     note = keep_shortfall(result, args.keep, args.gate, not args.no_complexity, args.keep_on)
     if note:
         print(f"note: {note}")
     gated = (load_checkpoint(os.path.join(args.out, "best.pt")).get("metrics") or {})
     warning = accuracy_shortfall(gated, dense.get("metrics") or {}, args.keep, args.epochs, args.gate,
-                                 distill=args.distill)
+                                 distill=args.distill, base=base)
     if warning:
         print(f"warning: {warning}")
     return 0
@@ -384,7 +388,7 @@ def cmd_export(args) -> int:
     from dynprune.serve.bundle import export_bundle
 
     meta = export_bundle(_run_folder(args.o, "-o"), dynamic=args.dynamic, static=args.static, dense=args.dense,
-                         conf=args.conf, iou=args.iou)
+                         conf=args.conf, iou=args.iou, hybrid=args.hybrid)
     print(f"bundle {args.o}: engines {sorted(meta['engines'])}, classes {meta['names']}, {meta['imgsz']} px")
     for name, e in meta["engines"].items():
         ap = f"AP50-95 {e['ap50_95']:.4f}" if "ap50_95" in e else "AP unknown"
@@ -513,6 +517,8 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dynprune.serve.bundle import ENGINE_NAMES
+
     parser = Parser(
         prog="dynprune",
         description="Dynamic per-frame channel pruning for real-time one-class detection on NVIDIA Jetson. "
@@ -544,8 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p, epochs=60, lr=2e-3)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("gate", help="train ManiDP (or FBS) gates into a dense checkpoint")
-    p.add_argument("--weights", help="the dense checkpoint (from dynprune train; with --resume, the run's)")
+    p = sub.add_parser("gate", help="train ManiDP (or FBS) gates into a dense checkpoint, or into a pruned one "
+                                    "(the hybrid engine)")
+    p.add_argument("--weights", help="the dense checkpoint (from dynprune train), or a pruned one (from dynprune "
+                                     "prune: the hybrid engine); with --resume, the run's")
     _add_data_args(p)
     p.add_argument("--keep", type=fraction, default=0.5, help="target mean fraction of hidden channels kept")
     p.add_argument("--gate", default="manidp", choices=["manidp", "fbs"],
@@ -568,7 +576,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="settle: thresholds reach the target at 65%% of the epochs and the rest fine-tunes at it; "
                         "paper: ManiDP's official schedule, at the target only in the last epoch")
     p.add_argument("--distill", type=nonneg_float, default=DISTILL_WEIGHT, metavar="W",
-                   help=f"weight of a loss pulling each block's output toward the dense model's (default "
+                   help=f"weight of a loss pulling each block's output toward the --weights model's (default "
                         f"{DISTILL_WEIGHT:g}; 0: off)")
     p.add_argument("--threshold-every", type=nonneg_int, default=0, metavar="N",
                    help="reset thresholds every N steps instead of every epoch (smoother on short schedules)")
@@ -608,24 +616,29 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p, epochs=20, lr=1e-3)
     p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("export", help="a deployable bundle: dynamic, static (ONNX) and dense engines + metadata")
-    p.add_argument("--dynamic", help="gated checkpoint (dynprune gate)")
-    p.add_argument("--static", help="pruned checkpoint (dynprune prune)")
-    p.add_argument("--dense", help="dense checkpoint (default: the one the gates were trained into)")
+    p = sub.add_parser("export", help="a deployable bundle: dynamic, hybrid, static (ONNX) and dense engines + "
+                                      "metadata")
+    p.add_argument("--dynamic", help="gates trained into the dense model (dynprune gate --weights runs/dense/best.pt)")
+    p.add_argument("--hybrid", help="gates trained into a pruned model (dynprune gate --weights runs/prune/best.pt)")
+    p.add_argument("--static", help="pruned checkpoint (dynprune prune; default: the one the --hybrid gates were "
+                                    "trained into)")
+    p.add_argument("--dense", help="dense checkpoint (default: the one the --dynamic gates were trained into)")
     p.add_argument("-o", required=True, metavar="DIR", help="bundle folder to write")
     p.add_argument("--conf", type=probability, default=0.25, help="score threshold recorded for serving")
     p.add_argument("--iou", type=probability, default=0.6, help="NMS IoU threshold recorded for serving")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("bench", help="dense vs static vs dynamic FPS, latency, keep ratio and AP on the same frames")
+    p = sub.add_parser("bench", help="dense vs static vs dynamic vs hybrid FPS, latency, keep ratio and AP on the same "
+                                     "frames")
     p.add_argument("bundle", help="a bundle folder (dynprune export)")
     p.add_argument("--source", help="frames: video file, camera, folder or glob of images, stream URI")
     p.add_argument("--data", help="a labelled dataset: its val images are the frames, and AP is reported")
     p.add_argument("--frames", type=nonneg_int, default=200, help="frames to measure (0: all the source has)")
-    p.add_argument("--engines", nargs="+", choices=["dense", "static", "dynamic"])
+    p.add_argument("--engines", nargs="+", choices=list(ENGINE_NAMES))
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu", "reference"],
-                   help="how the dynamic engine runs gated blocks (auto: Triton on a GPU, else compiled CPU blocks)")
+                   help="how the dynamic and hybrid engines run gated blocks (auto: Triton on a GPU, else compiled "
+                        "CPU blocks)")
     p.add_argument("--precision", default="fp16", choices=["fp16", "int8", "fp32"],
                    help="TensorRT plan precision; on a GPU also the PyTorch engines' (int8 runs them in fp16)")
     p.add_argument("--no-cuda-graph", action="store_true",
@@ -637,10 +650,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", help="a bundle folder (dynprune export)")
     p.add_argument("--source", required=True,
                    help="csi://0, /dev/video0, 0, file.mp4, folder/, 'imgs/*.jpg', rtsp://..., or a GStreamer pipeline")
-    p.add_argument("--engine", default="auto", choices=["auto", "dense", "static", "dynamic"])
+    p.add_argument("--engine", default="auto", choices=["auto", *ENGINE_NAMES])
     p.add_argument("--device", default="auto")
     p.add_argument("--backend", default="auto", choices=["auto", "triton", "cpu", "reference"],
-                   help="how the dynamic engine runs gated blocks (auto: Triton on a GPU, else compiled CPU blocks)")
+                   help="how the dynamic and hybrid engines run gated blocks (auto: Triton on a GPU, else compiled "
+                        "CPU blocks)")
     p.add_argument("--precision", default="fp16", choices=["fp16", "int8", "fp32"],
                    help="TensorRT plan precision; on a GPU also the PyTorch engines' (int8 runs them in fp16)")
     p.add_argument("--no-cuda-graph", action="store_true",

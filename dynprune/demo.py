@@ -1,8 +1,9 @@
 """``dynprune demo``: the whole flow on built-in synthetic data, on the CPU, with no downloads.
 
-synthetic data -> dense nano detector -> ManiDP gates -> EFFP static pruning -> bundle ->
-bench (dense vs static vs dynamic) -> serve over a synthetic video; a results table at the
-end and a report folder (bench table, plots, detections) under ``--out``.
+synthetic data -> dense nano detector -> ManiDP gates -> EFFP static pruning -> ManiDP gates on
+the EFFP model (hybrid) -> bundle -> bench (dense vs static vs dynamic vs hybrid) -> serve over a
+synthetic video; a results table at the end and a report folder (bench table, plots, detections)
+under ``--out``.
 """
 
 from __future__ import annotations
@@ -65,14 +66,14 @@ def run_demo(out: str = "runs/demo", quick: bool = False) -> int:
     def stage(name: str) -> None:
         print(f"\n== {name} ({time.time() - t_start:.0f}s elapsed)")
 
-    stage("1/7 synthetic one-class dataset and video")
+    stage("1/8 synthetic one-class dataset and video")
     data_yaml = ensure_synthetic(str(root / "data"), n_train=plan.n_train, n_val=max(plan.n_train // 4, 16))
     spec = load_dataset(data_yaml)
     video = write_synthetic_video(str(root / "data" / "video.mp4"), frames=plan.video_frames)
     print(f"{len(spec.train)} train / {len(spec.val)} val images of '{spec.names[0]}' in {Path(data_yaml).parent}; "
           f"video {video}")
 
-    stage("2/7 dense nano detector")
+    stage("2/8 dense nano detector")
     t = time.time()
     dense_cfg = TrainConfig(epochs=plan.dense_epochs, batch=plan.batch, imgsz=plan.imgsz, lr=4e-3, workers=1,
                             out=str(root / "dense"), val_every=max(1, plan.dense_epochs // 7))
@@ -80,7 +81,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False) -> int:
     timings["dense_train_s"] = time.time() - t
     dense_w = str(root / "dense" / "best.pt")
 
-    stage(f"3/7 ManiDP gates (keep {plan.keep})")
+    stage(f"3/8 ManiDP gates (keep {plan.keep})")
     t = time.time()
     gate_cfg = TrainConfig(epochs=plan.gate_epochs, batch=plan.batch, imgsz=plan.imgsz, lr=1e-3, workers=1,
                            out=str(root / "gate"), warmup_epochs=0.5, mosaic=0.0,
@@ -94,7 +95,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False) -> int:
     timings["gate_train_s"] = time.time() - t
     gate_w = str(root / "gate" / "best.pt")
 
-    stage(f"4/7 EFFP static pruning to {plan.flops:.0%} of dense FLOPs")
+    stage(f"4/8 EFFP static pruning to {plan.flops:.0%} of dense FLOPs")
     t = time.time()
     prune_cfg = TrainConfig(epochs=plan.prune_epochs, batch=plan.batch, imgsz=plan.imgsz, lr=1e-3, workers=1,
                             out=str(root / "effp"), warmup_epochs=0.5, mosaic=0.0)
@@ -102,17 +103,26 @@ def run_demo(out: str = "runs/demo", quick: bool = False) -> int:
     timings["prune_s"] = time.time() - t
     static_w = str(root / "effp" / "best.pt")
 
-    stage("5/7 bundle")
-    bundle = str(root / "bundle")
-    export_bundle(bundle, dynamic=gate_w, static=static_w, dense=dense_w)
-    print(f"bundle: {bundle} (dynamic.pt, static.onnx, dense.pt, metadata.json)")
+    stage(f"5/8 ManiDP gates on the EFFP model: the hybrid engine (keep {plan.keep})")
+    t = time.time()
+    hybrid_cfg = TrainConfig(epochs=plan.gate_epochs, batch=plan.batch, imgsz=plan.imgsz, lr=1e-3, workers=1,
+                             out=str(root / "hybrid"), warmup_epochs=0.5, mosaic=0.0, extra={"dense": static_w})
+    train_gates(static_w, spec, hybrid_cfg, keep=plan.keep, method="manidp", group=plan.gate_group,
+                threshold_every=plan.threshold_every)
+    timings["hybrid_train_s"] = time.time() - t
+    hybrid_w = str(root / "hybrid" / "best.pt")
 
-    stage("6/7 bench: dense vs static vs dynamic on the synthetic validation images")
+    stage("6/8 bundle")
+    bundle = str(root / "bundle")
+    export_bundle(bundle, dynamic=gate_w, static=static_w, dense=dense_w, hybrid=hybrid_w)
+    print(f"bundle: {bundle} (dynamic.pt, hybrid.pt, static.onnx, dense.pt, metadata.json)")
+
+    stage("7/8 bench: dense vs static vs dynamic vs hybrid on the synthetic validation images")
     t = time.time()
     bench = run_bench(bundle, data=data_yaml, frames=plan.bench_frames, out=str(root / "report"), device="cpu")
     timings["bench_s"] = time.time() - t
 
-    stage(f"7/7 serve the synthetic video ({plan.video_frames} frames, --engine auto)")
+    stage(f"8/8 serve the synthetic video ({plan.video_frames} frames, --engine auto)")
     t = time.time()
     served = serve(bundle, video, ServeOptions(engine="auto", device="cpu", json=str(root / "report" / "serve.jsonl"),
                                                save=str(root / "report" / "serve.mp4")))
@@ -131,11 +141,12 @@ def run_demo(out: str = "runs/demo", quick: bool = False) -> int:
                                                     if served["switches"] else ""))
     print(f"total demo time {timings['total_s']:.0f}s "
           f"(dense {timings['dense_train_s']:.0f}s, gates {timings['gate_train_s']:.0f}s, "
-          f"EFFP {timings['prune_s']:.0f}s, bench {timings['bench_s']:.0f}s, serve {timings['serve_s']:.0f}s)")
+          f"EFFP {timings['prune_s']:.0f}s, hybrid gates {timings['hybrid_train_s']:.0f}s, "
+          f"bench {timings['bench_s']:.0f}s, serve {timings['serve_s']:.0f}s)")
     summary = {"plan": plan.__dict__, "bench": {k: v for k, v in bench.items() if k != "per_frame"},
                "serve": served, "timings": timings, "plots": plots,
                "gated_flops": {k: m_gated[k] for k in ("flops_mean", "flops_p5", "flops_p50", "flops_p95")},
-               "weights": {"dense": dense_w, "gated": gate_w, "static": static_w}}
+               "weights": {"dense": dense_w, "gated": gate_w, "static": static_w, "hybrid": hybrid_w}}
     (root / "report" / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     print(f"report: {root / 'report'} (summary.json, bench.json/csv, latency_vs_keep.png, flops_hist.png, "
           "frames_by_cost.png, serve.jsonl, serve.mp4)")

@@ -299,7 +299,7 @@ def probe_bundle(m: Machine, path: str, device: str, tensorrt: Dict[str, Any], o
         if name == "dense":
             on = "PyTorch on the GPU" if device.startswith("cuda") else "PyTorch on the CPU (compiled blocks)"
             engines[name] = {"runs": True, "reason": on, "ap50_95": ap}
-        elif name == "dynamic":
+        elif name in ("dynamic", "hybrid"):
             from dynprune.checkpoint import model_from_checkpoint
 
             try:

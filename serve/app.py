@@ -25,9 +25,9 @@ log = logging.getLogger("dynprune.serve")
 
 @dataclass
 class ServeOptions:
-    engine: str = "auto"  # auto | dense | static | dynamic
+    engine: str = "auto"  # auto | dense | static | dynamic | hybrid
     device: str = "auto"
-    backend: str = "auto"  # dynamic engine: auto | triton | cpu | reference
+    backend: str = "auto"  # dynamic and hybrid engines: auto | triton | cpu | reference
     precision: str = "fp16"  # TensorRT: fp16 | int8 | fp32; PyTorch engines on a GPU: fp16 | fp32
     cuda_graph: bool = True  # PyTorch engines on a GPU replay one CUDA graph per frame
     max_frames: Optional[int] = None

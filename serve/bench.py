@@ -1,10 +1,10 @@
-"""``dynprune bench``: dense, static and dynamic engines on the same frames, side by side.
+"""``dynprune bench``: dense, static, dynamic and hybrid engines on the same frames, side by side.
 
 The engines take turns frame by frame (see :func:`measure_in_turns`), so that none is measured
 on a colder machine than another. For each engine: FPS, p50/p95 latency (pre-process to
 post-process), mean and p95 keep ratio, GFLOPs per frame, and AP when the frames come from a
 labelled dataset. Writes ``bench.json``, ``bench.csv`` and ``latency_vs_keep.png`` (per-frame
-latency against keep ratio, with the dynamic/static break-even point marked).
+latency against keep ratio, with each gated engine's break-even point against static marked).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from dynprune.runtime import ThreadGovernor
-from dynprune.serve.bundle import load_bundle
+from dynprune.serve.bundle import GATED_ENGINES, load_bundle
 from dynprune.serve.engines import load_engines, pick_device
 
 COLUMNS = ["engine", "fps", "p50_ms", "p95_ms", "keep_mean", "keep_p95", "gflops", "ap50", "ap50_95"]
@@ -144,11 +144,13 @@ def run_bench(bundle_dir: str, source: Optional[str] = None, data: Optional[str]
             row["ap50"], row["ap50_95"] = metrics["ap50"], metrics["ap50_95"]
         rows.append(row)
         per_frame[name] = {"latency_ms": lat, "keep": keep}
-    be = None
-    if "dynamic" in per_frame and "static" in per_frame:
+    breaks: Dict[str, Optional[float]] = {}
+    if "static" in per_frame:
         static_p50 = next(r["p50_ms"] for r in rows if r["engine"] == "static")
-        be = break_even(np.array(per_frame["dynamic"]["keep"]), np.array(per_frame["dynamic"]["latency_ms"]),
-                        static_p50)
+        for name in GATED_ENGINES:
+            if name in per_frame:
+                breaks[name] = break_even(np.array(per_frame[name]["keep"]), np.array(per_frame[name]["latency_ms"]),
+                                          static_p50)
     out_p = Path(out)
     out_p.mkdir(parents=True, exist_ok=True)
     result = {"bundle": bundle_dir, "source": source or data, "frames": len(images), "device": str(dev),
@@ -159,7 +161,8 @@ def run_bench(bundle_dir: str, source: Optional[str] = None, data: Optional[str]
               "thread_switches": governor.switches if governor else [],
               "thread_trials": governor.trials if governor else 0,
               "imgsz": bundle["imgsz"], "rows": rows,
-              "break_even_keep": be,
+              # keep ratio at which each gated engine is as fast as static (None: not measured or no crossing)
+              "break_even_keep": breaks.get("dynamic"), "break_even": breaks,
               "per_frame": per_frame}
     (out_p / "bench.json").write_text(json.dumps(result, indent=2))
     with open(out_p / "bench.csv", "w", newline="") as f:
@@ -167,7 +170,7 @@ def run_bench(bundle_dir: str, source: Optional[str] = None, data: Optional[str]
         w.writeheader()
         for r in rows:
             w.writerow(r)
-    plot_latency_vs_keep(per_frame, rows, be, str(out_p / "latency_vs_keep.png"))
+    plot_latency_vs_keep(per_frame, rows, breaks, str(out_p / "latency_vs_keep.png"))
     log(format_table(result))
     return result
 
@@ -184,13 +187,15 @@ def format_table(result: Dict[str, Any]) -> str:
         lines.append(f"{r['engine']:<9}{r['fps']:>8.1f}{r['p50_ms']:>9.2f}{r['p95_ms']:>9.2f}"
                      f"{f(r['keep_mean'], '.3f'):>7}{f(r['keep_p95'], '.3f'):>8}{f(r['gflops'], '.3f'):>8}"
                      f"{f(r['ap50'], '.4f'):>8}{f(r['ap50_95'], '.4f'):>9}")
-    be = result.get("break_even_keep")
-    if be is not None:
+    breaks = result.get("break_even") or {"dynamic": result.get("break_even_keep")}
+    for name, be in breaks.items():
+        if be is None:
+            continue
         if 0 < be < 1:
-            lines.append(f"break-even keep ratio (dynamic as fast as static): {be:.3f}")
+            lines.append(f"break-even keep ratio ({name} as fast as static): {be:.3f}")
         else:  # the fitted line crosses outside [0, 1]: say what that means
-            faster = "static" if be <= 0 else "dynamic"
-            lines.append(f"break-even keep ratio: none, {faster} is faster at every keep ratio "
+            faster = "static" if be <= 0 else name
+            lines.append(f"break-even keep ratio of {name}: none, {faster} is faster at every keep ratio "
                          f"(fit crosses at {be:.3f})")
     return "\n".join(lines)
 
@@ -203,22 +208,23 @@ def _threads(result: Dict[str, Any]) -> str:
             "other processes used the cores")
 
 
-def plot_latency_vs_keep(per_frame, rows, be, path: str) -> None:
+def plot_latency_vs_keep(per_frame, rows, breaks: Dict[str, Optional[float]], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=110)
-    colors = {"dense": "#888888", "static": "#d95f02", "dynamic": "#1b9e77"}
+    colors = {"dense": "#888888", "static": "#d95f02", "dynamic": "#1b9e77", "hybrid": "#7570b3"}
     for name, d in per_frame.items():
         p50 = next(r["p50_ms"] for r in rows if r["engine"] == name)
         if d["keep"]:
             ax.scatter(d["keep"], d["latency_ms"], s=8, alpha=0.6, color=colors.get(name), label=f"{name} (per frame)")
         else:
             ax.axhline(p50, color=colors.get(name), ls="--", label=f"{name} p50 {p50:.1f} ms")
-    if be is not None:
-        ax.axvline(be, color="k", lw=1, label=f"break-even keep {be:.2f}")
+    for name, be in breaks.items():
+        if be is not None and 0 < be < 1:
+            ax.axvline(be, color=colors.get(name), lw=1, label=f"{name} as fast as static at keep {be:.2f}")
     ax.set_xlabel("keep ratio of the frame (mean over gated layers)")
     ax.set_ylabel("latency per frame (ms)")
     ax.set_title("Per-frame latency against keep ratio")

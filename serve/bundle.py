@@ -2,6 +2,7 @@
 
     metadata.json    class names, input size and normalisation, thresholds, each engine's AP
     dynamic.pt       the gated model (dynamic engine)
+    hybrid.pt        gates trained into the statically pruned model (hybrid engine)
     static.pt        the statically pruned model, and static.onnx its ONNX (static engine)
     dense.pt         the dense model, for reference
     static-trt<version>-<precision>-<gpu>.plan   TensorRT plans, built and cached on the board
@@ -37,24 +38,56 @@ def _engine_entry(ckpt: Dict[str, Any], file: str, imgsz: int) -> Dict[str, Any]
     return entry
 
 
+def gated_base(ckpt: Dict[str, Any]) -> str:
+    """``"pruned"`` for gates trained into a statically pruned model (the hybrid engine's checkpoint),
+    ``"dense"`` for gates trained into a dense one (the dynamic engine's)."""
+    return "pruned" if (ckpt.get("config") or {}).get("hidden") else "dense"
+
+
+def _base_weights(ckpt: Dict[str, Any]) -> Optional[str]:
+    """The checkpoint the gates of ``ckpt`` were trained into, as ``dynprune gate`` recorded it."""
+    return (ckpt.get("train_config") or {}).get("extra", {}).get("dense")
+
+
 def export_bundle(out: str, dynamic: Optional[str] = None, static: Optional[str] = None,
-                  dense: Optional[str] = None, conf: float = 0.25, iou: float = 0.6) -> Dict[str, Any]:
-    """Write a bundle folder from checkpoints; at least one engine is required."""
-    if not (dynamic or static or dense):
-        raise BundleError("nothing to export: give --dynamic, --static and/or --dense checkpoints")
+                  dense: Optional[str] = None, conf: float = 0.25, iou: float = 0.6,
+                  hybrid: Optional[str] = None) -> Dict[str, Any]:
+    """Write a bundle folder from checkpoints; at least one engine is required.
+
+    Without ``dense``, the dense model the dynamic gates were trained into; without ``static``, the
+    pruned model the hybrid gates were trained into (where the run recorded them and they exist)."""
+    if not (dynamic or static or dense or hybrid):
+        raise BundleError("nothing to export: give --dynamic, --hybrid, --static and/or --dense checkpoints")
+    gated = {}
+    for role, path in (("dynamic", dynamic), ("hybrid", hybrid)):
+        if not path:
+            continue
+        ckpt = load_checkpoint(path)
+        if not ckpt.get("gated"):
+            raise BundleError(f"{path}: --{role} needs a gated checkpoint (from dynprune gate)")
+        base = gated_base(ckpt)
+        if role == "dynamic" and base == "pruned":
+            raise BundleError(f"{path}: gates trained into a pruned model; export it with --hybrid")
+        if role == "hybrid" and base == "dense":
+            raise BundleError(f"{path}: gates trained into a dense model; export it with --dynamic (--hybrid takes "
+                              "gates trained into a pruned checkpoint: dynprune gate --weights runs/prune/best.pt)")
+        gated[role] = ckpt
+    recorded = {"dense": dense, "static": static}
+    for role, fills in (("dynamic", "dense"), ("hybrid", "static")):
+        if role in gated and not recorded[fills]:
+            base_w = _base_weights(gated[role])
+            if base_w and Path(base_w).is_file():
+                recorded[fills] = base_w
+    dense, static = recorded["dense"], recorded["static"]
     out_p = Path(out)
     out_p.mkdir(parents=True, exist_ok=True)
     engines: Dict[str, Any] = {}
     names, imgsz = None, None
-    if dynamic and not dense:  # the dense model the gates were trained into
-        dense = (load_checkpoint(dynamic).get("train_config") or {}).get("extra", {}).get("dense")
-    for role, path in (("dynamic", dynamic), ("static", static), ("dense", dense)):
+    for role, path in (("dynamic", dynamic), ("hybrid", hybrid), ("static", static), ("dense", dense)):
         if not path:
             continue
-        ckpt = load_checkpoint(path)
-        if role == "dynamic" and not ckpt.get("gated"):
-            raise BundleError(f"{path}: --dynamic needs a gated checkpoint (from dynprune gate)")
-        if role != "dynamic" and ckpt.get("gated"):
+        ckpt = gated.get(role) or load_checkpoint(path)
+        if role not in gated and ckpt.get("gated"):
             raise BundleError(f"{path}: --{role} needs a dense or pruned checkpoint, not a gated one")
         if names is None:
             names, imgsz = ckpt["names"], ckpt["imgsz"]
@@ -77,7 +110,9 @@ def export_bundle(out: str, dynamic: Optional[str] = None, static: Optional[str]
     return meta
 
 
-ENGINE_NAMES = ("dense", "static", "dynamic")
+ENGINE_NAMES = ("dense", "static", "dynamic", "hybrid")
+#: The engines that run gates on compact activations (serve.engines.DynamicEngine).
+GATED_ENGINES = ("dynamic", "hybrid")
 
 
 def load_bundle(path: str) -> Dict[str, Any]:

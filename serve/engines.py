@@ -1,5 +1,6 @@
-"""Engines behind one interface: dense (PyTorch), static (TensorRT, else ONNX Runtime) and
-dynamic (Triton gather kernels on CUDA; elsewhere the CPU runtime, compiled C blocks).
+"""Engines behind one interface: dense (PyTorch), static (TensorRT, else ONNX Runtime), and
+dynamic and hybrid (gates on the dense or on the statically pruned model: Triton gather kernels on
+CUDA; elsewhere the CPU runtime, compiled C blocks).
 
 ``engine(frame_bgr)`` returns a :class:`Result`: boxes in image pixels, scores, labels, the
 latency split into pre-process / gates / network / post-process, and for the dynamic engine
@@ -169,13 +170,16 @@ class TensorRTEngine(Engine):
 
 
 class DynamicEngine(Engine):
-    """The gated model on compact activations; reports each frame's keep ratio and FLOPs."""
+    """The gated model on compact activations; reports each frame's keep ratio and FLOPs.
+
+    ``name`` is ``dynamic`` for gates on the dense model and ``hybrid`` for gates on a statically
+    pruned one: the same execution, on the narrower widths the pruned checkpoint records."""
 
     name = "dynamic"
 
     def __init__(self, checkpoint: str, device: torch.device, conf: float = 0.25, iou: float = 0.6,
                  backend: str = "auto", profile_gates: bool = True, precision: str = "fp16",
-                 cuda_graph: bool = True) -> None:
+                 cuda_graph: bool = True, name: str = "dynamic") -> None:
         from dynprune.compact import CompactDetector
         from dynprune.flops import CostModel
         from dynprune.serve.cuda_graph import GraphedForward
@@ -183,9 +187,10 @@ class DynamicEngine(Engine):
         model, ckpt = model_from_checkpoint(checkpoint)
         self.net = CompactDetector(model, backend=backend, device=device)
         if self.net.device != device:
-            log.warning("dynamic engine runs on the CPU: %s", self.net.backend_reason)
+            log.warning("%s engine runs on the CPU: %s", name, self.net.backend_reason)
             device = self.net.device
         super().__init__(ckpt["imgsz"], conf, iou, device)
+        self.name = name
         self.cost = CostModel(model, self.imgsz)
         self.widths = torch.tensor([[b.h1, b.h2] for b in model.blocks], dtype=torch.float64)
         # The CPU backends run float32; the Triton path runs fp16 (or fp32) and, having no
@@ -202,7 +207,7 @@ class DynamicEngine(Engine):
                                                 for g, w in ((b.gate1, b.h1), (b.gate2, b.h2))):
             hint = ("gates of single channels: the GPU kernels gather them 2 bytes at a time; gates trained with "
                     "--group 8 are read as 16-byte vectors (the network about 1.2x faster on an H100)")
-            log.warning("dynamic engine: %s", hint)
+            log.warning("%s engine: %s", name, hint)
             self.description += f"; {hint}"
 
     def _forward_with_counts(self, x: torch.Tensor):
@@ -276,13 +281,14 @@ def load_engine(bundle: Dict[str, Any], name: str, device: torch.device, backend
     root = Path(bundle["root"])
     conf, iou = bundle["conf"], bundle["iou"]
     entry = bundle["engines"][name]
-    if name in ("dense", "dynamic"):
+    if name != "static":
         path = root / entry["file"]
         if not path.is_file():
             raise BundleError(f"{path}: missing from the bundle; copy the whole bundle folder, or export it again")
         if name == "dense":
             return DenseEngine(str(path), device, conf, iou, precision=precision, cuda_graph=cuda_graph)
-        return DynamicEngine(str(path), device, conf, iou, backend, precision=precision, cuda_graph=cuda_graph)
+        return DynamicEngine(str(path), device, conf, iou, backend, precision=precision, cuda_graph=cuda_graph,
+                             name=name)
     from dynprune.serve.tensorrt_engine import ensure_plan, tensorrt_status
 
     ok, reason = tensorrt_status()

@@ -8,9 +8,9 @@ accuracy bar, keep measuring, and switch with hysteresis when the balance change
   ``probe_every`` frames each other eligible engine runs one frame (its result is used too, so
   nothing is wasted) to refresh its average. A switch needs the other engine to be faster by
   ``hysteresis`` (10%), so noise does not flip engines back and forth.
-* Optional per-frame routing (``route_by_keep``): while the dynamic engine is active, a frame
-  goes to the static engine when the keep ratio the gates chose for the previous frame (video
-  frames change slowly) is above the measured break-even keep ratio.
+* Optional per-frame routing (``route_by_keep``): while a gated engine (dynamic or hybrid) is
+  active, a frame goes to the static engine when the keep ratio its gates chose for the previous
+  frame (video frames change slowly) is above that engine's measured break-even keep ratio.
 Every switch is logged with the numbers behind it.
 """
 
@@ -30,7 +30,7 @@ class EngineStats:
     ema_ms: Optional[float] = None
     samples: List[float] = field(default_factory=list)
     frames: int = 0
-    keep: List[Tuple[float, float]] = field(default_factory=list)  # (keep ratio, ms), dynamic only
+    keep: List[Tuple[float, float]] = field(default_factory=list)  # (keep ratio, ms), gated engines only
 
     def add(self, ms: float, alpha: float) -> None:
         self.frames += 1
@@ -65,7 +65,7 @@ class FallbackPolicy:
         self.active: Optional[str] = None
         self.frame = 0
         self.switches: List[Dict] = []
-        self.last_keep: Optional[float] = None
+        self.last_keep: Dict[str, float] = {}  # per gated engine, its previous frame's keep ratio
 
     def choose(self) -> str:
         """The engine for the next frame."""
@@ -77,10 +77,10 @@ class FallbackPolicy:
         others = [e for e in self.eligible if e != self.active]
         if others and self.probe_every and i % self.probe_every == 0:
             return others[(i // self.probe_every) % len(others)]
-        if (self.route_by_keep and self.active == "dynamic" and "static" in self.eligible
-                and self.last_keep is not None):
-            be = self.break_even()
-            if be is not None and self.last_keep > be:
+        last = self.last_keep.get(self.active)
+        if self.route_by_keep and last is not None and "static" in self.eligible:
+            be = self.break_even(self.active)
+            if be is not None and last > be:
                 return "static"
         return self.active
 
@@ -94,7 +94,7 @@ class FallbackPolicy:
             st.add(ms, self.alpha)
         if keep_ratio is not None:
             st.keep.append((keep_ratio, ms))
-            self.last_keep = keep_ratio
+            self.last_keep[engine] = keep_ratio
         self.frame += 1
         if self.active is not None and engine != self.active:
             self._maybe_switch(engine)
@@ -119,9 +119,9 @@ class FallbackPolicy:
         log.warning("engine %s -> %s at frame %d: %s", self.active, engine, self.frame, why)
         self.active = engine
 
-    def break_even(self) -> Optional[float]:
-        """Keep ratio at which the dynamic engine is as slow as the static one (linear fit), if measured."""
-        dyn, stat = self.stats.get("dynamic"), self.stats.get("static")
+    def break_even(self, engine: str = "dynamic") -> Optional[float]:
+        """Keep ratio at which the gated ``engine`` is as slow as the static one (linear fit), if measured."""
+        dyn, stat = self.stats.get(engine), self.stats.get("static")
         if dyn is None or stat is None or stat.ema_ms is None or len(dyn.keep) < 10:
             return None
         k, ms = np.array(dyn.keep).T

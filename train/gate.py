@@ -1,4 +1,6 @@
-"""Gate training (``dynprune gate``): ManiDP or FBS gates trained into a dense detector."""
+"""Gate training (``dynprune gate``): ManiDP or FBS gates trained into a dense detector, or into a
+statically pruned one (the hybrid engine: static pruning removes what no frame needs, the gates then
+drop per frame what this frame does not need)."""
 
 from __future__ import annotations
 
@@ -235,10 +237,15 @@ def train_gates(
     log=print,
     **loss_options: Any,
 ) -> Dict[str, Any]:
-    """Attach gates to the dense model in ``weights`` and train them in on ``spec``."""
+    """Attach gates to the dense or statically pruned model in ``weights`` and train them in on ``spec``.
+
+    A pruned model's hidden widths differ from block to block; each gate decides whole groups of
+    ``group`` channels and, where a width is no multiple of ``group``, a last narrower group (a width
+    below ``group`` is one group: all or nothing). Every backend runs such widths (tests/test_backends.py).
+    With distillation the teacher is the model in ``weights`` itself, pruned or not."""
     model, ckpt = model_from_checkpoint(weights)
     if model.gated:
-        raise ValueError(f"{weights}: already gated; start from a dense checkpoint")
+        raise ValueError(f"{weights}: already gated; start from a dense or pruned checkpoint")
     if list(ckpt["names"]) != list(spec.names):
         raise ValueError(f"{weights}: trained on classes {ckpt['names']}, dataset has {spec.names}")
     loss_options.setdefault("distill", DISTILL_WEIGHT)
@@ -278,9 +285,10 @@ def keep_shortfall(result: Dict[str, Any], keep: float, method: str = "manidp", 
 
 
 def accuracy_shortfall(gated: Dict[str, Any], dense: Dict[str, Any], keep: float, epochs: int, method: str = "manidp",
-                       points: float = 0.05, distill: float = 0.0) -> Optional[str]:
-    """A warning when the gated best.pt's AP50 (``gated`` metrics) is more than ``points`` below the dense
-    model's it started from, with what to try; ``None`` otherwise or when either AP50 is unknown."""
+                       points: float = 0.05, distill: float = 0.0, base: str = "dense") -> Optional[str]:
+    """A warning when the gated best.pt's AP50 (``gated`` metrics) is more than ``points`` below the ``base``
+    (dense or pruned) model's it started from, with what to try; ``None`` otherwise or when either AP50 is
+    unknown."""
     g, d = gated.get("ap50"), dense.get("ap50")
     if g is None or d is None or g >= d - points:
         return None
@@ -289,5 +297,5 @@ def accuracy_shortfall(gated: Dict[str, Any], dense: Dict[str, Any], keep: float
         tries.insert(0, f"--distill {DISTILL_WEIGHT:.1f}")
     if method != "fbs":
         tries.append("--gate fbs")
-    return (f"the gated model's AP50 {g:.3f} is {100 * (d - g):.1f} points below the dense model's {d:.3f} at "
+    return (f"the gated model's AP50 {g:.3f} is {100 * (d - g):.1f} points below the {base} model's {d:.3f} at "
             f"--keep {keep:g}; try " + ", ".join(tries))
