@@ -145,9 +145,53 @@ def _bench_rows(d: dict) -> List[Sequence]:
 BENCH_HEADER = ["engine", "FPS, median (range)", "p50 ms", "network ms", "keep", "GFLOPs", "AP50", "AP50-95"]
 
 
-def raccoon_bench() -> Table:
-    d = _load("cpu-x86-2core/raccoon-bundle-bench.json")
-    return d, BENCH_HEADER, _bench_rows(d)
+def engines_bench() -> Table:
+    """Bundles with all four engines through ``dynprune bench`` (raccoon, synthetic): each engine's FPS
+    against static's, and where its frame time goes (gates, network, the rest), so a shortfall shows its cause."""
+    rows, first = [], None
+    for dataset in ("raccoon", "synthetic"):
+        d = _load(f"cpu-x86-2core/bench-{dataset}.json")
+        first = first or d
+        static_fps = [next(r["fps"] for r in run["rows"] if r["engine"] == "static") for run in d["runs"]]
+        for engine in [r["engine"] for r in d["runs"][0]["rows"]]:
+            rs = [next(r for r in run["rows"] if r["engine"] == engine) for run in d["runs"]]
+            other = [r["stages_ms"]["preprocess_ms"] + r["stages_ms"]["postprocess_ms"] for r in rs]
+            rows.append((dataset, engine, _median([r["fps"] for r in rs], 1),
+                         _median([r["fps"] / s for r, s in zip(rs, static_fps)], 2),
+                         _f(statistics.median(r["stages_ms"]["gates_ms"] for r in rs), 2),
+                         _f(statistics.median(r["stages_ms"]["network_ms"] for r in rs), 2),
+                         _f(statistics.median(other), 2), _f(rs[0]["keep_mean"], 3),
+                         _f(rs[0]["gflops"], 3), _f(rs[0]["ap50"]), _f(rs[0]["ap50_95"])))
+    return first, ["data", "engine", "FPS, median (range)", "of static", "gates ms", "network ms", "letterbox + NMS ms",
+                   "keep", "GFLOPs", "AP50", "AP50-95"], rows
+
+
+def neuron_merging() -> Table:
+    """AP50 straight after pruning without and with the merge, the share of the AP50 lost that the merge
+    recovers, and after fine-tuning."""
+    d = _load("cpu-x86-2core/neuron-merging.json")
+    dense = {r["dataset"]: r for r in d["rows"] if r["method"] == "dense"}
+    rows = []
+    keys = sorted({(r["dataset"], r["method"], r["flops"]) for r in d["rows"] if r["method"] != "dense"},
+                  key=lambda k: (k[0], -k[2], k[1]))
+    for dataset, method, flops in keys:
+        rs = [r for r in d["rows"] if (r["dataset"], r["method"], r["flops"]) == (dataset, method, flops)]
+
+        def pick(merge: bool, finetuned: bool, variant: str = "paper", rs=rs) -> dict:
+            return next((r for r in rs if r["merge"] == merge and r["finetuned"] == finetuned
+                         and (not merge or finetuned or r.get("variant", "paper") == variant)), {})
+
+        pruned, merged, limited = pick(False, False), pick(True, False), pick(True, False, "scale within 2x")
+        lost = dense[dataset]["ap50"] - pruned["ap50"]
+        share = (merged["ap50"] - pruned["ap50"]) / lost if lost > 0 else None
+
+        def ap(r: dict) -> str:
+            return f"{_f(r.get('ap50'))} / {_f(r.get('ap50_95'))}" if r else ""
+
+        rows.append((dataset, method, flops, ap(dense[dataset]), ap(pruned), ap(merged), ap(limited),
+                     "" if share is None else f"{100 * share:.0f}%", ap(pick(False, True)), ap(pick(True, True))))
+    return d, ["data", "method", "FLOPs", "dense AP50 / AP50-95", "pruned", "merged", "merged, scale within 2x",
+               "AP50 lost that merging recovers", "pruned, fine-tuned", "merged, fine-tuned"], rows
 
 
 def serving_overhead() -> Table:
@@ -214,7 +258,8 @@ def h100_bench() -> Table:
 TABLES: Dict[str, Callable[[], Table]] = {
     "demo": demo, "dense-recipe": dense_recipe, "robustness": robustness, "best-rule": best_rule,
     "contention": contention,
-    "model-sizes": model_sizes, "cpu-dynamic": cpu_dynamic, "raccoon-bench": raccoon_bench,
+    "model-sizes": model_sizes, "cpu-dynamic": cpu_dynamic, "engines-bench": engines_bench,
+    "neuron-merging": neuron_merging,
     "serving-overhead": serving_overhead, "gate-ablation": gate_ablation, "static-methods": static_methods,
     "h100-layers": h100_layers, "h100-network": h100_network, "h100-bench": h100_bench,
 }

@@ -255,8 +255,9 @@ def cmd_gate(args) -> int:
 
     if args.resume:
         ckpt = _apply_resume(args, "gated", args.explicit)
-        recorded = (ckpt.get("train_config") or {}).get("extra", {}).get("dense")
-        args.weights = args.weights or recorded
+        recorded = (ckpt.get("train_config") or {}).get("extra", {})
+        args.weights = args.weights or recorded.get("dense")
+        args.teacher = args.teacher or recorded.get("teacher")
         _resume_gate_settings(args, ckpt)
     if not args.weights:
         raise UsageError("--weights is required: the dense or pruned checkpoint to train gates into "
@@ -270,8 +271,10 @@ def cmd_gate(args) -> int:
         if _is_main_process():
             print(f"gate training for {args.epochs} epochs ({len(spec.train)} training images; --epochs to change)")
     cfg = _train_config(args, args.imgsz or dense["imgsz"], warmup_epochs=0.5,
-                        extra={"classes": args.classes, "single_class": args.single_class, "dense": args.weights})
+                        extra={"classes": args.classes, "single_class": args.single_class, "dense": args.weights,
+                               "teacher": args.teacher})
     result = train_gates(args.weights, spec, cfg, keep=args.keep, method=args.gate, group=args.group,
+                         teacher_weights=args.teacher,
                          resume=args.resume, sparsity=args.sparsity, similarity=args.similarity, beta=args.beta,
                          complexity=not args.no_complexity, threshold_every=args.threshold_every,
                          gate_lr_mult=args.gate_lr_mult, keep_on=args.keep_on, schedule=args.schedule,
@@ -578,6 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill", type=nonneg_float, default=DISTILL_WEIGHT, metavar="W",
                    help=f"weight of a loss pulling each block's output toward the --weights model's (default "
                         f"{DISTILL_WEIGHT:g}; 0: off)")
+    p.add_argument("--teacher", metavar="CKPT",
+                   help="the model --distill pulls toward (default: --weights itself); for gates on a pruned model, "
+                        "the dense model it was pruned from may teach more than it")
     p.add_argument("--threshold-every", type=nonneg_int, default=0, metavar="N",
                    help="reset thresholds every N steps instead of every epoch (smoother on short schedules)")
     p.add_argument("--out", default="runs/gate")

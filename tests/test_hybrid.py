@@ -95,7 +95,8 @@ def test_hybrid_compact_execution_equals_the_masked_pruned_model(backend, round_
 
 @pytest.fixture(scope="module")
 def hybrid_run(tmp_path_factory):
-    """dense -> ``dynprune prune --method l1 --round-to 1`` -> ``dynprune gate`` on the pruned checkpoint."""
+    """dense -> ``dynprune prune --method l1 --round-to 1`` -> ``dynprune gate`` on the pruned checkpoint, distilled
+    from the dense model; and gates on the dense model."""
     from dynprune.data.synthetic import write_synthetic
 
     root = tmp_path_factory.mktemp("hybrid")
@@ -104,7 +105,8 @@ def hybrid_run(tmp_path_factory):
     assert main(["train", *common, "--out", str(root / "dense")]) == 0
     assert main(["prune", "--weights", str(root / "dense" / "best.pt"), *common, "--method", "l1", "--flops", "0.6",
                  "--round-to", "1", "--out", str(root / "prune")]) == 0
-    assert main(["gate", "--weights", str(root / "prune" / "best.pt"), *common, "--out", str(root / "hybrid")]) == 0
+    assert main(["gate", "--weights", str(root / "prune" / "best.pt"), *common, "--out", str(root / "hybrid"),
+                 "--teacher", str(root / "dense" / "best.pt")]) == 0
     assert main(["gate", "--weights", str(root / "dense" / "best.pt"), *common, "--out", str(root / "gate")]) == 0
     return {"root": root, "data": data}
 
@@ -118,7 +120,23 @@ def test_dynprune_gate_trains_gates_into_a_pruned_checkpoint(hybrid_run, capsys)
     assert ckpt["gated"] and ckpt["config"]["hidden"] == pruned["config"]["hidden"]
     assert [[b.h1, b.h2] for b in hybrid.blocks] == [list(w) for w in pruned["config"]["hidden"]]
     assert all(b.gated and b.gate1.group == 8 for b in hybrid.blocks)
-    assert ckpt["train_config"]["extra"]["dense"] == str(root / "prune" / "best.pt")
+    extra = ckpt["train_config"]["extra"]
+    assert extra["dense"] == str(root / "prune" / "best.pt") and extra["teacher"] == str(root / "dense" / "best.pt")
+
+
+def test_a_teacher_must_match_the_blocks(hybrid_run, tmp_path, capsys):
+    root, data = hybrid_run["root"], hybrid_run["data"]
+    args = ["gate", "--weights", str(root / "prune" / "best.pt"), "--data", data, "--epochs", "1", "--imgsz", "64",
+            "--workers", "0", "--out", str(tmp_path / "g")]
+    assert main([*args, "--teacher", str(root / "gate" / "best.pt")]) == 2
+    assert "not a gated one" in capsys.readouterr().err
+    other = tmp_path / "other.pt"
+    from dynprune.checkpoint import make_checkpoint, save_atomic
+
+    save_atomic(make_checkpoint(build_detector(tiny_config(widths=(8, 16, 16, 32))), ["ring"], 64, "dense"), str(other))
+    assert main([*args, "--teacher", str(other)]) == 2
+    assert "blocks' widths differ" in capsys.readouterr().err
+    assert not (tmp_path / "g" / "best.pt").exists()
 
 
 def test_export_hybrid_bench_and_serve(hybrid_run, tmp_path, capsys):

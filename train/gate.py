@@ -235,6 +235,7 @@ def train_gates(
     group: int = DEFAULT_GATE_GROUP,
     resume: Optional[str] = None,
     log=print,
+    teacher_weights: Optional[str] = None,
     **loss_options: Any,
 ) -> Dict[str, Any]:
     """Attach gates to the dense or statically pruned model in ``weights`` and train them in on ``spec``.
@@ -242,14 +243,17 @@ def train_gates(
     A pruned model's hidden widths differ from block to block; each gate decides whole groups of
     ``group`` channels and, where a width is no multiple of ``group``, a last narrower group (a width
     below ``group`` is one group: all or nothing). Every backend runs such widths (tests/test_backends.py).
-    With distillation the teacher is the model in ``weights`` itself, pruned or not."""
+    With distillation the teacher is the model in ``teacher_weights`` (default: the model in ``weights``
+    itself, pruned or not); it needs the same blocks and residual widths, which pruning leaves as they are."""
     model, ckpt = model_from_checkpoint(weights)
     if model.gated:
         raise ValueError(f"{weights}: already gated; start from a dense or pruned checkpoint")
     if list(ckpt["names"]) != list(spec.names):
         raise ValueError(f"{weights}: trained on classes {ckpt['names']}, dataset has {spec.names}")
     loss_options.setdefault("distill", DISTILL_WEIGHT)
-    teacher = copy.deepcopy(model) if loss_options["distill"] > 0 else None
+    teacher = None
+    if loss_options["distill"] > 0:
+        teacher = copy.deepcopy(model) if not teacher_weights else _teacher(teacher_weights, model, weights)
     model.add_gates(group=group)
     for b in model.blocks:  # saliency ordered by BN |gamma| at the start (see init_from_importance)
         init_from_importance(b.gate1, b.cv1.bn.weight.abs())
@@ -258,6 +262,18 @@ def train_gates(
     if resume:
         trainer.resume(resume)
     return trainer.fit()
+
+
+def _teacher(path: str, student: Detector, weights: str) -> Detector:
+    """The distillation teacher in ``path``: an un-gated model whose block outputs match the student's."""
+    teacher, _ = model_from_checkpoint(path)
+    if teacher.gated:
+        raise ValueError(f"{path}: the teacher must be a dense or pruned checkpoint, not a gated one")
+    same_blocks = [b.c for b in teacher.blocks] == [b.c for b in student.blocks]
+    if not same_blocks or teacher.cfg.num_classes != student.cfg.num_classes:
+        raise ValueError(f"{path}: its blocks' widths differ from those of {weights}; distil from the dense model "
+                         "this one was pruned from, or from the model itself")
+    return teacher
 
 
 def keep_shortfall(result: Dict[str, Any], keep: float, method: str = "manidp", complexity: bool = True,
