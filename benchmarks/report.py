@@ -147,16 +147,21 @@ BENCH_HEADER = ["engine", "FPS, median (range)", "p50 ms", "network ms", "keep",
 
 def engines_bench() -> Table:
     """Bundles with all four engines through ``dynprune bench`` (raccoon, synthetic): each engine's FPS
-    against static's, and where its frame time goes (gates, network, the rest), so a shortfall shows its cause."""
+    against static's (measured in the same runs), and where its frame time goes (gates, network, the rest), so
+    a shortfall shows its cause; then the hybrid engine at --keep 0.7, from its own runs beside the others."""
     rows, first = [], None
-    for dataset in ("raccoon", "synthetic"):
-        d = _load(f"cpu-x86-2core/bench-{dataset}.json")
+    keep07 = {"hybrid": "hybrid, keep 0.7"}
+    for dataset, name, engines in (("raccoon", "bench-raccoon.json", None),
+                                   ("raccoon", "bench-raccoon-hybrid-keep0.7.json", keep07),
+                                   ("synthetic", "bench-synthetic.json", None),
+                                   ("synthetic", "bench-synthetic-hybrid-keep0.7.json", keep07)):
+        d = _load(f"cpu-x86-2core/{name}")
         first = first or d
         static_fps = [next(r["fps"] for r in run["rows"] if r["engine"] == "static") for run in d["runs"]]
-        for engine in [r["engine"] for r in d["runs"][0]["rows"]]:
+        for engine in engines or [r["engine"] for r in d["runs"][0]["rows"]]:
             rs = [next(r for r in run["rows"] if r["engine"] == engine) for run in d["runs"]]
             other = [r["stages_ms"]["preprocess_ms"] + r["stages_ms"]["postprocess_ms"] for r in rs]
-            rows.append((dataset, engine, _median([r["fps"] for r in rs], 1),
+            rows.append((dataset, (engines or {}).get(engine, engine), _median([r["fps"] for r in rs], 1),
                          _median([r["fps"] / s for r, s in zip(rs, static_fps)], 2),
                          _f(statistics.median(r["stages_ms"]["gates_ms"] for r in rs), 2),
                          _f(statistics.median(r["stages_ms"]["network_ms"] for r in rs), 2),
@@ -164,6 +169,20 @@ def engines_bench() -> Table:
                          _f(rs[0]["gflops"], 3), _f(rs[0]["ap50"]), _f(rs[0]["ap50_95"])))
     return first, ["data", "engine", "FPS, median (range)", "of static", "gates ms", "network ms", "letterbox + NMS ms",
                    "keep", "GFLOPs", "AP50", "AP50-95"], rows
+
+
+def network_parts() -> Table:
+    """Network milliseconds per frame in the layers gates never touch, in the bottlenecks, and the rest."""
+    rows, first = [], None
+    for dataset in ("raccoon", "synthetic"):
+        d = _load(f"cpu-x86-2core/network-parts-{dataset}.json")
+        first = first or d
+        for r in d["rows"]:
+            rows.append((dataset, r["engine"], _f(r["network_ms"], 2), f"{_f(r['ungated_ms'], 2)} ms, "
+                         f"{_f(r['ungated_gflops'])} GFLOPs", f"{_f(r['bottlenecks_ms'], 2)} ms, "
+                         f"{_f(r['bottlenecks_gflops'])} GFLOPs", _f(r["rest_ms"], 2)))
+    return first, ["data", "engine (static: its PyTorch form)", "network ms", "un-gated layers",
+                   "bottlenecks (gates included)", "rest ms"], rows
 
 
 def neuron_merging() -> Table:
@@ -259,7 +278,7 @@ TABLES: Dict[str, Callable[[], Table]] = {
     "demo": demo, "dense-recipe": dense_recipe, "robustness": robustness, "best-rule": best_rule,
     "contention": contention,
     "model-sizes": model_sizes, "cpu-dynamic": cpu_dynamic, "engines-bench": engines_bench,
-    "neuron-merging": neuron_merging,
+    "network-parts": network_parts, "neuron-merging": neuron_merging,
     "serving-overhead": serving_overhead, "gate-ablation": gate_ablation, "static-methods": static_methods,
     "h100-layers": h100_layers, "h100-network": h100_network, "h100-bench": h100_bench,
 }
