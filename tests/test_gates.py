@@ -470,7 +470,7 @@ def test_keep_shortfall_names_the_cause():
     result = {"last": {"keep_mean": 0.20}}
     assert keep_shortfall({"last": {"keep_mean": 0.45}}, 0.5) is None  # within the margin
     assert keep_shortfall({"last": {}}, 0.5) is None  # no gated validation ran
-    assert "--keep 0.9" in keep_shortfall(result, 0.5, method="fbs")
+    assert "--keep 0.8" in keep_shortfall(result, 0.5, method="fbs")
     assert "--sparsity" in keep_shortfall(result, 0.5, complexity=False)
     assert "--keep-on frames" in keep_shortfall(result, 0.5, keep_on="mean")
     note = keep_shortfall(result, 0.5, keep_on="frames")

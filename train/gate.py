@@ -289,7 +289,7 @@ def keep_shortfall(result: Dict[str, Any], keep: float, method: str = "manidp", 
     head = f"the gates keep {kept:.2f} of the hidden channels on the val images, against --keep {keep:g}: "
     if method == "fbs":
         return head + ("FBS's top-k cannot keep channels whose saliency is exactly 0; a higher --keep keeps more "
-                       "(raccoon: --keep 0.9 kept 0.37-0.40)")
+                       f"(--keep {min(1.0, keep + 0.3):g})")
     if not complexity:
         return head + ("without the complexity weight every image gets the full sparsity push and most saliencies "
                        "reach exactly 0, which no threshold keeps; lower --sparsity (raccoon: 0.02 kept 0.44-0.46)")
