@@ -159,6 +159,10 @@ def test_export_hybrid_bench_and_serve(hybrid_run, tmp_path, capsys):
     assert "hybrid" in capsys.readouterr().out
     assert main(["serve", str(out), "--source", str(hybrid_run["root"] / "syn" / "images" / "val"),
                  "--engine", "hybrid", "--frames", "3"]) == 0
+    capsys.readouterr()
+    assert main(["doctor", str(out), "--json"]) == 0
+    engines = json.loads(capsys.readouterr().out)["Bundle"]["engines"]
+    assert engines["hybrid"]["runs"] and engines["hybrid"]["reason"].startswith("cpu backend")
 
 
 def test_each_gated_checkpoint_goes_to_its_own_flag(hybrid_run, tmp_path, capsys):
