@@ -108,3 +108,45 @@ def detections_numpy(
         kept = batched_nms(torch.from_numpy(picked), torch.from_numpy(top), torch.from_numpy(label), iou)
     kept = kept[:max_det].numpy()
     return picked[kept], top[kept], label[kept]
+
+
+def detections_fixed(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    conf: float = 0.25,
+    iou: float = 0.6,
+    max_det: int = 100,
+    pre_nms: int = 1000,
+    nms_keep=None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """One image's detections with fixed shapes, for a CUDA graph: ``boxes (A, 4)`` xyxy and ``scores
+    (A, C)`` -> ``(dets (max_det, 6), count (1,) int32)``, each row ``x1, y1, x2, y2, score, label``, the
+    first ``count`` rows the detections in :func:`postprocess`'s order, the rest zeros.
+
+    The same detections as :func:`postprocess` whenever at most ``pre_nms`` scores pass ``conf`` (then
+    both rank the same candidates): a fixed top-``pre_nms`` of the scores, the valid ones (above
+    ``conf``) a prefix of it, class-wise greedy NMS as torchvision's ``batched_nms`` does it (boxes
+    of each class offset apart), and the kept rows scattered into place by their rank. No step
+    reads a value back to the host. ``nms_keep(boxes, count, iou)`` gives the keep flags:
+    :func:`~dynprune.kernels.nms.greedy_nms_triton` on a GPU, its torchvision reference elsewhere
+    (the default)."""
+    if nms_keep is None:
+        from dynprune.kernels.nms import greedy_nms_reference, greedy_nms_triton
+
+        nms_keep = greedy_nms_triton if boxes.is_cuda else greedy_nms_reference
+    num_classes = scores.shape[-1]
+    flat = scores.reshape(-1)
+    top_s, top_i = flat.topk(min(pre_nms, flat.numel()))
+    valid = top_s > conf
+    count = valid.sum(dtype=torch.int32).reshape(1)
+    anchor, label = top_i // num_classes, top_i % num_classes
+    bx = boxes[anchor].float()
+    # batched_nms's trick: each class's boxes moved apart by more than any box spans
+    shifted = bx + (label.to(bx.dtype) * (bx.max() + 1))[:, None] if num_classes > 1 else bx
+    keep = nms_keep(shifted, count, iou) & valid
+    rank = keep.to(torch.int32).cumsum(0) - 1
+    slot = torch.where(keep & (rank < max_det), rank, torch.full_like(rank, max_det)).long()
+    rows = torch.cat((bx, top_s.float()[:, None], label.to(torch.float32)[:, None]), 1)
+    dets = torch.zeros(max_det + 1, 6, dtype=torch.float32, device=boxes.device)
+    dets.index_copy_(0, slot, rows)  # the dropped candidates all land on the spare last row
+    return dets[:max_det], keep.sum(dtype=torch.int32).clamp(max=max_det).reshape(1)

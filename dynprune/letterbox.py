@@ -2,7 +2,9 @@
 
 ``model = image * scale + pad``: :func:`letterbox` resizes keeping the aspect ratio and pads;
 :class:`Letterbox` maps boxes between model and image pixels; :class:`LetterboxInput` does the same
-for a stream of frames with its buffers kept between calls.
+for a stream of frames with its buffers kept between calls. :func:`letterbox_tensor` and
+:func:`boxes_to_image` are the same on a tensor where it lies (a GPU), with fixed shapes for a given
+frame size, for a frame path that replays in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -104,3 +106,33 @@ class LetterboxInput:
 def to_tensor(image_bgr: np.ndarray) -> torch.Tensor:
     """A letterboxed BGR uint8 image -> the ``(1, 3, S, S)`` float input the models take."""
     return torch.from_numpy(np.ascontiguousarray(image_bgr[:, :, ::-1].transpose(2, 0, 1))).float().div_(255)[None]
+
+
+def letterbox_tensor(frame: torch.Tensor, size: int, color: int = 114) -> Tuple[torch.Tensor, Letterbox]:
+    """:class:`LetterboxInput` on a tensor, on the tensor's device: ``frame (H, W, 3)`` BGR uint8 ->
+    ``((1, 3, S, S) float32 RGB in [0, 1], Letterbox)``.
+
+    The resize is OpenCV's ``INTER_LINEAR``: bilinear on pixel centres without antialiasing, which
+    ``F.interpolate(mode="bilinear", align_corners=False)`` computes too; its result is rounded to
+    whole levels as OpenCV's uint8 output is, so the two differ by OpenCV's fixed-point rounding (at
+    most a level, rarely). The padding is :func:`letterbox`'s, to the pixel."""
+    import torch.nn.functional as F
+
+    if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != torch.uint8:
+        raise ValueError(f"expected an (H, W, 3) uint8 BGR frame, got {tuple(frame.shape)} {frame.dtype}")
+    fitted, (nh, nw) = _fit(frame.shape[0], frame.shape[1], size)
+    rgb = frame.flip(-1).permute(2, 0, 1)[None].float()  # BGR -> RGB, (1, 3, H, W)
+    if (nh, nw) != tuple(frame.shape[:2]):
+        rgb = F.interpolate(rgb, size=(nh, nw), mode="bilinear", align_corners=False).round_().clamp_(0, 255)
+    out = torch.full((1, 3, size, size), float(color), dtype=torch.float32, device=frame.device)
+    pad_y, pad_x = int(fitted.pad_y), int(fitted.pad_x)
+    out[:, :, pad_y : pad_y + nh, pad_x : pad_x + nw] = rgb
+    return out.div_(255), fitted
+
+
+def boxes_to_image(boxes: torch.Tensor, fitted: Letterbox) -> torch.Tensor:
+    """:meth:`Letterbox.to_image` on a tensor where it lies: model-pixel ``xyxy`` boxes ``(..., 4)`` ->
+    image pixels, clipped to the image."""
+    x = ((boxes[..., 0::2] - fitted.pad_x) / fitted.scale).clamp(0, fitted.width)
+    y = ((boxes[..., 1::2] - fitted.pad_y) / fitted.scale).clamp(0, fitted.height)
+    return torch.stack((x[..., 0], y[..., 0], x[..., 1], y[..., 1]), -1)

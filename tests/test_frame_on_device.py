@@ -1,0 +1,89 @@
+"""The frame path that runs on the GPU, checked on the CPU with the same functions: letterboxing on a
+tensor against OpenCV's, fixed-shape NMS (the Triton kernel through its interpreter) against
+torchvision, fixed-shape detections against :func:`dynprune.boxes.postprocess`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchvision.ops import batched_nms
+
+from dynprune.boxes import detections_fixed, postprocess
+from dynprune.kernels.nms import greedy_nms_reference, greedy_nms_triton
+from dynprune.letterbox import LetterboxInput, boxes_to_image, letterbox_tensor
+
+NMS = [greedy_nms_reference, greedy_nms_triton]
+
+
+def random_boxes(n: int, classes: int, seed: int, span: float = 200.0):
+    """Crowded boxes (many overlaps) and their class probabilities."""
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * span
+    wh = torch.rand(n, 2, generator=g) * span / 3 + 1
+    return torch.cat((xy, xy + wh), 1), torch.rand(n, classes, generator=g)
+
+
+@pytest.mark.parametrize("shape", [(480, 640), (200, 150), (320, 320), (1080, 1920), (37, 411)])
+def test_letterbox_on_a_tensor_matches_opencv(shape):
+    import cv2
+
+    rng = np.random.default_rng(sum(shape))
+    image = cv2.GaussianBlur(rng.integers(0, 256, (*shape, 3), dtype=np.uint8), (5, 5), 2)
+    want, fitted = LetterboxInput(320)(image)
+    got, got_fitted = letterbox_tensor(torch.from_numpy(image), 320)
+    assert got_fitted == fitted and got.shape == want.shape
+    diff = (got - want).abs()
+    assert diff.mean() <= 1 / 255 and diff.max() <= 1 / 255 + 1e-6
+    pad = (want == 114 / 255).all(1)  # the padding: the same pixels, the same colour
+    pad_x, pad_y = int(fitted.pad_x), int(fitted.pad_y)
+    assert torch.equal(got[:, :, :pad_y], want[:, :, :pad_y]) and torch.equal(got[..., :pad_x], want[..., :pad_x])
+    assert pad.any() == (shape[0] != shape[1])
+
+
+def test_letterbox_on_a_tensor_refuses_what_is_not_a_bgr_frame():
+    with pytest.raises(ValueError, match="uint8 BGR"):
+        letterbox_tensor(torch.zeros(4, 4, dtype=torch.uint8), 32)
+
+
+def test_boxes_back_to_image_pixels_as_the_letterbox_maps_them():
+    _, fitted = letterbox_tensor(torch.zeros(90, 160, 3, dtype=torch.uint8), 64)
+    boxes, _ = random_boxes(20, 1, 0, span=64)
+    np.testing.assert_allclose(boxes_to_image(boxes, fitted).numpy(), fitted.to_image(boxes.numpy()), rtol=1e-6)
+
+
+@pytest.mark.parametrize("nms_keep", NMS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fixed_shape_nms_keeps_torchvisions_set(nms_keep, seed):
+    boxes, scores = random_boxes(96, 1, seed)
+    scores, order = scores[:, 0].sort(descending=True)
+    boxes = boxes[order]
+    n = int((scores > 0.3).sum())
+    keep = nms_keep(boxes, torch.tensor([n], dtype=torch.int32), 0.5)
+    want = torch.zeros(96, dtype=torch.bool)
+    want[batched_nms(boxes[:n], scores[:n], torch.zeros(n, dtype=torch.long), 0.5)] = True
+    assert keep.shape == (96,) and torch.equal(keep, want)
+    assert 0 < int(keep.sum()) < n  # crowded: NMS removed some, kept some
+
+
+@pytest.mark.parametrize("nms_keep", NMS)
+def test_fixed_shape_nms_with_nothing_valid(nms_keep):
+    boxes, _ = random_boxes(8, 1, 3)
+    assert not nms_keep(boxes, torch.zeros(1, dtype=torch.int32), 0.5).any()
+
+
+@pytest.mark.parametrize("nms_keep", NMS)
+@pytest.mark.parametrize("classes", [1, 3])
+@pytest.mark.parametrize("conf, max_det", [(0.5, 300), (0.2, 10), (0.999, 100)])
+def test_fixed_shape_detections_are_postprocess_detections(nms_keep, classes, conf, max_det):
+    boxes, scores = random_boxes(400, classes, classes)
+    want = postprocess(boxes[None], scores[None], conf, 0.6, max_det)[0]
+    dets, count = detections_fixed(boxes, scores, conf, 0.6, max_det, nms_keep=nms_keep)
+    n = int(count)
+    assert dets.shape == (max_det, 6) and count.shape == (1,) and n == len(want["boxes"])
+    torch.testing.assert_close(dets[:n, :4], want["boxes"])
+    torch.testing.assert_close(dets[:n, 4], want["scores"])
+    assert torch.equal(dets[:n, 5].long(), want["labels"])
+    assert not dets[n:].any()  # the rows past the count are zeros
+    if conf == 0.2:
+        assert n == max_det  # more survived than the fixed count: the best max_det, as postprocess keeps
