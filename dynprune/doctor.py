@@ -311,7 +311,8 @@ def probe_bundle(m: Machine, path: str, device: str, tensorrt: Dict[str, Any], o
             engines[name] = {"runs": True, "reason": f"{choice['backend']} backend: {choice['reason']}",
                              "ap50_95": ap}
         else:
-            engines[name] = {"ap50_95": ap, **_static_engine(m, root, tensorrt, onnxruntime)}
+            checkpoint = (root / entry.get("file", "static.pt")).is_file()
+            engines[name] = {"ap50_95": ap, **_static_engine(m, root, tensorrt, onnxruntime, device, checkpoint)}
     running = [n for n, e in engines.items() if e["runs"]]
     ap = {n: engines[n]["ap50_95"] for n in running if engines[n]["ap50_95"] is not None}
     eligible, dropped = eligible_engines(running, ap, ap_margin)
@@ -327,7 +328,8 @@ def probe_bundle(m: Machine, path: str, device: str, tensorrt: Dict[str, Any], o
                     details=lines)
 
 
-def _static_engine(m: Machine, root, tensorrt: Dict[str, Any], onnxruntime: Dict[str, Any]) -> Dict[str, Any]:
+def _static_engine(m: Machine, root, tensorrt: Dict[str, Any], onnxruntime: Dict[str, Any], device: str = "cpu",
+                   checkpoint: bool = False) -> Dict[str, Any]:
     if tensorrt.get("usable"):
         version = str(tensorrt["version"])
         plans = [p.name for p in sorted(root.glob("static-trt*.plan"))]
@@ -339,6 +341,9 @@ def _static_engine(m: Machine, root, tensorrt: Dict[str, Any], onnxruntime: Dict
         stale = f" ({', '.join(plans)} are for another TensorRT or GPU)" if plans else ""
         return {"runs": True, "reason": f"TensorRT {version}, no plan for it and this GPU yet: the first serve "
                 f"builds one (minutes on a Jetson){stale}", "plans": plans}
+    if device.startswith("cuda") and checkpoint:
+        return {"runs": True, "reason": "PyTorch on the GPU (static.pt, BatchNorm folded, CUDA graph): no TensorRT",
+                "plans": []}
     if onnxruntime.get("version"):
         return {"runs": True, "reason": f"ONNX Runtime {onnxruntime['version']} "
                 f"({', '.join(onnxruntime['providers'])})", "plans": []}

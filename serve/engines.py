@@ -1,4 +1,5 @@
-"""Engines behind one interface: dense (PyTorch), static (TensorRT, else ONNX Runtime), and
+"""Engines behind one interface: dense (PyTorch), static (TensorRT; without it PyTorch on a CUDA GPU,
+ONNX Runtime elsewhere), and
 dynamic and hybrid (gates on the dense or on the statically pruned model: Triton gather kernels on
 CUDA; elsewhere the CPU runtime, compiled C blocks).
 
@@ -293,9 +294,26 @@ def load_engine(bundle: Dict[str, Any], name: str, device: torch.device, backend
 
     ok, reason = tensorrt_status()
     plan = ensure_plan(str(root), entry["onnx"], precision, imgsz=bundle["imgsz"]) if ok else None
-    if plan:
+    checkpoint = root / entry.get("file", "static.pt")
+    runtime = static_runtime(device, plan is not None, checkpoint.is_file())
+    if runtime == "tensorrt":
         return TensorRTEngine(plan, bundle["imgsz"], conf, iou, entry.get("gflops"))
-    engine = OnnxEngine(str(root / entry["onnx"]), bundle["imgsz"], conf, iou, entry.get("gflops"),
-                        threads=torch.get_num_threads())
-    engine.description += f"; TensorRT not used: {reason}"
+    if runtime == "pytorch":
+        engine: Engine = DenseEngine(str(checkpoint), device, conf, iou, name="static", precision=precision,
+                                     cuda_graph=cuda_graph)
+    else:
+        engine = OnnxEngine(str(root / entry["onnx"]), bundle["imgsz"], conf, iou, entry.get("gflops"),
+                            threads=torch.get_num_threads())
+    engine.description += f"; TensorRT not used: {reason or 'no plan could be built'}"
     return engine
+
+
+def static_runtime(device: torch.device, tensorrt_plan: bool, checkpoint: bool) -> str:
+    """What runs the static engine: ``tensorrt`` where a plan is there for this TensorRT and GPU; on
+    a CUDA GPU without one, ``pytorch`` (the pruned checkpoint as the dense engine runs: BatchNorm
+    folded, fp16, one CUDA graph), so that the GPU race is fair; elsewhere ``onnxruntime``."""
+    if tensorrt_plan:
+        return "tensorrt"
+    if device.type == "cuda" and checkpoint:
+        return "pytorch"
+    return "onnxruntime"

@@ -169,6 +169,11 @@ def test_a_bundle_names_what_serve_can_run_and_what_auto_considers(bundle, tmp_p
     static = by_name(doctor.report(str(copy), machine=trt))["Bundle"]["engines"]["static"]
     assert "cached plan static-trt10.3.0-fp16-orin.plan" in static["reason"]
 
+    # a GPU without TensorRT: the pruned checkpoint on the GPU, not ONNX Runtime on the CPU
+    gpu = FakeMachine(modules={"onnxruntime": ORT}, gpus=[ORIN], backend={"backend": "triton", "reason": "Orin"})
+    static = by_name(doctor.report(str(copy), machine=gpu))["Bundle"]["engines"]["static"]
+    assert static["runs"] and "PyTorch on the GPU" in static["reason"]
+
     # a static engine that cannot run (no ONNX Runtime, no TensorRT) and a missing dynamic file
     (copy / json.loads((copy / "metadata.json").read_text())["engines"]["dynamic"]["file"]).unlink()
     s = by_name(doctor.report(str(copy), machine=FakeMachine()))["Bundle"]

@@ -308,3 +308,15 @@ def test_dynamic_engine_says_when_gpu_kernels_cannot_read_whole_groups(group, tm
     assert eng.net.backend == "triton"
     assert ("--group 8" in eng.description) == (group == 1) == ("--group 8" in caplog.text)
 
+
+
+def test_the_static_engine_runs_where_it_is_fair():
+    """TensorRT where a plan is there; on a CUDA GPU without one the pruned checkpoint in PyTorch (the
+    dense engine's way), not ONNX Runtime on the CPU; ONNX Runtime on a machine without a GPU."""
+    from dynprune.serve.engines import static_runtime
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert static_runtime(cuda, True, True) == "tensorrt"
+    assert static_runtime(cuda, False, True) == "pytorch"
+    assert static_runtime(cuda, False, False) == "onnxruntime"  # a bundle from before static.pt was kept
+    assert static_runtime(cpu, False, True) == "onnxruntime"
