@@ -127,7 +127,8 @@ def detections_fixed(
     both rank the same candidates): a fixed top-``pre_nms`` of the scores, the valid ones (above
     ``conf``) a prefix of it, class-wise greedy NMS as torchvision's ``batched_nms`` does it (boxes
     of each class offset apart), and the kept rows scattered into place by their rank. No step
-    reads a value back to the host. ``nms_keep(boxes, count, iou)`` gives the keep flags:
+    reads a value back to the host (``conf`` may be a 0-dim tensor on the device, so that a captured
+    graph reads its current value). ``nms_keep(boxes, count, iou)`` gives the keep flags:
     :func:`~dynprune.kernels.nms.greedy_nms_triton` on a GPU, its torchvision reference elsewhere
     (the default)."""
     if nms_keep is None:

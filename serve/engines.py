@@ -23,6 +23,7 @@ from dynprune.boxes import postprocess
 from dynprune.checkpoint import model_from_checkpoint
 from dynprune.letterbox import LetterboxInput
 from dynprune.serve.bundle import BundleError
+from dynprune.serve.frame_path import DeviceFramePath
 
 log = logging.getLogger("dynprune.serve")
 
@@ -62,10 +63,25 @@ class Engine:
         """Whether the network runs on PyTorch's CPU threads (so the thread governor applies)."""
         return self.device.type == "cpu" and not isinstance(self, (OnnxEngine, TensorRTEngine))
 
+    #: The whole frame on the device (serve/frame_path.py), set by the PyTorch engines on a CUDA GPU.
+    frame_path = None
+
     def network(self, x: torch.Tensor):
         raise NotImplementedError
 
+    def frame_extras(self, extras: Optional[np.ndarray]) -> Dict[str, Any]:
+        """The Result fields the device frame path's extras give (a gated engine's keep and FLOPs)."""
+        return {"gflops": getattr(self, "flops", None)}
+
+    def _device_frame(self, image: np.ndarray) -> Result:
+        self.frame_path.set_conf(self.conf)
+        dets, extras, timings = self.frame_path(image)
+        return Result(dets[:, :4], dets[:, 4], dets[:, 5].astype(np.int64), {**timings, "gates_ms": 0.0},
+                      engine=self.name, **self.frame_extras(extras))
+
     def __call__(self, image: np.ndarray) -> Result:
+        if self.frame_path is not None:
+            return self._device_frame(image)
         t0 = time.perf_counter()
         x, lb = self.input(image)
         x = x.to(self.device)
@@ -99,7 +115,8 @@ class DenseEngine(Engine):
     name = "dense"
 
     def __init__(self, checkpoint: str, device: torch.device, conf: float = 0.25, iou: float = 0.6,
-                 name: str = "dense", precision: str = "fp16", cuda_graph: bool = True) -> None:
+                 name: str = "dense", precision: str = "fp16", cuda_graph: bool = True,
+                 device_frames: bool = True) -> None:
         from dynprune.compact import dense_inference_model
         from dynprune.flops import count_flops
         from dynprune.serve.cuda_graph import GraphedForward
@@ -112,6 +129,15 @@ class DenseEngine(Engine):
         self.flops = count_flops(model, self.imgsz) / 1e9
         self.graphed = GraphedForward(self.model, enabled=cuda_graph)
         self.description = f"PyTorch on {device} ({str(self.dtype).replace('torch.', '')})"
+        if device_frames and device.type == "cuda":
+            self.frame_path = DeviceFramePath(self.device_network, self.imgsz, device, conf, iou,
+                                              cuda_graph=cuda_graph)
+            self.description += "; the whole frame on the GPU"
+
+    def device_network(self, x: torch.Tensor):
+        """The network for the device frame path: ``(boxes, scores, None)``, all on the device."""
+        boxes, logits = self.model(x.to(self.dtype))
+        return boxes.float(), logits.float().sigmoid(), None
 
     @torch.inference_mode()
     def network(self, x: torch.Tensor):
@@ -180,7 +206,7 @@ class DynamicEngine(Engine):
 
     def __init__(self, checkpoint: str, device: torch.device, conf: float = 0.25, iou: float = 0.6,
                  backend: str = "auto", profile_gates: bool = True, precision: str = "fp16",
-                 cuda_graph: bool = True, name: str = "dynamic") -> None:
+                 cuda_graph: bool = True, name: str = "dynamic", device_frames: bool = True) -> None:
         from dynprune.compact import CompactDetector
         from dynprune.flops import CostModel
         from dynprune.serve.cuda_graph import GraphedForward
@@ -210,6 +236,20 @@ class DynamicEngine(Engine):
                     "--group 8 are read as 16-byte vectors (the network about 1.2x faster on an H100)")
             log.warning("%s engine: %s", name, hint)
             self.description += f"; {hint}"
+        if device_frames and self.net.backend == "triton" and device.type == "cuda":
+            self.frame_path = DeviceFramePath(self.device_network, self.imgsz, device, conf, iou,
+                                              cuda_graph=cuda_graph)
+            self.description += "; the whole frame on the GPU"
+
+    def device_network(self, x: torch.Tensor):
+        """The network for the device frame path: ``(boxes, scores, kept (blocks, 2))``, all on the device."""
+        boxes, logits, kept = self._forward_with_counts(x.to(self.dtype))
+        return boxes.float(), logits.float().sigmoid(), kept[0]
+
+    def frame_extras(self, extras: Optional[np.ndarray]) -> Dict[str, Any]:
+        kept = torch.from_numpy(extras.astype(np.float64)).reshape(-1, 2)
+        return {"keep_ratio": float((kept / self.widths).mean()),
+                "gflops": self.cost.frame_flops(kept.long().tolist()) / 1e9}
 
     def _forward_with_counts(self, x: torch.Tensor):
         # The kept counts are stacked inside the CUDA graph, not by nine small ops after it.

@@ -87,3 +87,54 @@ def test_fixed_shape_detections_are_postprocess_detections(nms_keep, classes, co
     assert not dets[n:].any()  # the rows past the count are zeros
     if conf == 0.2:
         assert n == max_det  # more survived than the fixed count: the best max_det, as postprocess keeps
+
+
+@pytest.mark.parametrize("name", ["dense", "dynamic"])
+def test_the_device_frame_path_gives_the_engines_detections(bundle, name):
+    """The whole-frame path (letterbox, network, fixed-shape NMS, image pixels, one packed read-back),
+    run eagerly on the CPU, against the engine's own CPU path on the same frames."""
+    from dynprune.serve.bundle import load_bundle
+    from dynprune.serve.engines import load_engine
+    from dynprune.serve.frame_path import DeviceFramePath
+
+    engine = load_engine(load_bundle(bundle), name, torch.device("cpu"), backend="reference")
+    path = DeviceFramePath(engine.device_network, engine.imgsz, torch.device("cpu"), engine.conf, engine.iou)
+    rng = np.random.default_rng(0)
+    for shape in [(48, 80), (64, 64), (100, 60)]:
+        image = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+        want = engine(image)
+        engine.frame_path = path
+        try:
+            got = engine(image)
+        finally:
+            engine.frame_path = None
+        assert len(want.boxes) > 0 and len(got.boxes) == len(want.boxes)
+        if shape == (64, 64):  # no resize: the same input, so the same detections in the same order
+            np.testing.assert_allclose(got.boxes, want.boxes, atol=1e-4)
+            np.testing.assert_allclose(got.scores, want.scores, atol=1e-6)
+            assert (got.labels == want.labels).all()
+        else:  # resized letterboxes differ by a level here and there: near-equal scores may swap places
+            np.testing.assert_allclose(np.sort(got.scores), np.sort(want.scores), atol=2e-3)
+            far = np.abs(got.boxes[:, None] - want.boxes[None]).max(-1)
+            assert (far.min(1) <= 0.1).all() and (far.min(0) <= 0.1).all()
+        assert set(got.timings) == set(want.timings)
+        if name == "dynamic":
+            assert got.keep_ratio == pytest.approx(want.keep_ratio, abs=0.02)
+            assert got.gflops == pytest.approx(want.gflops, rel=0.05)
+
+
+def test_the_device_frame_path_reads_the_score_threshold_each_frame(bundle):
+    from dynprune.serve.bundle import load_bundle
+    from dynprune.serve.engines import load_engine
+    from dynprune.serve.frame_path import DeviceFramePath
+
+    engine = load_engine(load_bundle(bundle), "dense", torch.device("cpu"))
+    engine.frame_path = DeviceFramePath(engine.device_network, engine.imgsz, torch.device("cpu"), engine.conf,
+                                        engine.iou)
+    image = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    engine.conf = 0.7
+    few = len(engine(image).boxes)
+    engine.conf = 0.001
+    assert len(engine(image).boxes) > few
+    with pytest.raises(ValueError, match="uint8 BGR"):
+        engine.frame_path(image.astype(np.float32))

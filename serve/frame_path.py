@@ -1,0 +1,107 @@
+"""The whole frame on the GPU: a BGR uint8 frame in, detections in image pixels out, as one CUDA
+graph per frame size, with one small read-back per frame.
+
+On a GPU the network of the nano detector takes a fraction of a millisecond, and a frame served
+through the host (OpenCV letterboxing, a copy, NMS with host syncs, ``.cpu()`` copies) is mostly
+host work (docs/DESIGN.md, "The GPU path"). Here the frame goes into a pinned buffer and to the
+device in one non-blocking copy; letterboxing (:func:`~dynprune.letterbox.letterbox_tensor`), the
+network, decoding, a fixed pre-NMS top-k and greedy NMS with fixed shapes
+(:func:`~dynprune.boxes.detections_fixed`), and the boxes' way back to image pixels all run on the
+device and replay from one graph (:class:`~dynprune.serve.cuda_graph.GraphedForward`: a frame of a
+new size captures a new one; a failed capture runs the same steps eagerly, logged). The host reads
+one packed tensor: the detections, their count and the network's extras (a gated network's kept
+channels). Stage times come from CUDA events read after that read-back, so timing adds no sync;
+``network_ms`` is then the device's whole frame (letterboxing, network, NMS: one graph).
+
+The same steps run eagerly on CPU tensors, which is how the tests check them without a GPU; CPU
+serving keeps its own path (:class:`~dynprune.serve.engines.Engine`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+from dynprune.boxes import detections_fixed
+from dynprune.letterbox import boxes_to_image, letterbox_tensor
+from dynprune.serve.cuda_graph import GraphedForward
+
+#: ``network(x (1, 3, S, S) float32) -> (boxes (1, A, 4) xyxy model pixels, scores (1, A, C), extras or None)``
+Network = Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
+
+
+class DeviceFramePath:
+    """``path(image) -> (dets (n, 6) float32 NumPy [x1, y1, x2, y2, score, label] in image pixels,
+    extras (NumPy or None), timings in ms)`` for BGR uint8 ``(H, W, 3)`` frames."""
+
+    def __init__(self, network: Network, imgsz: int, device: torch.device, conf: float = 0.25, iou: float = 0.6,
+                 max_det: int = 100, pre_nms: int = 1000, cuda_graph: bool = True, color: int = 114) -> None:
+        self.network, self.imgsz, self.device = network, imgsz, device
+        self.conf, self.iou, self.max_det, self.pre_nms, self.color = conf, iou, max_det, pre_nms, color
+        self.cuda = device.type == "cuda"
+        self.graphed = GraphedForward(self._frame, enabled=cuda_graph and self.cuda)
+        self._pinned: Optional[torch.Tensor] = None
+        self._on_device: Optional[torch.Tensor] = None
+        self._events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if self.cuda else []
+        self._conf = torch.tensor(float(conf), device=device)
+
+    def _frame(self, frame: torch.Tensor) -> Tuple[torch.Tensor]:
+        """Every device step of one frame, packed into one float32 vector (graph-capturable)."""
+        x, fitted = letterbox_tensor(frame, self.imgsz, self.color)
+        boxes, scores, extras = self.network(x)
+        dets, count = detections_fixed(boxes[0], scores[0], self._conf, self.iou, self.max_det, self.pre_nms)
+        dets = torch.cat((boxes_to_image(dets[:, :4], fitted), dets[:, 4:]), 1)
+        parts = [count.float(), dets.reshape(-1)]
+        if extras is not None:
+            parts.append(extras.float().reshape(-1))
+        return (torch.cat(parts),)
+
+    def _upload(self, image: np.ndarray) -> torch.Tensor:
+        if not self.cuda:
+            return torch.from_numpy(np.ascontiguousarray(image))
+        if self._pinned is None or tuple(self._pinned.shape) != image.shape:
+            self._pinned = torch.empty(image.shape, dtype=torch.uint8).pin_memory()
+            self._on_device = torch.empty(image.shape, dtype=torch.uint8, device=self.device)
+        np.copyto(self._pinned.numpy(), image)
+        self._on_device.copy_(self._pinned, non_blocking=True)
+        return self._on_device
+
+    def set_conf(self, conf: float) -> None:
+        """The score threshold, read on the device inside the graph (bench lowers it for AP)."""
+        if conf != self.conf:
+            self.conf = conf
+            self._conf.fill_(conf)
+
+    @torch.inference_mode()
+    def __call__(self, image: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray], Dict[str, float]]:
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 BGR frame, got {image.shape} {image.dtype}")
+        ev = self._events
+        t0 = time.perf_counter()
+        frame = self._upload(image)
+        t1 = time.perf_counter()
+        if self.cuda:
+            ev[0].record()
+        (packed,) = self.graphed(frame)
+        if self.cuda:
+            ev[1].record()
+        t2 = time.perf_counter()
+        host = packed.cpu().numpy()  # the one read-back of the frame (it waits for the GPU)
+        if self.cuda:
+            ev[2].record()
+        t3 = time.perf_counter()
+        n = int(host[0])
+        dets = host[1 : 1 + 6 * self.max_det].reshape(self.max_det, 6)[:n].copy()
+        extras = host[1 + 6 * self.max_det :] if host.size > 1 + 6 * self.max_det else None
+        t4 = time.perf_counter()
+        if self.cuda:  # the events are behind the read-back: reading them costs no wait
+            ev[2].synchronize()
+            device_ms, readback_ms = ev[0].elapsed_time(ev[1]), ev[1].elapsed_time(ev[2])
+        else:
+            device_ms, readback_ms = (t2 - t1) * 1e3, (t3 - t2) * 1e3
+        # network_ms is the device's whole frame: letterboxing, network, decoding and NMS in one graph
+        return dets, extras, {"preprocess_ms": (t1 - t0) * 1e3, "network_ms": device_ms,
+                              "postprocess_ms": readback_ms + (t4 - t3) * 1e3}
