@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # One device call: install dynprune without dependencies (the device image has torch and
-# Triton; it has no network), run the whole test suite on the GPU, then the GPU benchmark.
-# Everything goes to $OUT (logs, JSON).
+# Triton; it has no network), run the whole test suite on the GPU, then the GPU benchmarks.
+# Everything goes to $OUT (logs, JSON). GPU_STAGES picks the stages (default "tests frame kernels"):
+#   tests    the whole suite on the GPU
+#   frame    benchmarks/gpu_frame.py on a carried bundle: runs/gpu/bundle (dynprune export of raccoon
+#            models: dense, EFFP-50% static, group-8 gates near keep 0.5) and runs/gpu/frames (the
+#            40 raccoon val images); carry runs/gpu. Writes $OUT/frame/bench-raccoon-{320,640}.json
+#   kernels  benchmarks/gpu_kernels.py (arguments of this script go to it)
 #
 # The image has no pycocotools, which the AP tests need: carry its wheel in .whl/ (ignored by
 # git; see the device README), e.g. here:
@@ -23,5 +28,18 @@ unset TRITON_INTERPRET
   python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
 } 2>&1 | tee "$OUT/env.log"
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-python3 -m pytest -p no:cacheprovider -q -rs tests 2>&1 | tee "$OUT/tests.log"
-python3 benchmarks/gpu_kernels.py --json "$OUT/gpu.json" "$@" 2>&1 | tee "$OUT/bench.log"
+STAGES=" ${GPU_STAGES:-tests frame kernels} "
+if [[ $STAGES == *" tests "* ]]; then
+  python3 -m pytest -p no:cacheprovider -q -rs tests 2>&1 | tee "$OUT/tests.log"
+fi
+if [[ $STAGES == *" frame "* ]]; then
+  if [[ -d runs/gpu/bundle && -d runs/gpu/frames ]]; then
+    python3 benchmarks/gpu_frame.py runs/gpu/bundle --source runs/gpu/frames --sizes 320 640 \
+      --out "$OUT/frame" 2>&1 | tee "$OUT/frame.log"
+  else
+    echo "frame stage skipped: carry runs/gpu (bundle/ and frames/)" | tee "$OUT/frame.log"
+  fi
+fi
+if [[ $STAGES == *" kernels "* ]]; then
+  python3 benchmarks/gpu_kernels.py --json "$OUT/gpu.json" "$@" 2>&1 | tee "$OUT/bench.log"
+fi

@@ -138,3 +138,49 @@ def test_the_device_frame_path_reads_the_score_threshold_each_frame(bundle):
     assert len(engine(image).boxes) > few
     with pytest.raises(ValueError, match="uint8 BGR"):
         engine.frame_path(image.astype(np.float32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["dense", "dynamic"])
+def test_the_whole_frame_graph_replays_as_the_eager_path_on_a_gpu(tmp_path, name):
+    """On the GPU: the frame replayed from one CUDA graph gives the eager path's detections, frame
+    after frame, while the gates keep different channels for different frames."""
+    from dynprune.checkpoint import make_checkpoint, save_atomic
+    from dynprune.gates import Gate
+    from dynprune.model import build_detector
+    from dynprune.serve.engines import DenseEngine, DynamicEngine
+    from dynprune.serve.frame_path import DeviceFramePath
+    from tests.conftest import random_gates, randomize_bn, tiny_config
+
+    torch.manual_seed(0)
+    model = build_detector(tiny_config()).eval()
+    randomize_bn(model)
+    for p in model.pred:
+        p.bias.data[:1] = 0.5
+    if name == "dynamic":
+        model.add_gates(group=8)
+        random_gates(model, 0, empty_every=99)
+        for g in (m for m in model.modules() if isinstance(m, Gate)):
+            g.fc1.weight.data.normal_(0, 2.0)  # saliencies that move with the frame
+            g.threshold.fill_(0.5)
+    path = str(tmp_path / "m.pt")
+    save_atomic(make_checkpoint(model, ["ring"], 64, "gated" if name == "dynamic" else "dense",
+                                gate={"mode": "threshold"} if name == "dynamic" else None), path)
+    cuda = torch.device("cuda")
+    engine = (DynamicEngine(path, cuda, backend="triton", precision="fp32") if name == "dynamic"
+              else DenseEngine(path, cuda, precision="fp32"))
+    assert engine.frame_path is not None and "whole frame on the GPU" in engine.description
+    eager = DeviceFramePath(engine.device_network, engine.imgsz, cuda, engine.conf, engine.iou, cuda_graph=False)
+    rng = np.random.default_rng(0)
+    keeps = set()
+    for i in range(6):
+        image = rng.integers(0, 256, (48 + 8 * (i % 2), 80, 3), dtype=np.uint8)  # two frame sizes: two graphs
+        got = engine(image)
+        want, extras, _ = eager(image)
+        np.testing.assert_allclose(got.boxes, want[:, :4], atol=1e-3)
+        np.testing.assert_allclose(got.scores, want[:, 4], atol=1e-4)
+        if name == "dynamic":
+            keeps.add(round(got.keep_ratio, 4))
+    assert engine.frame_path.graphed.active
+    if name == "dynamic":
+        assert len(keeps) > 1
