@@ -7,8 +7,9 @@ host work (docs/DESIGN.md, "The GPU path"). Here the frame goes into a pinned bu
 device in one non-blocking copy; letterboxing (:func:`~dynprune.letterbox.letterbox_tensor`), the
 network, decoding, a fixed pre-NMS top-k and greedy NMS with fixed shapes
 (:func:`~dynprune.boxes.detections_fixed`), and the boxes' way back to image pixels all run on the
-device and replay from one graph (:class:`~dynprune.serve.cuda_graph.GraphedForward`: a frame of a
-new size captures a new one; a failed capture runs the same steps eagerly, logged). The host reads
+device and replay from one graph per frame size (:class:`~dynprune.serve.cuda_graph.GraphedForward`:
+a frame of a new size captures a new one, and the old ones are kept; a failed capture runs the same
+steps eagerly, logged). The host reads
 one packed tensor: the detections, their count and the network's extras (a gated network's kept
 channels). Stage times come from CUDA events read after that read-back, so timing adds no sync;
 ``network_ms`` is then the device's whole frame (letterboxing, network, NMS: one graph).
@@ -42,7 +43,8 @@ class DeviceFramePath:
         self.network, self.imgsz, self.device = network, imgsz, device
         self.conf, self.iou, self.max_det, self.pre_nms, self.color = conf, iou, max_det, pre_nms, color
         self.cuda = device.type == "cuda"
-        self.graphed = GraphedForward(self._frame, enabled=cuda_graph and self.cuda)
+        self.cuda_graph = cuda_graph and self.cuda
+        self.graphs: Dict[Tuple[int, ...], GraphedForward] = {}  # one per frame size, kept: cameras switch back
         self._pinned: Optional[torch.Tensor] = None
         self._on_device: Optional[torch.Tensor] = None
         self._events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if self.cuda else []
@@ -85,7 +87,10 @@ class DeviceFramePath:
         t1 = time.perf_counter()
         if self.cuda:
             ev[0].record()
-        (packed,) = self.graphed(frame)
+        graphed = self.graphs.get(image.shape)
+        if graphed is None:
+            graphed = self.graphs[image.shape] = GraphedForward(self._frame, enabled=self.cuda_graph)
+        (packed,) = graphed(frame)
         if self.cuda:
             ev[1].record()
         t2 = time.perf_counter()
