@@ -97,17 +97,23 @@ def serve(bundle_dir: str, source_uri: str, opts: ServeOptions, stop: Optional[t
     counts: Dict[str, int] = {}
     keep_values: List[float] = []
     n = 0
+    # A file or folder read ahead by one frame lets the whole-frame GPU path upload it while the current
+    # frame runs; a live camera has no next frame yet (its grab thread already overlaps capture).
+    lookahead = any(e.frame_path is not None for e in engines.values()) and not getattr(src, "live", False)
+    pending = None
     t_start = time.perf_counter()
     try:
         with torch.inference_mode():
             while not stop.is_set() and (opts.max_frames is None or n < opts.max_frames):
-                frame = src.read()
+                frame = pending if pending is not None else src.read()
                 if frame is None:
                     break
+                last = opts.max_frames is not None and n + 1 >= opts.max_frames
+                pending = src.read() if lookahead and not last else None
                 name = policy.choose()
                 governed = governor is not None and engines[name].torch_cpu_threads
                 threads = governor.before_frame(name) if governed else 0
-                result = engines[name](frame.image)
+                result = engines[name](frame.image, pending.image if pending is not None else None)
                 if governed:
                     governor.after_frame(name, threads, result.total_ms)
                 policy.record(name, result.total_ms, result.keep_ratio)

@@ -73,15 +73,17 @@ class Engine:
         """The Result fields the device frame path's extras give (a gated engine's keep and FLOPs)."""
         return {"gflops": getattr(self, "flops", None)}
 
-    def _device_frame(self, image: np.ndarray) -> Result:
+    def _device_frame(self, image: np.ndarray, ahead: Optional[np.ndarray]) -> Result:
         self.frame_path.set_conf(self.conf)
-        dets, extras, timings = self.frame_path(image)
+        dets, extras, timings = self.frame_path(image, ahead)
         return Result(dets[:, :4], dets[:, 4], dets[:, 5].astype(np.int64), {**timings, "gates_ms": 0.0},
                       engine=self.name, **self.frame_extras(extras))
 
-    def __call__(self, image: np.ndarray) -> Result:
+    def __call__(self, image: np.ndarray, ahead: Optional[np.ndarray] = None) -> Result:
+        """Detections for ``image``. ``ahead``: the next frame where the caller has it already; the whole-
+        frame GPU path uploads it while this one runs (the other paths ignore it)."""
         if self.frame_path is not None:
-            return self._device_frame(image)
+            return self._device_frame(image, ahead)
         t0 = time.perf_counter()
         x, lb = self.input(image)
         x = x.to(self.device)

@@ -4,7 +4,8 @@ graph per frame size, with one small read-back per frame.
 On a GPU the network of the nano detector takes a fraction of a millisecond, and a frame served
 through the host (OpenCV letterboxing, a copy, NMS with host syncs, ``.cpu()`` copies) is mostly
 host work (docs/DESIGN.md, "The GPU path"). Here the frame goes into a pinned buffer and to the
-device in one non-blocking copy; letterboxing (:func:`~dynprune.letterbox.letterbox_tensor`), the
+device in one non-blocking copy on a second stream (two buffers: the next frame, where the caller
+has it, uploads while this one runs); letterboxing (:func:`~dynprune.letterbox.letterbox_tensor`), the
 network, decoding, a fixed pre-NMS top-k and greedy NMS with fixed shapes
 (:func:`~dynprune.boxes.detections_fixed`), and the boxes' way back to image pixels all run on the
 device and replay from one graph per frame size (:class:`~dynprune.serve.cuda_graph.GraphedForward`:
@@ -45,8 +46,13 @@ class DeviceFramePath:
         self.cuda = device.type == "cuda"
         self.cuda_graph = cuda_graph and self.cuda
         self.graphs: Dict[Tuple[int, ...], GraphedForward] = {}  # one per frame size, kept: cameras switch back
-        self._pinned: Optional[torch.Tensor] = None
-        self._on_device: Optional[torch.Tensor] = None
+        self._shape: Tuple[int, ...] = ()
+        self._pinned: list = []
+        self._on_device: list = []
+        self._copied: list = []
+        self._slot = 0
+        self._ahead: Optional[tuple] = None  # (the next frame, its slot, its upload's event)
+        self._copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self._events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if self.cuda else []
         self._conf = torch.tensor(float(conf), device=device)
 
@@ -61,15 +67,34 @@ class DeviceFramePath:
             parts.append(extras.float().reshape(-1))
         return (torch.cat(parts),)
 
+    def _stage(self, image: np.ndarray) -> Tuple[int, torch.cuda.Event]:
+        """Start ``image``'s upload on the copy stream into the next of two buffers; ``(slot, done event)``."""
+        if self._shape != image.shape:  # two pinned host buffers and two device buffers per frame size
+            self._pinned = [torch.empty(image.shape, dtype=torch.uint8).pin_memory() for _ in range(2)]
+            self._on_device = [torch.empty(image.shape, dtype=torch.uint8, device=self.device) for _ in range(2)]
+            self._copied = [None, None]
+            self._shape, self._slot = image.shape, 0
+        slot = self._slot = 1 - self._slot
+        if self._copied[slot] is not None:
+            self._copied[slot].synchronize()  # the copy out of this pinned buffer two frames ago (long done)
+        np.copyto(self._pinned[slot].numpy(), image)
+        done = torch.cuda.Event()
+        with torch.cuda.stream(self._copy_stream):
+            self._on_device[slot].copy_(self._pinned[slot], non_blocking=True)
+            done.record()
+        self._copied[slot] = done
+        return slot, done
+
     def _upload(self, image: np.ndarray) -> torch.Tensor:
         if not self.cuda:
             return torch.from_numpy(np.ascontiguousarray(image))
-        if self._pinned is None or tuple(self._pinned.shape) != image.shape:
-            self._pinned = torch.empty(image.shape, dtype=torch.uint8).pin_memory()
-            self._on_device = torch.empty(image.shape, dtype=torch.uint8, device=self.device)
-        np.copyto(self._pinned.numpy(), image)
-        self._on_device.copy_(self._pinned, non_blocking=True)
-        return self._on_device
+        staged, self._ahead = self._ahead, None
+        if staged is not None and staged[0] is image:  # uploaded while the previous frame ran
+            slot, done = staged[1], staged[2]
+        else:
+            slot, done = self._stage(image)
+        torch.cuda.current_stream(self.device).wait_event(done)
+        return self._on_device[slot]
 
     def set_conf(self, conf: float) -> None:
         """The score threshold, read on the device inside the graph (bench lowers it for AP)."""
@@ -78,7 +103,10 @@ class DeviceFramePath:
             self._conf.fill_(conf)
 
     @torch.inference_mode()
-    def __call__(self, image: np.ndarray) -> Tuple[np.ndarray, Optional[np.ndarray], Dict[str, float]]:
+    def __call__(self, image: np.ndarray, ahead: Optional[np.ndarray] = None,
+                 ) -> Tuple[np.ndarray, Optional[np.ndarray], Dict[str, float]]:
+        """Detections for ``image``; ``ahead``, the frame that comes next where the caller has it
+        already, starts uploading while this one runs on the GPU."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 BGR frame, got {image.shape} {image.dtype}")
         ev = self._events
@@ -93,6 +121,8 @@ class DeviceFramePath:
         (packed,) = graphed(frame)
         if self.cuda:
             ev[1].record()
+            if ahead is not None and ahead.ndim == 3 and ahead.dtype == np.uint8:
+                self._ahead = (ahead, *self._stage(ahead))  # its copy overlaps this frame's graph
         t2 = time.perf_counter()
         host = packed.cpu().numpy()  # the one read-back of the frame (it waits for the GPU)
         if self.cuda:

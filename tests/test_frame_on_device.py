@@ -172,10 +172,11 @@ def test_the_whole_frame_graph_replays_as_the_eager_path_on_a_gpu(tmp_path, name
     assert engine.frame_path is not None and "whole frame on the GPU" in engine.description
     eager = DeviceFramePath(engine.device_network, engine.imgsz, cuda, engine.conf, engine.iou, cuda_graph=False)
     rng = np.random.default_rng(0)
+    # two frame sizes (two graphs); each frame's successor uploads while it runs (across the size change too)
+    images = [rng.integers(0, 256, (48 + 8 * (i // 3), 80, 3), dtype=np.uint8) for i in range(6)]
     keeps = set()
-    for i in range(6):
-        image = rng.integers(0, 256, (48 + 8 * (i % 2), 80, 3), dtype=np.uint8)  # two frame sizes: two graphs
-        got = engine(image)
+    for i, image in enumerate(images):
+        got = engine(image, images[i + 1] if i + 1 < len(images) else None)
         want, extras, _ = eager(image)
         np.testing.assert_allclose(got.boxes, want[:, :4], atol=1e-3)
         np.testing.assert_allclose(got.scores, want[:, 4], atol=1e-4)
