@@ -5,15 +5,16 @@ On a GPU the network of the nano detector takes a fraction of a millisecond, and
 through the host (OpenCV letterboxing, a copy, NMS with host syncs, ``.cpu()`` copies) is mostly
 host work (docs/DESIGN.md, "The GPU path"). Here the frame goes into a pinned buffer and to the
 device in one non-blocking copy on a second stream (two buffers: the next frame, where the caller
-has it, uploads while this one runs); letterboxing (:func:`~dynprune.letterbox.letterbox_tensor`), the
-network, decoding, a fixed pre-NMS top-k and greedy NMS with fixed shapes
-(:func:`~dynprune.boxes.detections_fixed`), and the boxes' way back to image pixels all run on the
-device and replay from one graph per frame size (:class:`~dynprune.serve.cuda_graph.GraphedForward`:
-a frame of a new size captures a new one, and the old ones are kept; a failed capture runs the same
-steps eagerly, logged). The host reads
-one packed tensor: the detections, their count and the network's extras (a gated network's kept
-channels). Stage times come from CUDA events read after that read-back, so timing adds no sync;
-``network_ms`` is then the device's whole frame (letterboxing, network, NMS: one graph).
+has it, uploads while this one runs); an integrated GPU (a Jetson) reads the pinned frame in place,
+no copy, where a check at the first frame of a size shows it can. Letterboxing
+(:func:`~dynprune.letterbox.letterbox_tensor`), the network, decoding, a fixed pre-NMS top-k and
+greedy NMS with fixed shapes (:func:`~dynprune.boxes.detections_fixed`), and the boxes' way back to
+image pixels all run on the device and replay from one graph per frame size
+(:class:`~dynprune.serve.cuda_graph.GraphedForward`: a frame of a new size captures a new one, the
+old ones are kept; a failed capture runs the same steps eagerly, logged). The host reads one packed
+tensor: the detections, their count and the network's extras (a gated network's kept channels).
+Stage times come from CUDA events read after that read-back, so timing adds no sync; ``network_ms``
+is then the device's whole frame (letterboxing, network, NMS: one graph).
 
 The same steps run eagerly on CPU tensors, which is how the tests check them without a GPU; CPU
 serving keeps its own path (:class:`~dynprune.serve.engines.Engine`).
@@ -21,6 +22,7 @@ serving keeps its own path (:class:`~dynprune.serve.engines.Engine`).
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable, Dict, Optional, Tuple
 
@@ -30,6 +32,17 @@ import torch
 from dynprune.boxes import detections_fixed
 from dynprune.letterbox import boxes_to_image, letterbox_tensor
 from dynprune.serve.cuda_graph import GraphedForward
+
+log = logging.getLogger("dynprune.serve")
+
+
+class _CudaArray:
+    """``__cuda_array_interface__`` over a pinned host tensor's memory, for ``torch.as_tensor(..., device)``."""
+
+    def __init__(self, host: torch.Tensor) -> None:
+        self.__cuda_array_interface__ = {"shape": tuple(host.shape), "typestr": "|u1",
+                                         "data": (host.data_ptr(), False), "version": 2, "strides": None}
+
 
 #: ``network(x (1, 3, S, S) float32) -> (boxes (1, A, 4) xyxy model pixels, scores (1, A, C), extras or None)``
 Network = Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]]
@@ -53,6 +66,9 @@ class DeviceFramePath:
         self._slot = 0
         self._ahead: Optional[tuple] = None  # (the next frame, its slot, its upload's event)
         self._copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        # An integrated GPU (a Jetson) shares the host's memory: it reads the pinned frame where it lies
+        self.zero_copy = self.cuda and bool(getattr(torch.cuda.get_device_properties(device), "is_integrated", False))
+        self._mapped: Dict[Tuple[int, ...], Tuple[torch.Tensor, torch.Tensor]] = {}
         self._events = [torch.cuda.Event(enable_timing=True) for _ in range(3)] if self.cuda else []
         self._conf = torch.tensor(float(conf), device=device)
 
@@ -85,9 +101,32 @@ class DeviceFramePath:
         self._copied[slot] = done
         return slot, done
 
+    def _mapped_view(self, shape: Tuple[int, ...]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """A pinned host buffer and a CUDA tensor over the same memory (the device pointer of pinned
+        memory is its host pointer under unified addressing), checked once; None, logged, where the
+        GPU cannot read it so (the frame is then copied)."""
+        if shape not in self._mapped:
+            try:
+                host = torch.empty(shape, dtype=torch.uint8).pin_memory()
+                host.numpy()[...] = np.arange(host.numel(), dtype=np.uint64).reshape(shape) % 251
+                view = torch.as_tensor(_CudaArray(host), device=self.device)
+                if not torch.equal(view.cpu(), host):
+                    raise RuntimeError("the GPU read other values than the host wrote")
+                self._mapped[shape] = (host, view)
+            except Exception as exc:  # an older torch, a driver without mapped memory: copy instead
+                log.warning("frames copied to the GPU: reading pinned memory in place failed (%s: %s)",
+                            type(exc).__name__, exc)
+                self.zero_copy = False
+                return None
+        return self._mapped[shape]
+
     def _upload(self, image: np.ndarray) -> torch.Tensor:
         if not self.cuda:
             return torch.from_numpy(np.ascontiguousarray(image))
+        mapped = self._mapped_view(image.shape) if self.zero_copy else None
+        if mapped is not None:  # the previous frame's graph is done (its read-back waited): overwrite
+            np.copyto(mapped[0].numpy(), image)
+            return mapped[1]
         staged, self._ahead = self._ahead, None
         if staged is not None and staged[0] is image:  # uploaded while the previous frame ran
             slot, done = staged[1], staged[2]
@@ -117,11 +156,12 @@ class DeviceFramePath:
             ev[0].record()
         graphed = self.graphs.get(image.shape)
         if graphed is None:
-            graphed = self.graphs[image.shape] = GraphedForward(self._frame, enabled=self.cuda_graph)
+            graphed = self.graphs[image.shape] = GraphedForward(self._frame, enabled=self.cuda_graph,
+                                                                 input_in_place=self.zero_copy)
         (packed,) = graphed(frame)
         if self.cuda:
             ev[1].record()
-            if ahead is not None and ahead.ndim == 3 and ahead.dtype == np.uint8:
+            if ahead is not None and ahead.ndim == 3 and ahead.dtype == np.uint8 and not self.zero_copy:
                 self._ahead = (ahead, *self._stage(ahead))  # its copy overlaps this frame's graph
         t2 = time.perf_counter()
         host = packed.cpu().numpy()  # the one read-back of the frame (it waits for the GPU)

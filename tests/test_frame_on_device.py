@@ -141,10 +141,11 @@ def test_the_device_frame_path_reads_the_score_threshold_each_frame(bundle):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("name", ["dense", "dynamic"])
-def test_the_whole_frame_graph_replays_as_the_eager_path_on_a_gpu(tmp_path, name):
+@pytest.mark.parametrize("name, zero_copy", [("dense", False), ("dynamic", False), ("dynamic", True)])
+def test_the_whole_frame_graph_replays_as_the_eager_path_on_a_gpu(tmp_path, name, zero_copy):
     """On the GPU: the frame replayed from one CUDA graph gives the eager path's detections, frame
-    after frame, while the gates keep different channels for different frames."""
+    after frame, while the gates keep different channels for different frames; also with the frame
+    read in place from pinned memory (an integrated GPU's way; a discrete one reads it over PCIe)."""
     from dynprune.checkpoint import make_checkpoint, save_atomic
     from dynprune.gates import Gate
     from dynprune.model import build_detector
@@ -170,6 +171,7 @@ def test_the_whole_frame_graph_replays_as_the_eager_path_on_a_gpu(tmp_path, name
     engine = (DynamicEngine(path, cuda, backend="triton", precision="fp32") if name == "dynamic"
               else DenseEngine(path, cuda, precision="fp32"))
     assert engine.frame_path is not None and "whole frame on the GPU" in engine.description
+    engine.frame_path.zero_copy = zero_copy
     eager = DeviceFramePath(engine.device_network, engine.imgsz, cuda, engine.conf, engine.iou, cuda_graph=False)
     rng = np.random.default_rng(0)
     # two frame sizes (two graphs); each frame's successor uploads while it runs (across the size change too)
@@ -183,5 +185,6 @@ def test_the_whole_frame_graph_replays_as_the_eager_path_on_a_gpu(tmp_path, name
         if name == "dynamic":
             keeps.add(round(got.keep_ratio, 4))
     assert len(engine.frame_path.graphs) == 2 and all(g.active for g in engine.frame_path.graphs.values())
+    assert engine.frame_path.zero_copy == zero_copy  # the in-place read passed its check (or was not asked for)
     if name == "dynamic":
         assert len(keeps) > 1
