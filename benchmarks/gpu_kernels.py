@@ -318,29 +318,43 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="kernel-by-kernel GPU time of each network graph")
     ap.add_argument("--sweep", action="store_true", help="time every block configuration per layer first")
     ap.add_argument("--sweep-run", type=int, default=1, help="the sweep's in_run (8: group-8 gates' kept lists)")
+    ap.add_argument("--sms", type=int, help="run every kernel on at most N SMs (a CUDA green context; checked)")
     ap.add_argument("--json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu_kernels.py needs a CUDA GPU")
+    limit = contextlib.nullcontext()
+    sm_check = None
+    if args.sms:
+        from dynprune.sm_limit import SMLimit, SMLimitError, format_check
+
+        try:
+            limit = SMLimit(args.sms)
+        except SMLimitError as e:
+            raise SystemExit(str(e)) from e
+        sm_check = limit.check()
+        print(format_check(sm_check), flush=True)
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
     keeps = (1.0, 0.75, 0.5, 0.25)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
               "layers": [], "network": []}
-    result["ceilings"] = ceilings()
-    print("ceilings:", {k: round(v, 2) for k, v in result["ceilings"].items()})
-    for imgsz in args.network_sizes:
-        result["network"].append(bench_network(imgsz, args.keep, args.group, dtype, args.batch, args.profile))
-        print("network", result["network"][-1], flush=True)
-    for imgsz in () if args.skip_layers else args.layer_sizes:
-        result["layers"] += bench_layers(imgsz, keeps, dtype)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=2)
-    if args.sweep:  # last: the longest part, and the tables above do not need it
-        result["sweep"] = sweep(640, dtype, run=args.sweep_run)
+    result["sm_limit"] = sm_check
+    with limit:  # every kernel, graph replays included, on the confined SMs
+        result["ceilings"] = ceilings()
+        print("ceilings:", {k: round(v, 2) for k, v in result["ceilings"].items()})
+        for imgsz in args.network_sizes:
+            result["network"].append(bench_network(imgsz, args.keep, args.group, dtype, args.batch, args.profile))
+            print("network", result["network"][-1], flush=True)
+        for imgsz in () if args.skip_layers else args.layer_sizes:
+            result["layers"] += bench_layers(imgsz, keeps, dtype)
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(result, fh, indent=2)
+        if args.sweep:  # last: the longest part, and the tables above do not need it
+            result["sweep"] = sweep(640, dtype, run=args.sweep_run)
+            if args.json:
+                with open(args.json, "w") as fh:
+                    json.dump(result, fh, indent=2)
     print(f"{result['device']}, {args.dtype}, layers at batch 1, network at batch {args.batch}")
     print(f"{'size':>5} {'layer':<26}{'cuDNN':>8}" + "".join(f"{'k=' + str(k):>9}" for k in keeps) + "   max rel err")
     for r in result["layers"]:

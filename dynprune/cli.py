@@ -407,7 +407,7 @@ def cmd_bench(args) -> int:
     _run_folder(args.out)
     res = run_bench(args.bundle, args.source, args.data, args.frames, args.engines, args.out, args.device,
                     args.backend, cuda_graph=not args.no_cuda_graph, precision=args.precision,
-                    adapt_threads=args.threads is None)
+                    adapt_threads=args.threads is None, sms=args.sms)
     print(f"written: {args.out}/bench.json, bench.csv, latency_vs_keep.png")
     return 0 if res["rows"] else 1
 
@@ -649,6 +649,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TensorRT plan precision; on a GPU also the PyTorch engines' (int8 runs them in fp16)")
     p.add_argument("--no-cuda-graph", action="store_true",
                    help="on a GPU, launch the PyTorch engines' kernels one by one instead of replaying a CUDA graph")
+    p.add_argument("--sms", type=positive_int, metavar="N",
+                   help="run every GPU kernel on at most N SMs (a CUDA green context): a Jetson's regime on a big "
+                        "GPU, e.g. 8 for an Orin Nano/NX, 16 for an AGX Orin; checked and reported")
     p.add_argument("--out", default="runs/bench")
     p.set_defaults(func=cmd_bench)
 

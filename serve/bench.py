@@ -9,6 +9,7 @@ latency against keep ratio, with each gated engine's break-even point against st
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import time
@@ -104,9 +105,26 @@ def measure_in_turns(engines: Dict[str, Callable[[np.ndarray], Any]], images: Li
 def run_bench(bundle_dir: str, source: Optional[str] = None, data: Optional[str] = None, frames: int = 200,
               engines: Optional[List[str]] = None, out: str = "runs/bench", device: str = "auto",
               backend: str = "auto", warmup: int = 5, log=print, cuda_graph: bool = True,
-              precision: str = "fp16", adapt_threads: bool = True) -> Dict[str, Any]:
+              precision: str = "fp16", adapt_threads: bool = True, sms: Optional[int] = None) -> Dict[str, Any]:
+    """``sms``: run every GPU kernel on at most that many SMs (:mod:`dynprune.sm_limit`; checked, and the
+    check is in the result)."""
     bundle = load_bundle(bundle_dir)
     dev = pick_device(device)
+    limit = contextlib.nullcontext()
+    sm_check = None
+    if sms:
+        from dynprune.sm_limit import SMLimit, format_check
+
+        limit = SMLimit(sms, dev.index or 0 if dev.type == "cuda" else 0, cuda_available=dev.type == "cuda")
+        sm_check = limit.check()
+        log(format_check(sm_check))
+    with limit:
+        return _run_bench(bundle, bundle_dir, dev, source, data, frames, engines, out, backend, warmup, log,
+                          cuda_graph, precision, adapt_threads, sm_check)
+
+
+def _run_bench(bundle, bundle_dir, dev, source, data, frames, engines, out, backend, warmup, log, cuda_graph,
+               precision, adapt_threads, sm_check) -> Dict[str, Any]:
     which = engines or list(bundle["engines"])
     loaded = load_engines(bundle, which, dev, backend, precision, cuda_graph=cuda_graph)
     if not frames:
@@ -160,7 +178,7 @@ def run_bench(bundle_dir: str, source: Optional[str] = None, data: Optional[str]
               "threads_at_end": governor.current if governor else torch.get_num_threads(),
               "thread_switches": governor.switches if governor else [],
               "thread_trials": governor.trials if governor else 0,
-              "imgsz": bundle["imgsz"], "rows": rows,
+              "imgsz": bundle["imgsz"], "rows": rows, "sm_limit": sm_check,
               # keep ratio at which each gated engine is as fast as static (None: not measured or no crossing)
               "break_even_keep": breaks.get("dynamic"), "break_even": breaks,
               "per_frame": per_frame}
