@@ -22,8 +22,8 @@ from dynprune.compact import CompactDetector, dense_inference_model
 from dynprune.flops import CostModel
 
 
-def synthetic_gated(keep: float, imgsz: int, group: int, keep_on: str = "mean"):
-    """An untrained nano model with gates whose thresholds keep about ``keep`` of each layer
+def synthetic_gated(keep: float, imgsz: int, group: int, keep_on: str = "mean", size: str = "nano"):
+    """An untrained model of ``size`` with gates whose thresholds keep about ``keep`` of each layer
     (of the mean saliency with ``keep_on="mean"``, ManiDP's rule; of each frame with "frames")."""
     from dynprune.config import config_for
     from dynprune.gates import Gate, set_gate_mode
@@ -31,8 +31,8 @@ def synthetic_gated(keep: float, imgsz: int, group: int, keep_on: str = "mean"):
     from dynprune.model import build_detector
 
     torch.manual_seed(0)
-    dense = build_detector(config_for("nano")).eval()
-    gated = build_detector(config_for("nano", gate_group=group)).eval()
+    dense = build_detector(config_for(size)).eval()
+    gated = build_detector(config_for(size, gate_group=group)).eval()
     gated.load_state_dict(dense.state_dict())
     gated.add_gates(group=group)
     for g in (m for m in gated.modules() if isinstance(m, Gate)):

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One device call: install dynprune without dependencies (the device image has torch and
 # Triton; it has no network), run the whole test suite on the GPU, then the GPU benchmarks.
-# Everything goes to $OUT (logs, JSON). GPU_STAGES picks the stages (default "tests frame kernels"):
+# Everything goes to $OUT (logs, JSON). GPU_STAGES picks the stages (default "tests frame board kernels"):
 #   tests    the whole suite on the GPU
 #   frame    benchmarks/gpu_frame.py on a carried bundle: runs/gpu/bundle (dynprune export of raccoon
 #            models: dense, EFFP-50% static, group-8 gates near keep 0.5) and runs/gpu/frames (the
 #            40 raccoon val images); carry runs/gpu. Writes $OUT/frame/bench-raccoon-{320,640}.json
-#   kernels  benchmarks/gpu_kernels.py (arguments of this script go to it)
+#   board    benchmarks/board_emulation.py: dense, static, dynamic at 8, 16 and all SMs (green contexts)
+#   kernels  benchmarks/gpu_kernels.py (arguments of this script go to it; GPU_SMS=8 confines it)
 #
 # The image has no pycocotools, which the AP tests need: carry its wheel in .whl/ (ignored by
 # git; see the device README), e.g. here:
@@ -28,7 +29,7 @@ unset TRITON_INTERPRET
   python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
 } 2>&1 | tee "$OUT/env.log"
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-STAGES=" ${GPU_STAGES:-tests frame kernels} "
+STAGES=" ${GPU_STAGES:-tests frame board kernels} "
 if [[ $STAGES == *" tests "* ]]; then
   python3 -m pytest -p no:cacheprovider -q -rs tests 2>&1 | tee "$OUT/tests.log"
 fi
@@ -40,6 +41,9 @@ if [[ $STAGES == *" frame "* ]]; then
     echo "frame stage skipped: carry runs/gpu (bundle/ and frames/)" | tee "$OUT/frame.log"
   fi
 fi
+if [[ $STAGES == *" board "* ]]; then
+  python3 benchmarks/board_emulation.py --json "$OUT/board-emulation.json" 2>&1 | tee "$OUT/board.log"
+fi
 if [[ $STAGES == *" kernels "* ]]; then
-  python3 benchmarks/gpu_kernels.py --json "$OUT/gpu.json" "$@" 2>&1 | tee "$OUT/bench.log"
+  python3 benchmarks/gpu_kernels.py --json "$OUT/gpu.json" ${GPU_SMS:+--sms $GPU_SMS} "$@" 2>&1 | tee "$OUT/bench.log"
 fi
