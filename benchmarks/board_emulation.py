@@ -9,11 +9,13 @@ network alone in fp16, replayed from a CUDA graph, median GPU time (``triton.tes
 Engines: ``dense`` (the serving engine's form: BatchNorm folded, NHWC; with ``--compile`` also
 ``torch.compile`` of it where it compiles, the faster one counted), ``static`` (the same model
 slimmed to 50% of the FLOPs, EFFP's widths stood in for by L1 filter norms: an untrained model's
-BatchNorm scales are all 1 and rank nothing; timing only) and
-``dynamic`` (gates with thresholds set to keep ``--keep`` of each frame's channels, the Triton
-backend). The models are untrained: timings depend on shapes and kept counts, not on weights.
+BatchNorm scales are all 1 and rank nothing; timing only), ``dynamic`` (gates with thresholds set
+to keep ``--keep`` of each frame's channels, the Triton backend) and ``dynamic_keep1`` (the same
+kernels keeping every channel: a gain over dense this row shares comes from fusing, not from
+skipping). The models are untrained: timings depend on shapes and kept counts, not on weights.
 
-Rows (``--json``): ``sms``, ``confined``, ``imgsz``, ``model``, ``batch``, ``engine``,
+Rows (``--json``): ``sms``, ``confined``, ``imgsz``, ``model``, ``batch``, ``engine`` (``dense``,
+``static``, ``dynamic``, ``dynamic_keep1``),
 ``network_ms_p50``, ``keep_mean``. ``--device cpu`` runs the same loops on the CPU (compiled blocks,
 wall clock) as a smoke test of the script.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import statistics
 import sys
@@ -55,6 +58,7 @@ def networks(size: str, imgsz: int, keep: float, group: int, device: torch.devic
 
     from dynprune.compact import CompactDetector, dense_inference_model
     from dynprune.flops import CostModel
+    from dynprune.gates import Gate
     from dynprune.pruning.importance import l1_norm
     from dynprune.pruning.select import select_widths
     from dynprune.pruning.surgery import slim_model
@@ -72,8 +76,14 @@ def networks(size: str, imgsz: int, keep: float, group: int, device: torch.devic
                 fns["dense_compiled"] = torch.compile(net, mode="max-autotune-no-cudagraphs")
             except Exception as exc:  # a compile failure costs the row, not the run
                 print(f"torch.compile of {size} failed: {type(exc).__name__}: {exc}", flush=True)
-    dyn = CompactDetector(gated, backend="triton" if cuda else "cpu", device=device).to(dtype)
+    backend = "triton" if cuda else "cpu"
+    dyn = CompactDetector(gated, backend=backend, device=device).to(dtype)
     fns["dynamic"] = dyn
+    # the same kernels with every channel kept: whether a gain over dense comes from skipping or from fusing
+    everything = copy.deepcopy(gated)
+    for g in (m for m in everything.modules() if isinstance(m, Gate)):
+        g.threshold.fill_(0.0)  # every channel with a positive saliency (the compiled CPU blocks run no "open")
+    fns["dynamic_keep1"] = CompactDetector(everything, backend=backend, device=device).to(dtype)
     return fns, dyn
 
 
