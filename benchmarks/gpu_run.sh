@@ -5,7 +5,12 @@
 #   tests    the whole suite on the GPU
 #   frame    benchmarks/gpu_frame.py on a carried bundle: runs/gpu/bundle (dynprune export of raccoon
 #            models: dense, EFFP-50% static, group-8 gates near keep 0.5) and runs/gpu/frames (the
-#            40 raccoon val images); carry runs/gpu. Writes $OUT/frame/bench-raccoon-{320,640}.json
+#            40 raccoon val images); carry runs/gpu. Writes $OUT/frame/bench-raccoon-{320,640}.json.
+#            To make runs/gpu on the CPU (about an hour on 2 cores): dynprune train --data RACCOON
+#            --out runs/dense; dynprune gate --weights runs/dense/best.pt --data RACCOON --out runs/gate;
+#            dynprune prune --weights runs/dense/best.pt --data RACCOON --method effp --flops 0.5
+#            --out runs/prune; dynprune export --dynamic runs/gate/best.pt --static runs/prune/best.pt
+#            -o runs/gpu/bundle; and copy the images listed in RACCOON/val.txt to runs/gpu/frames/
 #   board    benchmarks/board_emulation.py: dense, static, dynamic at 8, 16 and all SMs (green contexts)
 #   kernels  benchmarks/gpu_kernels.py (arguments of this script go to it; GPU_SMS=8 confines it)
 #
