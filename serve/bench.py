@@ -118,79 +118,74 @@ def run_bench(bundle_dir: str, source: Optional[str] = None, data: Optional[str]
         limit = SMLimit(sms, dev.index or 0 if dev.type == "cuda" else 0, cuda_available=dev.type == "cuda")
         sm_check = limit.check()
         log(format_check(sm_check))
-    with limit:
-        return _run_bench(bundle, bundle_dir, dev, source, data, frames, engines, out, backend, warmup, log,
-                          cuda_graph, precision, adapt_threads, sm_check)
+    with limit:  # every GPU kernel of the run, CUDA graph replays included
+        which = engines or list(bundle["engines"])
+        loaded = load_engines(bundle, which, dev, backend, precision, cuda_graph=cuda_graph)
+        if not frames:
+            log(f"reading every frame of {source or data} (--frames 0)...")
+        images, records, names = load_frames(source, data, frames)
+        log(f"measuring {len(images)} frames on {', '.join(loaded)} (the engines take turns)...")
+        rows, per_frame = [], {}
+        governor = ThreadGovernor(torch.get_num_threads()) if adapt_threads else None
+        measured = measure_in_turns(loaded, images, warmup,
+                                    progress=lambda done, total: log(f"  {done}/{total} frames measured"),
+                                    governor=governor)
+        for name, eng in loaded.items():
+            m = measured[name]
+            lat, keep, gflops, stages, wall = m["lat"], m["keep"], m["gflops"], m["stages"], m["wall"]
+            row: Dict[str, Any] = {
+                "engine": name, "fps": len(images) / wall, "p50_ms": float(np.median(lat)),
+                "p95_ms": float(np.percentile(lat, 95)),
+                "keep_mean": float(np.mean(keep)) if keep else None,
+                "keep_p95": float(np.percentile(keep, 95)) if keep else None,
+                "gflops": float(np.mean(gflops)) if gflops else None, "ap50": None, "ap50_95": None,
+                "stages_ms": {k: float(np.mean([s[k] for s in stages])) for k in stages[0]},
+                "description": eng.description,
+            }
+            if records is not None:
+                from dynprune.metrics import evaluate_detections
 
-
-def _run_bench(bundle, bundle_dir, dev, source, data, frames, engines, out, backend, warmup, log, cuda_graph,
-               precision, adapt_threads, sm_check) -> Dict[str, Any]:
-    which = engines or list(bundle["engines"])
-    loaded = load_engines(bundle, which, dev, backend, precision, cuda_graph=cuda_graph)
-    if not frames:
-        log(f"reading every frame of {source or data} (--frames 0)...")
-    images, records, names = load_frames(source, data, frames)
-    log(f"measuring {len(images)} frames on {', '.join(loaded)} (the engines take turns)...")
-    rows, per_frame = [], {}
-    governor = ThreadGovernor(torch.get_num_threads()) if adapt_threads else None
-    measured = measure_in_turns(loaded, images, warmup,
-                                progress=lambda done, total: log(f"  {done}/{total} frames measured"),
-                                governor=governor)
-    for name, eng in loaded.items():
-        m = measured[name]
-        lat, keep, gflops, stages, wall = m["lat"], m["keep"], m["gflops"], m["stages"], m["wall"]
-        row: Dict[str, Any] = {
-            "engine": name, "fps": len(images) / wall, "p50_ms": float(np.median(lat)),
-            "p95_ms": float(np.percentile(lat, 95)),
-            "keep_mean": float(np.mean(keep)) if keep else None,
-            "keep_p95": float(np.percentile(keep, 95)) if keep else None,
-            "gflops": float(np.mean(gflops)) if gflops else None, "ap50": None, "ap50_95": None,
-            "stages_ms": {k: float(np.mean([s[k] for s in stages])) for k in stages[0]},
-            "description": eng.description,
-        }
-        if records is not None:
-            from dynprune.metrics import evaluate_detections
-
-            # AP needs low-score detections too: re-run NMS output at conf 0.001 for the metric.
-            eng_conf = eng.conf
-            eng.conf = 0.001
-            with torch.inference_mode():
-                low = [eng(img) for img in images]
-            eng.conf = eng_conf
-            metrics = evaluate_detections([{"boxes": r.boxes, "scores": r.scores, "labels": r.labels} for r in low],
-                                          records, names)
-            row["ap50"], row["ap50_95"] = metrics["ap50"], metrics["ap50_95"]
-        rows.append(row)
-        per_frame[name] = {"latency_ms": lat, "keep": keep}
-    breaks: Dict[str, Optional[float]] = {}
-    if "static" in per_frame:
-        static_p50 = next(r["p50_ms"] for r in rows if r["engine"] == "static")
-        for name in GATED_ENGINES:
-            if name in per_frame:
-                breaks[name] = break_even(np.array(per_frame[name]["keep"]), np.array(per_frame[name]["latency_ms"]),
-                                          static_p50)
-    out_p = Path(out)
-    out_p.mkdir(parents=True, exist_ok=True)
-    result = {"bundle": bundle_dir, "source": source or data, "frames": len(images), "device": str(dev),
-              # what the engines ran: on the CPU every engine is float32, whatever was asked for
-              "precision": precision if dev.type == "cuda" else "fp32",
-              "threads": governor.options[0] if governor else torch.get_num_threads(),
-              "threads_at_end": governor.current if governor else torch.get_num_threads(),
-              "thread_switches": governor.switches if governor else [],
-              "thread_trials": governor.trials if governor else 0,
-              "imgsz": bundle["imgsz"], "rows": rows, "sm_limit": sm_check,
-              # keep ratio at which each gated engine is as fast as static (None: not measured or no crossing)
-              "break_even_keep": breaks.get("dynamic"), "break_even": breaks,
-              "per_frame": per_frame}
-    (out_p / "bench.json").write_text(json.dumps(result, indent=2))
-    with open(out_p / "bench.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
-    plot_latency_vs_keep(per_frame, rows, breaks, str(out_p / "latency_vs_keep.png"))
-    log(format_table(result))
-    return result
+                # AP needs low-score detections too: re-run NMS output at conf 0.001 for the metric.
+                eng_conf = eng.conf
+                eng.conf = 0.001
+                with torch.inference_mode():
+                    low = [eng(img) for img in images]
+                eng.conf = eng_conf
+                metrics = evaluate_detections([{"boxes": r.boxes, "scores": r.scores, "labels": r.labels} for r in low],
+                                              records, names)
+                row["ap50"], row["ap50_95"] = metrics["ap50"], metrics["ap50_95"]
+            rows.append(row)
+            per_frame[name] = {"latency_ms": lat, "keep": keep}
+        breaks: Dict[str, Optional[float]] = {}
+        if "static" in per_frame:
+            static_p50 = next(r["p50_ms"] for r in rows if r["engine"] == "static")
+            for name in GATED_ENGINES:
+                if name in per_frame:
+                    frames_of = per_frame[name]
+                    breaks[name] = break_even(np.array(frames_of["keep"]), np.array(frames_of["latency_ms"]),
+                                              static_p50)
+        out_p = Path(out)
+        out_p.mkdir(parents=True, exist_ok=True)
+        result = {"bundle": bundle_dir, "source": source or data, "frames": len(images), "device": str(dev),
+                  # what the engines ran: on the CPU every engine is float32, whatever was asked for
+                  "precision": precision if dev.type == "cuda" else "fp32",
+                  "threads": governor.options[0] if governor else torch.get_num_threads(),
+                  "threads_at_end": governor.current if governor else torch.get_num_threads(),
+                  "thread_switches": governor.switches if governor else [],
+                  "thread_trials": governor.trials if governor else 0,
+                  "imgsz": bundle["imgsz"], "rows": rows, "sm_limit": sm_check,
+                  # keep ratio at which each gated engine is as fast as static (None: not measured or no crossing)
+                  "break_even_keep": breaks.get("dynamic"), "break_even": breaks,
+                  "per_frame": per_frame}
+        (out_p / "bench.json").write_text(json.dumps(result, indent=2))
+        with open(out_p / "bench.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            for r in rows:
+                w.writerow(r)
+        plot_latency_vs_keep(per_frame, rows, breaks, str(out_p / "latency_vs_keep.png"))
+        log(format_table(result))
+        return result
 
 
 def format_table(result: Dict[str, Any]) -> str:
