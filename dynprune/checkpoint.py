@@ -197,6 +197,17 @@ def load_checkpoint(path: str | os.PathLike) -> Dict[str, Any]:
     return ckpt
 
 
+def base_of(ckpt: Dict[str, Any]) -> str:
+    """``"pruned"`` when the checkpoint's model has the hidden widths static pruning left (a pruned
+    checkpoint, or gates trained into one: the hybrid engine's), ``"dense"`` otherwise."""
+    return "pruned" if (ckpt.get("config") or {}).get("hidden") else "dense"
+
+
+def trained_into(ckpt: Dict[str, Any]) -> Optional[str]:
+    """The checkpoint a gated checkpoint's gates were trained into, as ``dynprune gate`` recorded it."""
+    return (ckpt.get("train_config") or {}).get("extra", {}).get("dense")
+
+
 def model_from_checkpoint(ckpt: Dict[str, Any] | str) -> Tuple[Detector, Dict[str, Any]]:
     """Rebuild the model a checkpoint describes (gates included) and load its weights."""
     where = "checkpoint"

@@ -250,14 +250,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_gate(args) -> int:
-    from dynprune.checkpoint import load_checkpoint
+    from dynprune.checkpoint import base_of, load_checkpoint, trained_into
     from dynprune.train.gate import accuracy_shortfall, default_gate_epochs, keep_shortfall, train_gates
 
     if args.resume:
         ckpt = _apply_resume(args, "gated", args.explicit)
-        recorded = (ckpt.get("train_config") or {}).get("extra", {})
-        args.weights = args.weights or recorded.get("dense")
-        args.teacher = args.teacher or recorded.get("teacher")
+        args.weights = args.weights or trained_into(ckpt)
+        args.teacher = args.teacher or (ckpt.get("train_config") or {}).get("extra", {}).get("teacher")
         _resume_gate_settings(args, ckpt)
     if not args.weights:
         raise UsageError("--weights is required: the dense or pruned checkpoint to train gates into "
@@ -265,7 +264,7 @@ def cmd_gate(args) -> int:
     spec = _load_spec(args)
     dense = load_checkpoint(args.weights)
     _check_classes(args.weights, dense["names"], spec)
-    base = "pruned" if dense.get("kind") == "pruned" else "dense"
+    base = base_of(dense)
     if args.epochs is None:
         args.epochs = default_gate_epochs(len(spec.train))
         if _is_main_process():

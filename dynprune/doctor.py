@@ -341,7 +341,11 @@ def _static_engine(m: Machine, root, tensorrt: Dict[str, Any], onnxruntime: Dict
         stale = f" ({', '.join(plans)} are for another TensorRT or GPU)" if plans else ""
         return {"runs": True, "reason": f"TensorRT {version}, no plan for it and this GPU yet: the first serve "
                 f"builds one (minutes on a Jetson){stale}", "plans": plans}
-    if device.startswith("cuda") and checkpoint:
+    import torch
+
+    from dynprune.serve.engines import static_runtime
+
+    if static_runtime(torch.device(device), False, checkpoint) == "pytorch":
         return {"runs": True, "reason": "PyTorch on the GPU (static.pt, BatchNorm folded, CUDA graph): no TensorRT",
                 "plans": []}
     if onnxruntime.get("version"):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from dynprune import __version__
-from dynprune.checkpoint import load_checkpoint, model_from_checkpoint
+from dynprune.checkpoint import base_of, load_checkpoint, model_from_checkpoint, trained_into
 from dynprune.export import export_onnx
 from dynprune.flops import CostModel
 
@@ -38,17 +38,6 @@ def _engine_entry(ckpt: Dict[str, Any], file: str, imgsz: int) -> Dict[str, Any]
     return entry
 
 
-def gated_base(ckpt: Dict[str, Any]) -> str:
-    """``"pruned"`` for gates trained into a statically pruned model (the hybrid engine's checkpoint),
-    ``"dense"`` for gates trained into a dense one (the dynamic engine's)."""
-    return "pruned" if (ckpt.get("config") or {}).get("hidden") else "dense"
-
-
-def _base_weights(ckpt: Dict[str, Any]) -> Optional[str]:
-    """The checkpoint the gates of ``ckpt`` were trained into, as ``dynprune gate`` recorded it."""
-    return (ckpt.get("train_config") or {}).get("extra", {}).get("dense")
-
-
 def export_bundle(out: str, dynamic: Optional[str] = None, static: Optional[str] = None,
                   dense: Optional[str] = None, conf: float = 0.25, iou: float = 0.6,
                   hybrid: Optional[str] = None) -> Dict[str, Any]:
@@ -65,7 +54,7 @@ def export_bundle(out: str, dynamic: Optional[str] = None, static: Optional[str]
         ckpt = load_checkpoint(path)
         if not ckpt.get("gated"):
             raise BundleError(f"{path}: --{role} needs a gated checkpoint (from dynprune gate)")
-        base = gated_base(ckpt)
+        base = base_of(ckpt)
         if role == "dynamic" and base == "pruned":
             raise BundleError(f"{path}: gates trained into a pruned model; export it with --hybrid")
         if role == "hybrid" and base == "dense":
@@ -75,7 +64,7 @@ def export_bundle(out: str, dynamic: Optional[str] = None, static: Optional[str]
     recorded = {"dense": dense, "static": static}
     for role, fills in (("dynamic", "dense"), ("hybrid", "static")):
         if role in gated and not recorded[fills]:
-            base_w = _base_weights(gated[role])
+            base_w = trained_into(gated[role])
             if base_w and Path(base_w).is_file():
                 recorded[fills] = base_w
     dense, static = recorded["dense"], recorded["static"]

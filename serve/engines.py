@@ -69,6 +69,12 @@ class Engine:
     def network(self, x: torch.Tensor):
         raise NotImplementedError
 
+    def _frames_on_device(self, cuda_graph: bool) -> None:
+        """Run the whole frame on the GPU (serve/frame_path.py) through ``self.device_network``."""
+        self.frame_path = DeviceFramePath(self.device_network, self.imgsz, self.device, self.conf, self.iou,
+                                          cuda_graph=cuda_graph)
+        self.description += "; the whole frame on the GPU"
+
     def frame_extras(self, extras: Optional[np.ndarray]) -> Dict[str, Any]:
         """The Result fields the device frame path's extras give (a gated engine's keep and FLOPs)."""
         return {"gflops": getattr(self, "flops", None)}
@@ -132,9 +138,7 @@ class DenseEngine(Engine):
         self.graphed = GraphedForward(self.model, enabled=cuda_graph)
         self.description = f"PyTorch on {device} ({str(self.dtype).replace('torch.', '')})"
         if device_frames and device.type == "cuda":
-            self.frame_path = DeviceFramePath(self.device_network, self.imgsz, device, conf, iou,
-                                              cuda_graph=cuda_graph)
-            self.description += "; the whole frame on the GPU"
+            self._frames_on_device(cuda_graph)
 
     def device_network(self, x: torch.Tensor):
         """The network for the device frame path: ``(boxes, scores, None)``, all on the device."""
@@ -239,14 +243,18 @@ class DynamicEngine(Engine):
             log.warning("%s engine: %s", name, hint)
             self.description += f"; {hint}"
         if device_frames and self.net.backend == "triton" and device.type == "cuda":
-            self.frame_path = DeviceFramePath(self.device_network, self.imgsz, device, conf, iou,
-                                              cuda_graph=cuda_graph)
-            self.description += "; the whole frame on the GPU"
+            self._frames_on_device(cuda_graph)
 
     def device_network(self, x: torch.Tensor):
         """The network for the device frame path: ``(boxes, scores, kept (blocks, 2))``, all on the device."""
         boxes, logits, kept = self._forward_with_counts(x.to(self.dtype))
         return boxes.float(), logits.float().sigmoid(), kept[0]
+
+    def _frames_on_device(self, cuda_graph: bool) -> None:
+        """Run the whole frame on the GPU (serve/frame_path.py) through ``self.device_network``."""
+        self.frame_path = DeviceFramePath(self.device_network, self.imgsz, self.device, self.conf, self.iou,
+                                          cuda_graph=cuda_graph)
+        self.description += "; the whole frame on the GPU"
 
     def frame_extras(self, extras: Optional[np.ndarray]) -> Dict[str, Any]:
         kept = torch.from_numpy(extras.astype(np.float64)).reshape(-1, 2)
