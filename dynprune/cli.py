@@ -411,6 +411,15 @@ def cmd_bench(args) -> int:
     return 0 if res["rows"] else 1
 
 
+def cmd_tune(args) -> int:
+    from dynprune.serve.tune import run_tune
+
+    if not (args.source or args.data):
+        raise UsageError("give --source (video, camera, images) or --data (a dataset) for the frames to tune on")
+    run_tune(args.bundle, args.source, args.data, args.frames, args.engines, args.device, args.sms, args.precision)
+    return 0
+
+
 def cmd_serve(args) -> int:
     import logging
 
@@ -519,7 +528,7 @@ def cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dynprune.serve.bundle import ENGINE_NAMES
+    from dynprune.serve.bundle import ENGINE_NAMES, GATED_ENGINES
 
     parser = Parser(
         prog="dynprune",
@@ -653,6 +662,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "GPU, e.g. 8 for an Orin Nano/NX, 16 for an AGX Orin; checked and reported")
     p.add_argument("--out", default="runs/bench")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("tune", help="time the GPU kernels' tile sizes on this GPU (and SM count) for a bundle's gated "
+                                    "engines; serve and bench use them from then on")
+    p.add_argument("bundle", help="a bundle folder (dynprune export)")
+    p.add_argument("--source", help="frames: video file, camera, folder or glob of images, stream URI")
+    p.add_argument("--data", help="a dataset: its val images are the frames")
+    p.add_argument("--frames", type=positive_int, default=8,
+                   help="frames to look at; the one whose keep is the median is tuned on")
+    p.add_argument("--engines", nargs="+", choices=list(GATED_ENGINES))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="fp16", choices=["fp16", "fp32"], help="the precision serve runs in")
+    p.add_argument("--sms", type=positive_int, metavar="N",
+                   help="tune for at most N SMs (a CUDA green context): what bench --sms N then runs with")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("serve", help="run a camera or stream through the fastest engine that holds the AP bar")
     p.add_argument("bundle", help="a bundle folder (dynprune export)")

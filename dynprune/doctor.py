@@ -101,6 +101,14 @@ class Machine:
         backend, reason = select_backend(torch.device(device), "auto", blocks)
         return {"backend": backend, "reason": reason}
 
+    def kernel_tiles(self, device: str) -> str:
+        """Whether the gather convolutions' tiles were tuned on this GPU (kernels/conv_tiles.py)."""
+        import torch
+
+        from dynprune.kernels.conv_tiles import tuning_state
+
+        return tuning_state(torch.device(device))
+
     def compiled_blocks(self) -> Optional[Dict[str, Any]]:
         """The compiled CPU blocks' build, or ``None`` where they cannot be built."""
         from dynprune.kernels.cpu_blocks import compiled_library
@@ -151,8 +159,11 @@ def probe_triton(m: Machine, device: str, blocks: Optional[list] = None) -> Dict
     choice = m.dynamic_backend(device, blocks)
     where = f"Triton {version}" if version else "Triton not installed"
     ok = choice["backend"] == "triton" if device.startswith("cuda") else None
+    tiles = ""
+    if ok:
+        tiles = f"; kernel tiles: {m.kernel_tiles(device)}"
     return _section("Triton", f"{where}; dynamic engine on {device}: {choice['backend']} backend, "
-                    f"{choice['reason']}", ok, version=version, **choice)
+                    f"{choice['reason']}{tiles}", ok, version=version, **choice)
 
 
 def probe_tensorrt(m: Machine, has_gpu: bool) -> Dict[str, Any]:

@@ -31,6 +31,15 @@ class SMLimitError(ValueError):
     """``--sms`` cannot be honoured here: the message says what is missing (a usage error, exit 2)."""
 
 
+_entered: list = []  # the SM counts of the limits entered, innermost last
+
+
+def active_sms() -> Optional[int]:
+    """The SMs the innermost active limit grants (its count rounded up to Hopper's multiple of 8),
+    or ``None`` outside any: what tuned kernel tiles are looked up by (kernels/conv_tiles.py)."""
+    return _entered[-1] if _entered else None
+
+
 def _green_module() -> Optional[ModuleType]:
     try:
         import torch.cuda.green_contexts as green
@@ -83,12 +92,22 @@ class SMLimit:
         finally:
             self._ctx.pop_context()
 
+    @property
+    def granted(self) -> int:
+        """The SMs the driver gives the context: Hopper grants multiples of 8, at most the GPU's."""
+        rounded = -(-self.sms // 8) * 8
+        if not torch.cuda.is_available():  # (the tests' stand-in contexts)
+            return rounded
+        return min(torch.cuda.get_device_properties(self.device).multi_processor_count, rounded)
+
     def __enter__(self) -> SMLimit:
         self._cm = self._active()
         self._cm.__enter__()
+        _entered.append(self.granted)
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        _entered.pop()
         self._cm.__exit__(*exc)
 
     def check(self, n: int = 4096, iters: int = 20) -> Dict[str, Any]:
@@ -111,8 +130,7 @@ class SMLimit:
         whole = tflops()
         with self:
             confined = tflops()
-        granted = min(total, -(-self.sms // 8) * 8)  # what a Hopper driver grants at most
-        expected = granted / total
+        expected = self.granted / total
         ratio = confined / whole
         return {"sms": self.sms, "gpu_sms": total, "tflops_all": whole, "tflops_confined": confined,
                 "ratio": ratio, "expected": expected, "confined": ratio < 1.5 * expected}

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from dynprune.kernels import conv_tiles
 from dynprune.kernels.reference import conv_output_hw
 
 
@@ -43,6 +44,27 @@ def _bias_act_scale(acc, b_ptr, channel, slot, ok, scale_row_ptr,
 
 
 @triton.jit
+def _input_slots(idx_row_ptr, k0, n_in, IN_DENSE: tl.constexpr, IN_RUN: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Input slots ``k0 .. k0 + BLOCK_K`` of one image: the slots (where the compact input holds
+    them), the channels they are (the weight's columns) and which are kept."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < n_in
+    if IN_RUN > 1:
+        # Group gates keep whole aligned groups, so the kept list is runs of IN_RUN consecutive
+        # channels and the count a multiple of IN_RUN. Said to the compiler (the hints, and a
+        # mask compared run by run), the activation and weight loads can be 16-byte vectors;
+        # with a per-slot mask they are 2-byte loads (docs/DESIGN.md, "The GPU path").
+        k_ok = (offs_k // IN_RUN) * IN_RUN < n_in
+        ic = tl.load(idx_row_ptr + offs_k, mask=k_ok, other=0)
+        ic = tl.max_contiguous(tl.multiple_of(ic, IN_RUN), IN_RUN)
+    elif IN_DENSE:
+        ic = offs_k
+    else:
+        ic = tl.load(idx_row_ptr + offs_k, mask=k_ok, other=0)
+    return offs_k, ic, k_ok
+
+
+@triton.jit
 def _gather_conv_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, scale_ptr, res_ptr,
     in_idx_ptr, in_cnt_ptr, out_idx_ptr, out_cnt_ptr,
@@ -54,7 +76,7 @@ def _gather_conv_kernel(
     STRIDE: tl.constexpr, PAD: tl.constexpr, K: tl.constexpr,
     IN_DENSE: tl.constexpr, OUT_DENSE: tl.constexpr, IN_RUN: tl.constexpr, OUT_RUN: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, TAPS_OUTER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -88,33 +110,38 @@ def _gather_conv_kernel(
             oc = tl.max_contiguous(tl.multiple_of(oc, OUT_RUN), OUT_RUN)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # Input slots outside, the k x k taps inside: each slice of the index list is loaded once
-    # for all taps, not K*K times.
-    for k0 in range(0, n_in, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)  # input slots
-        k_ok = offs_k < n_in
-        if IN_RUN > 1:
-            # Group gates keep whole aligned groups, so the kept list is runs of IN_RUN consecutive
-            # channels and the count a multiple of IN_RUN. Said to the compiler (the hints, and a
-            # mask compared run by run), the activation and weight loads can be 16-byte vectors;
-            # with a per-slot mask they are 2-byte loads (docs/DESIGN.md, "The GPU path").
-            k_ok = (offs_k // IN_RUN) * IN_RUN < n_in
-            ic = tl.load(in_idx_ptr + b * C_IN_FULL + offs_k, mask=k_ok, other=0)
-            ic = tl.max_contiguous(tl.multiple_of(ic, IN_RUN), IN_RUN)
-        elif IN_DENSE:
-            ic = offs_k
-        else:
-            ic = tl.load(in_idx_ptr + b * C_IN_FULL + offs_k, mask=k_ok, other=0)
+    if TAPS_OUTER:
+        # The k x k taps outside, the input slots inside (Inductor's order): every iteration of the
+        # loop is one product of one pair of tiles, which software pipelining (num_stages) can
+        # overlap with the next pair's loads; the index slice is reloaded per tap (an L1 hit).
         for kh in tl.static_range(K):
             for kw in tl.static_range(K):
                 ih = oh * STRIDE - PAD + kh
                 iw = ow * STRIDE - PAD + kw
                 pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                a = tl.load(x_ptr + b * sxb + offs_k[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
-                            mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
-                wt = tl.load(w_ptr + oc[None, :] * swo + ic[:, None] * swi + kh * swh + kw * sww,
-                             mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                acc += tl.dot(a, wt, input_precision=DOT_PRECISION)
+                for k0 in range(0, n_in, BLOCK_K):
+                    offs_k, ic, k_ok = _input_slots(in_idx_ptr + b * C_IN_FULL, k0, n_in,
+                                                    IN_DENSE, IN_RUN, BLOCK_K)
+                    a = tl.load(x_ptr + b * sxb + offs_k[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
+                                mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+                    wt = tl.load(w_ptr + oc[None, :] * swo + ic[:, None] * swi + kh * swh + kw * sww,
+                                 mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                    acc += tl.dot(a, wt, input_precision=DOT_PRECISION)
+    else:
+        # Input slots outside, the k x k taps inside: each slice of the index list is loaded once
+        # for all taps, not K*K times; the loop body holds K*K products.
+        for k0 in range(0, n_in, BLOCK_K):
+            offs_k, ic, k_ok = _input_slots(in_idx_ptr + b * C_IN_FULL, k0, n_in, IN_DENSE, IN_RUN, BLOCK_K)
+            for kh in tl.static_range(K):
+                for kw in tl.static_range(K):
+                    ih = oh * STRIDE - PAD + kh
+                    iw = ow * STRIDE - PAD + kw
+                    pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                    a = tl.load(x_ptr + b * sxb + offs_k[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
+                                mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+                    wt = tl.load(w_ptr + oc[None, :] * swo + ic[:, None] * swi + kh * swh + kw * sww,
+                                 mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                    acc += tl.dot(a, wt, input_precision=DOT_PRECISION)
 
     acc = _bias_act_scale(acc, b_ptr, oc, offs_n, n_ok, scale_ptr + b * C_OUT_FULL, HAS_BIAS, ACT, HAS_SCALE)
     mask = m_ok[:, None] & n_ok[None, :]
@@ -130,27 +157,6 @@ def _gather_conv_kernel(
 
 
 _ACTS = {None: 0, "silu": 1}
-
-
-def conv_config(c_out: int, c_in: int, k: int, pixels: int, in_run: int = 1) -> dict:
-    """Tile sizes for a layer shape.
-
-    From ``benchmarks/gpu_kernels.py --sweep`` on the H100 (NHWC fp16, the nano detector's
-    layers at 640, keep 1.0 and 0.5): large maps want long pixel tiles; the
-    small deep layers want short tiles and a deep input-channel step, so that enough programs
-    run (a 20x20 map has only 400 pixels) and each loads its index slice and weights once per
-    64 channels. Re-run the sweep on a new board.
-
-    With kept lists read a run at a time (``in_run``; ``--sweep --sweep-run 8``) the 3x3 layers
-    at 40x40 want longer pixel tiles (64x32x64).
-    """
-    if k > 1 and in_run > 1 and 1600 <= pixels < 6400:
-        return {"block_m": 64, "block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3}
-    if pixels >= 6400:  # 80x80 and larger
-        return {"block_m": 128 if c_out <= 32 else 64, "block_n": 32, "block_k": 32, "num_warps": 4, "num_stages": 3}
-    if k == 1:
-        return {"block_m": 16, "block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3}
-    return {"block_m": 32, "block_n": 16, "block_k": 64, "num_warps": 4, "num_stages": 3}
 
 
 #: How the runtime stores a k x k layer's weights for the kernel (the kernel reads any strides):
@@ -221,12 +227,15 @@ def gather_conv2d_triton(
     num_stages: Optional[int] = None,
     in_run: int = 1,
     out_run: int = 1,
+    taps_outer: Optional[int] = None,
 ) -> torch.Tensor:
     """Same contract as :func:`dynprune.kernels.reference.gather_conv2d_padded`, in one launch.
 
     ``x``, ``out``, ``residual`` and ``weight`` may have any strides (NCHW or NHWC activations,
-    any of :data:`WEIGHT_LAYOUTS`): the kernel indexes through them. Tile sizes default to
-    :func:`conv_config` for the shape.
+    any of :data:`WEIGHT_LAYOUTS`): the kernel indexes through them. The tile (``block_*``,
+    ``num_warps``, ``num_stages``, ``taps_outer``) defaults to the one tuned for this layer on this
+    GPU at the SMs in use, else to the shape's default (:mod:`dynprune.kernels.conv_tiles`); any
+    of them given overrides it.
 
     ``in_run``: a promise that the kept input list is made of aligned runs of ``in_run``
     consecutive channels (slot ``r * in_run + j`` holds channel ``in_index[r * in_run] + j``,
@@ -242,9 +251,18 @@ def gather_conv2d_triton(
     if residual is not None and out_index is not None:
         raise ValueError("the residual epilogue writes full width: pass out_index=None")
     in_dense, out_dense = in_index is None, out_index is None
-    cfg = conv_config(c_out, weight.shape[1], k, ho * wo, in_run)
-    block_m, block_n, block_k = block_m or cfg["block_m"], block_n or cfg["block_n"], block_k or cfg["block_k"]
-    num_warps, num_stages = num_warps or cfg["num_warps"], num_stages or cfg["num_stages"]
+    key = conv_tiles.LayerKey(c_out, c_in_full, k, stride, ho, wo, b_sz, str(x.dtype).removeprefix("torch."),
+                              not in_dense, not out_dense, in_run, out_run, residual is not None)
+    calls = conv_tiles.recorder()
+    if calls is not None:  # dynprune tune: this call, to be run again with other tiles
+        same = dict(stride=stride, padding=padding, act=act, scale=scale, residual=residual, in_run=in_run,
+                    out_run=out_run)
+        calls.append(conv_tiles.RecordedCall(key, lambda tile, out_: gather_conv2d_triton(
+            x, weight, bias, in_index, in_count, out_index, out_count, out=out_, **same, **tile), out))
+    given = {"block_m": block_m, "block_n": block_n, "block_k": block_k, "num_warps": num_warps,
+             "num_stages": num_stages, "taps_outer": taps_outer}
+    tile = {**conv_tiles.tile_for(key, x.device), **{f: v for f, v in given.items() if v is not None}}
+    block_m, block_n, block_k = tile["block_m"], tile["block_n"], tile["block_k"]
     _check_run("in_run", in_run, not in_dense, "input", "block_k", block_k, c_in_full)
     _check_run("out_run", out_run, not out_dense, "output", "block_n", block_n, c_out)
     dummy = weight  # any tensor, for pointer arguments a constexpr flag disables
@@ -262,6 +280,8 @@ def gather_conv2d_triton(
         # fp32 in, fp32 arithmetic: Triton's default for an fp32 dot is TF32 (~3e-4 relative
         # error), and the fp32 path promises 1e-5. fp16 operands ignore it.
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        TAPS_OUTER=bool(tile["taps_outer"]) and k > 1,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=tile["num_warps"],
+        num_stages=tile["num_stages"],
     )
     return out

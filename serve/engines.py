@@ -242,6 +242,10 @@ class DynamicEngine(Engine):
                     "--group 8 are read as 16-byte vectors (the network about 1.2x faster on an H100)")
             log.warning("%s engine: %s", name, hint)
             self.description += f"; {hint}"
+        if self.net.backend == "triton" and device.type == "cuda":
+            from dynprune.kernels.conv_tiles import tuning_state
+
+            self.description += f"; kernel tiles: {tuning_state(device)}"
         if device_frames and self.net.backend == "triton" and device.type == "cuda":
             self._frames_on_device(cuda_graph)
 

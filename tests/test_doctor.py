@@ -61,6 +61,9 @@ class FakeMachine(Machine):
     def compiled_blocks(self):
         return self.compiled
 
+    def kernel_tiles(self, device):
+        return "default tiles (none tuned for Orin | 8.7 | triton 3.1.0 | 8 SMs: dynprune tune)"
+
 
 def by_name(sections):
     return {s["name"]: s for s in sections}
@@ -95,6 +98,7 @@ def test_a_gpu_machine_with_everything():
     s = by_name(doctor.report(machine=m))
     assert "Orin, compute capability 8.7, 16 SMs, integrated" in s["GPU"]["summary"]
     assert s["Triton"]["ok"] is True and s["Triton"]["backend"] == "triton" and s["Triton"]["version"] == "3.1.0"
+    assert "kernel tiles: default tiles" in s["Triton"]["summary"] and "dynprune tune" in s["Triton"]["summary"]
     assert s["TensorRT"]["usable"] is True and "10.3.0" in s["TensorRT"]["summary"]
     assert s["ONNX Runtime"]["providers"][0] == "CUDAExecutionProvider"
     assert s["OpenCV"]["gstreamer"] is True and "csi:// can open" in s["OpenCV"]["summary"]

@@ -1,0 +1,94 @@
+"""``dynprune tune``: the Triton gather convolutions' tiles timed on this GPU, at this SM count.
+
+The default tiles were chosen on an H100's 132 SMs (:func:`dynprune.kernels.conv_tiles.default_tile`);
+a Jetson has 8 or 16 and wants others. For each gated engine of a bundle this runs the frames
+through the network, takes the frame whose keep is the median as the one to tune on, records its
+gather convolutions with their real kept lists, and times every candidate tile of every distinct
+layer in CUDA graphs (:func:`~dynprune.kernels.conv_tiles.tune_calls`). The fastest correct tile
+of each layer is kept in ``<cache>/conv_tiles.json`` under this GPU, Triton version and SM count;
+``serve`` and ``bench`` use it from then on, with and without ``--sms``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from dynprune.kernels import conv_tiles
+from dynprune.serve.bundle import GATED_ENGINES, load_bundle
+from dynprune.serve.engines import DynamicEngine, pick_device
+
+
+class TuneError(ValueError):
+    """The run cannot tune anything here (no GPU, no gated engine): a usage error, exit 2."""
+
+
+def frame_calls(engine: DynamicEngine, images: List[np.ndarray]) -> List[conv_tiles.RecordedCall]:
+    """The gather convolutions of the frame whose mean keep is the median of ``images``', recorded
+    with their inputs (the network runs every frame once, then that frame again)."""
+    inputs, keeps = [], []
+    widths = engine.widths.float()
+    with torch.inference_mode():
+        for image in images:
+            x = engine.input(image)[0].to(engine.device, engine.dtype)
+            engine.net(x)
+            keeps.append(float((engine.net.kept_counts()[0].float().cpu() / widths).mean()))
+            inputs.append(x)
+        median = statistics.median_low(keeps)
+        x = inputs[keeps.index(median)]
+        with conv_tiles.record_calls() as calls:
+            engine.net(x)
+    return calls
+
+
+def run_tune(bundle_dir: str, source: Optional[str] = None, data: Optional[str] = None, frames: int = 8,
+             engines: Optional[List[str]] = None, device: str = "auto", sms: Optional[int] = None,
+             precision: str = "fp16", log: Callable[[str], None] = print,
+             timer: Optional[Callable[[Callable[[], Any]], float]] = None) -> Dict[str, Any]:
+    """Tune the bundle's gated engines on ``device`` (a CUDA GPU) and keep the tiles; returns what
+    was kept: ``{"table", "file", "layers": [...], "per_frame_ms": {"default", "tuned"}}``."""
+    from dynprune.serve.bench import load_frames
+
+    bundle = load_bundle(bundle_dir)
+    dev = pick_device(device)
+    if dev.type != "cuda":
+        raise TuneError(f"dynprune tune times the Triton kernels on a CUDA GPU, and the device is {dev}: on the CPU "
+                        "the compiled blocks choose their forms as they run (nothing to tune)")
+    which = [n for n in (engines or GATED_ENGINES) if n in bundle["engines"] and n in GATED_ENGINES]
+    if not which:
+        raise TuneError(f"{bundle_dir}: no gated engine to tune (it has {sorted(bundle['engines'])}); export one "
+                        "with --dynamic or --hybrid")
+    limit: Any = contextlib.nullcontext()
+    if sms:
+        from dynprune.sm_limit import SMLimit, format_check
+
+        limit = SMLimit(sms, dev.index or 0)
+        log(format_check(limit.check()))
+    images = load_frames(source, data, frames)[0]
+    with limit:
+        granted = conv_tiles.sms_in_use(dev)
+        table = conv_tiles.gpu_table_key(dev, granted)
+        calls: List[conv_tiles.RecordedCall] = []
+        for name in which:
+            engine = DynamicEngine(str(Path(bundle["root"]) / bundle["engines"][name]["file"]), dev, bundle["conf"],
+                                   bundle["iou"], backend="triton", precision=precision, cuda_graph=False,
+                                   name=name, device_frames=False)
+            calls += frame_calls(engine, images)
+        log(f"tuning {len({c.key for c in calls})} layer shapes of {', '.join(which)} for {table} "
+            f"({len(images)} frames; the median-keep frame's kept lists)")
+        tuned = conv_tiles.tune_calls(calls, timer or conv_tiles.graph_ms, progress=lambda line: log("  " + line))
+    path = conv_tiles.write_table(table, {t.key.text(): t.as_json() for t in tuned},
+                                  {"gpu": torch.cuda.get_device_name(dev), "sms": granted})
+    uses = Counter(c.key for c in calls)  # launches of each layer shape per frame, all engines
+    default = sum(uses[t.key] * t.default_ms for t in tuned)
+    best = sum(uses[t.key] * t.ms for t in tuned)
+    log(f"gather convolutions per frame (sum of GPU times, {', '.join(which)}): {default:.3f} ms with the default "
+        f"tiles, {best:.3f} ms tuned ({default / best:.2f}x); kept in {path}")
+    return {"table": table, "file": str(path), "layers": [t.as_json() for t in tuned],
+            "per_frame_ms": {"default": default, "tuned": best}}
