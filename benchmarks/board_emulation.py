@@ -14,10 +14,15 @@ to keep ``--keep`` of each frame's channels, the Triton backend) and ``dynamic_k
 kernels keeping every channel: a gain over dense this row shares comes from fusing, not from
 skipping). The models are untrained: timings depend on shapes and kept counts, not on weights.
 
+``--tune``: before timing, the dynamic network's gather convolutions are tuned at that SM count
+(``dynprune tune``'s search, kernels/conv_tiles.py; kept in the cache, so set
+``DYNPRUNE_CACHE_DIR`` to keep a user's tables apart), and ``dynamic`` runs the tuned tiles; the
+default tiles are timed as ``dynamic_default_tiles`` (and ``dynamic_keep1`` with tuned tiles).
+
 Rows (``--json``): ``sms``, ``confined``, ``imgsz``, ``model``, ``batch``, ``engine`` (``dense``,
-``static``, ``dynamic``, ``dynamic_keep1``),
-``network_ms_p50``, ``keep_mean``. ``--device cpu`` runs the same loops on the CPU (compiled blocks,
-wall clock) as a smoke test of the script.
+``static``, ``dynamic``, ``dynamic_keep1``; with ``--tune`` also ``dynamic_default_tiles``),
+``network_ms_p50``, ``keep_mean``. ``--device cpu`` runs the same loops on the CPU (compiled
+blocks, wall clock) as a smoke test of the script.
 """
 
 from __future__ import annotations
@@ -96,6 +101,8 @@ def main() -> None:
     ap.add_argument("--keep", type=float, default=0.5)
     ap.add_argument("--group", type=int, default=8)
     ap.add_argument("--compile", action="store_true", help="also torch.compile the dense network")
+    ap.add_argument("--tune", action="store_true",
+                    help="tune the dynamic network's kernel tiles at each SM count first (GPU only)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
@@ -130,13 +137,22 @@ def main() -> None:
                         kept = dyn.kept_counts().float().cpu()
                         widths = torch.tensor([[b.h1, b.h2] for b in dyn.blocks], dtype=torch.float32)
                         keep_mean = float((kept / widths).mean())
-                        times = {name: median_ms(fn, x, cuda) for name, fn in fns.items()}
+                        times = {}
+                        if args.tune and cuda:
+                            from dynprune.kernels import conv_tiles
+
+                            with conv_tiles.default_tiles_only():
+                                times["dynamic_default_tiles"] = median_ms(dyn, x, cuda)
+                            conv_tiles.tune_network(lambda: dyn(x), device,  # noqa: B023 (called at once)
+                                                    progress=lambda line: print("  tune " + line, flush=True))
+                        times.update({name: median_ms(fn, x, cuda) for name, fn in fns.items()})
                         if "dense_compiled" in times:  # the faster dense form counts as dense
                             times["dense"] = min(times["dense"], times.pop("dense_compiled"))
+                        gated_keep = ("dynamic", "dynamic_default_tiles")  # dynamic_keep1 keeps what is positive
                         for engine, ms in times.items():
                             rows.append({"sms": sms, "confined": confined, "imgsz": imgsz, "model": size,
                                          "batch": batch, "engine": engine, "network_ms_p50": ms,
-                                         "keep_mean": keep_mean if engine == "dynamic" else None})
+                                         "keep_mean": keep_mean if engine in gated_keep else None})
                         print(f"sms {sms or 'all'} {size} {imgsz} batch {batch}: "
                               + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items())
                               + f" (keep {keep_mean:.2f}; dense/dynamic {times['dense'] / times['dynamic']:.2f}x, "

@@ -124,9 +124,23 @@ def check_and_time(s, inputs, ref, dtype, cfg):
     return graph_per_call_ms(run), rel_err(out[0, :n_out].cpu(), ref)
 
 
-def bench_layers(imgsz: int, keeps, dtype):
+def tuned_layer(inputs, s, run):
+    """The layer's fastest correct tile at the SMs in use (``dynprune tune``'s search): its ms and tile."""
+    from dynprune.kernels import conv_tiles
+    from dynprune.kernels.gather_conv import gather_conv2d_triton
+
+    x, wt, bias, ii, ic, oi, oc, n_out = inputs
+    with conv_tiles.record_calls() as calls:
+        gather_conv2d_triton(x, wt, bias, ii, ic, oi, oc, padding=s["k"] // 2, in_run=run)
+    [tuned] = conv_tiles.tune_calls(calls)
+    return tuned.ms, tuned.tile
+
+
+def bench_layers(imgsz: int, keeps, dtype, tune: bool = False):
     """cuDNN (the faster of NCHW and NHWC) against the Triton kernel as the runtime runs it:
-    NHWC activations, weights in the runtime's layout, tiles from ``conv_config``."""
+    NHWC activations, weights in the runtime's layout, the shape's default tiles; ``tune``: also
+    each layer's fastest tile at the SMs in use, with kept lists in runs of 8."""
+    from dynprune.kernels.conv_tiles import default_tiles_only
     from dynprune.kernels.gather_conv import weight_layout_for
 
     rows = []
@@ -138,13 +152,16 @@ def bench_layers(imgsz: int, keeps, dtype):
         row = {"imgsz": imgsz, "layer": layer_name(s), "cudnn_nchw_ms": cudnn[0], "cudnn_nhwc_ms": cudnn[1],
                "cudnn_ms": min(cudnn)}
         for keep in keeps:
-            inputs = layer_inputs(s, keep, dtype, weight_layout_for(s["k"]))
-            row[f"triton_{keep}_ms"], row[f"triton_{keep}_relerr"] = check_and_time(
-                s, inputs, reference_for(s, inputs), dtype, {})
-            # the same keep as group-8 gates give it: the kernel reads the list a run at a time
-            inputs = layer_inputs(s, keep, dtype, weight_layout_for(s["k"]), run=8)
-            row[f"triton_{keep}_r8_ms"], row[f"triton_{keep}_r8_relerr"] = check_and_time(
-                s, inputs, reference_for(s, inputs), dtype, {"in_run": 8})
+            with default_tiles_only():
+                inputs = layer_inputs(s, keep, dtype, weight_layout_for(s["k"]))
+                row[f"triton_{keep}_ms"], row[f"triton_{keep}_relerr"] = check_and_time(
+                    s, inputs, reference_for(s, inputs), dtype, {})
+                # the same keep as group-8 gates give it: the kernel reads the list a run at a time
+                inputs = layer_inputs(s, keep, dtype, weight_layout_for(s["k"]), run=8)
+                row[f"triton_{keep}_r8_ms"], row[f"triton_{keep}_r8_relerr"] = check_and_time(
+                    s, inputs, reference_for(s, inputs), dtype, {"in_run": 8})
+            if tune:
+                row[f"triton_{keep}_r8_tuned_ms"], row[f"triton_{keep}_r8_tile"] = tuned_layer(inputs, s, 8)
         rows.append(row)
     return rows
 
@@ -316,6 +333,8 @@ def main() -> None:
     ap.add_argument("--skip-layers", action="store_true", help="whole-network rows only")
     ap.add_argument("--layer-sizes", type=int, nargs="+", default=[320, 640], help="image sizes of the layer rows")
     ap.add_argument("--profile", action="store_true", help="kernel-by-kernel GPU time of each network graph")
+    ap.add_argument("--tune", action="store_true",
+                    help="layer rows: also each layer's fastest tile at the SMs in use (dynprune tune's search)")
     ap.add_argument("--sweep", action="store_true", help="time every block configuration per layer first")
     ap.add_argument("--sweep-run", type=int, default=1, help="the sweep's in_run (8: group-8 gates' kept lists)")
     ap.add_argument("--sms", type=int, help="run every kernel on at most N SMs (a CUDA green context; checked)")
@@ -346,7 +365,7 @@ def main() -> None:
             result["network"].append(bench_network(imgsz, args.keep, args.group, dtype, args.batch, args.profile))
             print("network", result["network"][-1], flush=True)
         for imgsz in () if args.skip_layers else args.layer_sizes:
-            result["layers"] += bench_layers(imgsz, keeps, dtype)
+            result["layers"] += bench_layers(imgsz, keeps, dtype, args.tune)
         if args.json:
             with open(args.json, "w") as fh:
                 json.dump(result, fh, indent=2)
@@ -358,8 +377,10 @@ def main() -> None:
     print(f"{result['device']}, {args.dtype}, layers at batch 1, network at batch {args.batch}")
     print(f"{'size':>5} {'layer':<26}{'cuDNN':>8}" + "".join(f"{'k=' + str(k):>9}" for k in keeps) + "   max rel err")
     for r in result["layers"]:
-        for tag, label in (("", ""), ("_r8", " runs of 8")):
-            errs = max(r[f"triton_{k}{tag}_relerr"] for k in keeps)
+        for tag, label in (("", ""), ("_r8", " runs of 8"), ("_r8_tuned", " tuned")):
+            if f"triton_{keeps[0]}{tag}_ms" not in r:
+                continue
+            errs = max(r.get(f"triton_{k}{tag}_relerr", float("nan")) for k in keeps)
             print(f"{r['imgsz']:>5} {r['layer'] + label:<26}{r['cudnn_ms'] if not tag else float('nan'):>8.4f}"
                   + "".join(f"{r[f'triton_{k}{tag}_ms']:>9.4f}" for k in keeps) + f"   {errs:.1e}")
     print("(ms per call, GPU time: 20 calls in one CUDA graph)")

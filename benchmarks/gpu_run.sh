@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: install dynprune without dependencies (the device image has torch and
 # Triton; it has no network), run the whole test suite on the GPU, then the GPU benchmarks.
-# Everything goes to $OUT (logs, JSON). GPU_STAGES picks the stages (default "tests frame board kernels"):
+# Everything goes to $OUT (logs, JSON; the tuned tiles in $OUT/cache/conv_tiles.json). GPU_STAGES picks
+# the stages (default "tests frame board kernels"; "tune" and "ncu" on request):
 #   tests    the whole suite on the GPU
 #   frame    benchmarks/gpu_frame.py on a carried bundle: runs/gpu/bundle (dynprune export of raccoon
 #            models: dense, EFFP-50% static, group-8 gates near keep 0.5) and runs/gpu/frames (the
@@ -12,7 +13,12 @@
 #            --out runs/prune; dynprune export --dynamic runs/gate/best.pt --static runs/prune/best.pt
 #            -o runs/gpu/bundle; and copy the images listed in RACCOON/val.txt to runs/gpu/frames/
 #   board    benchmarks/board_emulation.py: dense, static, dynamic at 8, 16 and all SMs (green contexts)
-#   kernels  benchmarks/gpu_kernels.py (arguments of this script go to it; GPU_SMS=8 confines it)
+#   kernels  benchmarks/gpu_kernels.py (arguments of this script go to it; GPU_SMS=8 confines it;
+#            GPU_TUNE=1 adds each layer's tuned tile)
+#   tune     the board table's key rows (nano, 640, 8 SMs and all) with the tiles tuned at each SM
+#            count against the default tiles: $OUT/board-emulation-tuned.json
+#   ncu      Nsight Compute on every gated layer, cuDNN against Triton (default and runtime tiles) at
+#            GPU_SMS (default 8): $OUT/ncu-layers.csv
 #
 # The image has no pycocotools, which the AP tests need: carry its wheel in .whl/ (ignored by
 # git; see the device README), e.g. here:
@@ -34,6 +40,7 @@ unset TRITON_INTERPRET
   python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
 } 2>&1 | tee "$OUT/env.log"
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+export DYNPRUNE_CACHE_DIR="$OUT/cache"  # the Triton trial's verdict and the tuned tiles come back
 STAGES=" ${GPU_STAGES:-tests frame board kernels} "
 if [[ $STAGES == *" tests "* ]]; then
   python3 -m pytest -p no:cacheprovider -q -rs tests 2>&1 | tee "$OUT/tests.log"
@@ -50,5 +57,20 @@ if [[ $STAGES == *" board "* ]]; then
   python3 benchmarks/board_emulation.py --json "$OUT/board-emulation.json" 2>&1 | tee "$OUT/board.log"
 fi
 if [[ $STAGES == *" kernels "* ]]; then
-  python3 benchmarks/gpu_kernels.py --json "$OUT/gpu.json" ${GPU_SMS:+--sms $GPU_SMS} "$@" 2>&1 | tee "$OUT/bench.log"
+  python3 benchmarks/gpu_kernels.py --json "$OUT/gpu.json" ${GPU_SMS:+--sms $GPU_SMS} ${GPU_TUNE:+--tune} "$@" \
+    2>&1 | tee "$OUT/bench.log"
+fi
+if [[ $STAGES == *" tune "* ]]; then
+  python3 benchmarks/board_emulation.py --sms 8 0 --sizes 640 --models nano --batches 1 --tune \
+    --json "$OUT/board-emulation-tuned.json" 2>&1 | tee "$OUT/tune.log"
+fi
+if [[ $STAGES == *" ncu "* ]]; then
+  if command -v ncu >/dev/null; then
+    ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight --section Occupancy --section LaunchStats \
+      --section WarpStateStats --section MemoryWorkloadAnalysis --csv --page details \
+      python3 benchmarks/gpu_layer_profile.py --sms "${GPU_SMS:-8}" > "$OUT/ncu-layers.csv" 2> "$OUT/ncu.log"
+    tail -3 "$OUT/ncu.log"
+  else
+    echo "ncu stage skipped: Nsight Compute (ncu) is not on the PATH" | tee "$OUT/ncu.log"
+  fi
 fi

@@ -173,7 +173,20 @@ def write_table(table_key: str, layers: Dict[str, dict], about: Dict[str, Any]) 
 
 
 _tables: Dict[str, Dict[str, Tile]] = {}  # this process's tuned tiles, by table key then layer text
-_chosen: Dict[tuple, Tile] = {}  # the tile of each (layer, device, SM limit) met so far
+_chosen: Dict[tuple, Tile] = {}  # the tile of each (layer, device, SM limit, tuned or not) met so far
+_tuned_in_use = [True]
+
+
+@contextlib.contextmanager
+def default_tiles_only() -> Iterator[None]:
+    """Inside, every layer runs its default tile, tuned or not: what a benchmark compares tuning with.
+    (A CUDA graph keeps the tiles it was captured with.)"""
+    before = _tuned_in_use[0]
+    _tuned_in_use[0] = False
+    try:
+        yield
+    finally:
+        _tuned_in_use[0] = before
 
 
 def tuned_tiles(device: torch.device) -> Tuple[str, Dict[str, Tile]]:
@@ -199,10 +212,10 @@ def tile_for(key: LayerKey, device: torch.device) -> Tile:
     Looked up once per layer, device and SM limit; later calls are one dict lookup."""
     from dynprune.sm_limit import active_sms
 
-    memo = (key, device, active_sms())
+    memo = (key, device, active_sms(), _tuned_in_use[0])
     tile = _chosen.get(memo)
     if tile is None:
-        tile = tuned_tiles(device)[1].get(key.text()) if device.type == "cuda" else None
+        tile = tuned_tiles(device)[1].get(key.text()) if device.type == "cuda" and _tuned_in_use[0] else None
         tile = _chosen[memo] = tile or default_tile(key.c_out, key.c_in, key.k, key.ho * key.wo, key.in_run)
     return tile
 
@@ -274,24 +287,30 @@ def graph_ms(fn: Callable[[], Any], calls: int = 20, replays: int = 15) -> float
 
 @dataclass
 class TunedLayer:
+    """A layer's tuning: the tile kept, its GPU time and the default tile's (ms), the candidates
+    tried and refused, and how many launches of the layer the recorded calls held."""
+
     key: LayerKey
     tile: Tile
     ms: float
     default_ms: float
     tried: int
     refused: int
+    launches: int = 1
 
     def as_json(self) -> Dict[str, Any]:
         return {"tile": self.tile, "ms": self.ms, "default_ms": self.default_ms, "tried": self.tried,
-                "refused": self.refused, "key": self.key._asdict()}
+                "refused": self.refused, "launches": self.launches, "key": self.key._asdict()}
 
 
 def tune_calls(calls: List[RecordedCall], timer: Callable[[Callable[[], Any]], float] = graph_ms,
-               candidates: Callable[[LayerKey], List[Tile]] = candidate_tiles,
+               candidates: Optional[Callable[[LayerKey], List[Tile]]] = None,
                progress: Callable[[str], None] = lambda line: None) -> List[TunedLayer]:
     """The fastest correct tile of every distinct layer among ``calls`` (the first call of a key
     stands for all). A candidate that fails to compile or launch (shared memory, registers) or
-    whose output differs from the default tile's is refused."""
+    whose output differs from the default tile's is refused. ``candidates``: the tiles to try for
+    a layer, the default first (:func:`candidate_tiles`)."""
+    candidates = candidates or candidate_tiles
     done: Dict[LayerKey, TunedLayer] = {}
     for call in calls:
         if call.key in done:
@@ -321,6 +340,8 @@ def tune_calls(calls: List[RecordedCall], timer: Callable[[Callable[[], Any]], f
         ms, tile = min(times, key=lambda t: t[0])
         done[call.key] = TunedLayer(call.key, tile, ms, default_ms, len(tiles), refused)
         progress(f"{call.key.text():<58} {default_ms * 1e3:8.1f} us -> {ms * 1e3:8.1f} us  {_tile_text(tile)}")
+    for call in calls:
+        done[call.key].launches = sum(c.key == call.key for c in calls)
     return list(done.values())
 
 
@@ -328,3 +349,17 @@ def _tile_text(tile: Tile) -> str:
     order = "taps outer" if tile["taps_outer"] else "taps inner"
     return (f"{tile['block_m']}x{tile['block_n']}x{tile['block_k']} w{tile['num_warps']} s{tile['num_stages']} "
             f"{order}")
+
+
+def tune_network(forward: Callable[[], Any], device: torch.device, progress: Callable[[str], None] = lambda line: None,
+                 timer: Callable[[Callable[[], Any]], float] = graph_ms) -> List[TunedLayer]:
+    """Tune the gather convolutions one call of ``forward()`` runs, on ``device`` at the SMs in use,
+    and keep the tiles in the cache (``dynprune tune`` for a bundle; the benchmarks for their
+    networks)."""
+    with record_calls() as calls:
+        forward()
+    tuned = tune_calls(calls, timer, progress=progress)
+    sms = sms_in_use(device)
+    write_table(gpu_table_key(device, sms), {t.key.text(): t.as_json() for t in tuned},
+                {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device), "sms": sms})
+    return tuned

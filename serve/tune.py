@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -29,9 +28,8 @@ class TuneError(ValueError):
     """The run cannot tune anything here (no GPU, no gated engine): a usage error, exit 2."""
 
 
-def frame_calls(engine: DynamicEngine, images: List[np.ndarray]) -> List[conv_tiles.RecordedCall]:
-    """The gather convolutions of the frame whose mean keep is the median of ``images``', recorded
-    with their inputs (the network runs every frame once, then that frame again)."""
+def median_frame(engine: DynamicEngine, images: List[np.ndarray]) -> torch.Tensor:
+    """The network input of the frame whose mean keep is the median of ``images``' (each runs once)."""
     inputs, keeps = [], []
     widths = engine.widths.float()
     with torch.inference_mode():
@@ -40,11 +38,7 @@ def frame_calls(engine: DynamicEngine, images: List[np.ndarray]) -> List[conv_ti
             engine.net(x)
             keeps.append(float((engine.net.kept_counts()[0].float().cpu() / widths).mean()))
             inputs.append(x)
-        median = statistics.median_low(keeps)
-        x = inputs[keeps.index(median)]
-        with conv_tiles.record_calls() as calls:
-            engine.net(x)
-    return calls
+    return inputs[keeps.index(statistics.median_low(keeps))]
 
 
 def run_tune(bundle_dir: str, source: Optional[str] = None, data: Optional[str] = None, frames: int = 8,
@@ -71,23 +65,21 @@ def run_tune(bundle_dir: str, source: Optional[str] = None, data: Optional[str] 
         limit = SMLimit(sms, dev.index or 0)
         log(format_check(limit.check()))
     images = load_frames(source, data, frames)[0]
-    with limit:
-        granted = conv_tiles.sms_in_use(dev)
-        table = conv_tiles.gpu_table_key(dev, granted)
-        calls: List[conv_tiles.RecordedCall] = []
+    with limit, torch.inference_mode():
+        table = conv_tiles.gpu_table_key(dev, conv_tiles.sms_in_use(dev))
+        runs = []
         for name in which:
             engine = DynamicEngine(str(Path(bundle["root"]) / bundle["engines"][name]["file"]), dev, bundle["conf"],
                                    bundle["iou"], backend="triton", precision=precision, cuda_graph=False,
                                    name=name, device_frames=False)
-            calls += frame_calls(engine, images)
-        log(f"tuning {len({c.key for c in calls})} layer shapes of {', '.join(which)} for {table} "
-            f"({len(images)} frames; the median-keep frame's kept lists)")
-        tuned = conv_tiles.tune_calls(calls, timer or conv_tiles.graph_ms, progress=lambda line: log("  " + line))
-    path = conv_tiles.write_table(table, {t.key.text(): t.as_json() for t in tuned},
-                                  {"gpu": torch.cuda.get_device_name(dev), "sms": granted})
-    uses = Counter(c.key for c in calls)  # launches of each layer shape per frame, all engines
-    default = sum(uses[t.key] * t.default_ms for t in tuned)
-    best = sum(uses[t.key] * t.ms for t in tuned)
+            runs.append((engine.net, median_frame(engine, images)))
+        log(f"tuning the gather convolutions of {', '.join(which)} for {table} ({len(images)} frames; the kept "
+            "lists of the median-keep frame)")
+        tuned = conv_tiles.tune_network(lambda: [net(x) for net, x in runs], dev,
+                                        progress=lambda line: log("  " + line), timer=timer or conv_tiles.graph_ms)
+    default = sum(t.launches * t.default_ms for t in tuned)
+    best = sum(t.launches * t.ms for t in tuned)
+    path = conv_tiles.cache_dir() / conv_tiles.CACHE_FILE
     log(f"gather convolutions per frame (sum of GPU times, {', '.join(which)}): {default:.3f} ms with the default "
         f"tiles, {best:.3f} ms tuned ({default / best:.2f}x); kept in {path}")
     return {"table": table, "file": str(path), "layers": [t.as_json() for t in tuned],

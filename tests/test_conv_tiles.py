@@ -119,6 +119,9 @@ def test_a_tuned_tile_is_used_on_its_gpu_at_its_sm_count_only(monkeypatch):
     assert "default tiles" in conv_tiles.tuning_state(cuda) and "dynprune tune" in conv_tiles.tuning_state(cuda)
     path = conv_tiles.write_table("Stand-in GPU | 8 SMs", {key.text(): {"tile": tuned, "ms": 0.01}}, {"sms": 8})
     assert conv_tiles.tile_for(key, cuda) == tuned  # writing forgets what was read before
+    with conv_tiles.default_tiles_only():
+        assert conv_tiles.tile_for(key, cuda) == default
+    assert conv_tiles.tile_for(key, cuda) == tuned
     assert conv_tiles.tile_for(key._replace(batch=4), cuda) == default  # another batch: not tuned
     assert conv_tiles.tile_for(key, torch.device("cpu")) == default  # the interpreter: defaults
     assert conv_tiles.tuning_state(cuda).startswith("1 layer shapes tuned for Stand-in GPU")
@@ -160,12 +163,14 @@ def gated_engine(bundle):
 
 
 def test_tuning_records_an_engines_convolutions_and_keeps_the_fastest_correct_tile(bundle):
-    from dynprune.serve.tune import frame_calls
+    from dynprune.serve.tune import median_frame
 
     engine = gated_engine(bundle)
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(3)]
-    calls = frame_calls(engine, images)
+    x = median_frame(engine, images)
+    with torch.inference_mode(), conv_tiles.record_calls() as calls:
+        engine.net(x)
     assert len(calls) == 3 * len(engine.net.blocks)  # three gather convolutions a block
     assert conv_tiles.recorder() is None  # recording ends with the block
     first = calls[0]
@@ -204,6 +209,22 @@ def test_tuning_records_an_engines_convolutions_and_keeps_the_fastest_correct_ti
             assert (t.tile["block_m"], t.tile["block_k"]) == (16, 16)
         assert t.ms <= t.default_ms and t.tried == 4
         assert t.refused == 1 + (t.key == first.key)
+        assert t.launches == sum(c.key == t.key for c in calls)
+
+
+def test_tuning_a_network_keeps_its_tiles_for_the_gpu(bundle, monkeypatch):
+    """tune_network: record a forward, tune, and write the table the runtime reads on that GPU."""
+    sms = [8]
+    fake_gpu(monkeypatch, sms)
+    engine = gated_engine(bundle)
+    x = torch.rand(1, 3, 64, 64, device=DEVICE)
+    candidates = conv_tiles.candidate_tiles
+    monkeypatch.setattr(conv_tiles, "candidate_tiles", lambda key: candidates(key)[:2])
+    with torch.inference_mode():
+        tuned = conv_tiles.tune_network(lambda: engine.net(x), engine.device, timer=lambda fn: (fn(), 0.001)[1])
+    table = conv_tiles.read_tables()["Stand-in GPU | 8 SMs"]
+    assert {t.key.text() for t in tuned} == set(table["layers"]) and table["sms"] == 8
+    assert all(entry["tile"] == candidates(LayerKey(**entry["key"]))[0] for entry in table["layers"].values())
 
 
 def test_tune_refuses_a_cpu_and_a_bundle_without_gates(bundle, tmp_path, capsys):
