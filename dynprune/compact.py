@@ -56,6 +56,13 @@ class CompactDetector(nn.Module):
         # are odd more often than not. GPU: cuDNN's fp16 convolutions of the un-gated layers are
         # NHWC-native (dense nano at 640 in a CUDA graph on the H100: 0.488 ms NCHW, 0.387 ms
         # NHWC), and the Triton kernels read and write either layout through strides.
+        if self.backend == "triton":
+            # The un-gated layers too go through the gather convolution's entry point, so the tuned
+            # tiles decide per layer whether cuDNN or a launch with the SiLU fused runs them
+            # (kernels/triton_layers.py); cuDNN, as in DenseInference, until tuning says otherwise.
+            from dynprune.kernels.triton_layers import triton_layers
+
+            triton_layers(self.net)
         self.net.to(memory_format=torch.channels_last)
         for blk in self.blocks:
             blk.prepare()

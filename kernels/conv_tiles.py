@@ -14,6 +14,9 @@ fills the GPU and longer tiles (more work per loaded index slice and weight tile
 A tile is a dict: ``block_m`` (output pixels), ``block_n`` (output channels), ``block_k`` (input
 channels per step), ``num_warps``, ``num_stages`` and ``taps_outer`` (1: the k x k taps outside the
 input-channel loop, Inductor's order; 0: inside it; kernels/gather_conv.py says why both exist).
+An un-gated layer (all channels in and out: the stem, the stride-2 convolutions, the laterals, the
+predictions) has one more candidate, :data:`CUDNN`: PyTorch's convolution and a separate SiLU,
+its default; a Triton tile wins it only where fusing the SiLU is measured to pay on this GPU.
 
 Tuning (:func:`tune_calls`) times every candidate tile on the layer's real inputs, recorded from a
 forward pass (:func:`record_calls`), in CUDA graphs so that the GPU's time is measured, not the
@@ -90,6 +93,21 @@ def default_tile(c_out: int, c_in: int, k: int, pixels: int, in_run: int = 1) ->
     return {**tile, "num_warps": 4, "num_stages": 3, "taps_outer": 0}
 
 
+#: the "tile" that runs an un-gated layer as PyTorch does (cuDNN, then the SiLU): such a layer's default
+CUDNN: Tile = {"cudnn": 1}
+
+
+def is_cudnn(tile: Tile) -> bool:
+    return bool(tile.get("cudnn"))
+
+
+def default_for(key: LayerKey) -> Tile:
+    """A layer's default: :data:`CUDNN` for an un-gated layer, else :func:`default_tile` of its shape."""
+    if not key.in_listed and not key.out_listed:
+        return CUDNN
+    return default_tile(key.c_out, key.c_in, key.k, key.ho * key.wo, key.in_run)
+
+
 #: (block_m, block_n, block_k, num_warps, num_stages): the sweep's configurations, and the longer
 #: tiles a GPU with few SMs may want
 _SHAPES = [(16, 32, 64, 4, 3), (32, 16, 64, 4, 3), (32, 32, 32, 4, 3), (32, 32, 64, 4, 3), (64, 32, 32, 4, 3),
@@ -98,12 +116,14 @@ _SHAPES = [(16, 32, 64, 4, 3), (32, 16, 64, 4, 3), (32, 32, 32, 4, 3), (32, 32, 
 
 
 def candidate_tiles(key: LayerKey) -> List[Tile]:
-    """The tiles tuning tries for a layer: the default first, then every configuration that keeps
-    the run promises (``block_k`` a multiple of ``in_run``, ``block_n`` of ``out_run``) and is not
-    far larger than the layer; 3x3 layers in both loop orders."""
+    """The tiles tuning tries for a layer: its default first (:func:`default_for`; an un-gated layer's
+    is :data:`CUDNN`, then the shape's Triton default), then every configuration that keeps the run
+    promises (``block_k`` a multiple of ``in_run``, ``block_n`` of ``out_run``) and is not far
+    larger than the layer; k x k layers in both loop orders."""
     p2 = _next_power_of_2
-    default = default_tile(key.c_out, key.c_in, key.k, key.ho * key.wo, key.in_run)
-    tiles = [default]
+    tiles = [default_for(key)]
+    if is_cudnn(tiles[0]):
+        tiles.append(default_tile(key.c_out, key.c_in, key.k, key.ho * key.wo, key.in_run))
     for bm, bn, bk, warps, stages in _SHAPES:
         if bk % key.in_run or bn % key.out_run:
             continue
@@ -144,7 +164,7 @@ def sms_in_use(device: torch.device) -> int:
 
 
 def _valid_tile(tile: Any) -> bool:
-    return isinstance(tile, dict) and all(isinstance(tile.get(f), int) for f in TILE_FIELDS)
+    return tile == CUDNN or isinstance(tile, dict) and all(isinstance(tile.get(f), int) for f in TILE_FIELDS)
 
 
 def read_tables() -> Dict[str, dict]:
@@ -195,7 +215,7 @@ def tuned_tiles(device: torch.device) -> Tuple[str, Dict[str, Tile]]:
     tiles = _tables.get(table_key)
     if tiles is None:
         layers = (read_tables().get(table_key) or {}).get("layers") or {}
-        tiles = {name: {f: entry["tile"][f] for f in TILE_FIELDS}
+        tiles = {name: CUDNN if entry["tile"] == CUDNN else {f: entry["tile"][f] for f in TILE_FIELDS}
                  for name, entry in layers.items() if isinstance(entry, dict) and _valid_tile(entry.get("tile"))}
         _tables[table_key] = tiles
     return table_key, tiles
@@ -216,7 +236,7 @@ def tile_for(key: LayerKey, device: torch.device) -> Tile:
     tile = _chosen.get(memo)
     if tile is None:
         tile = tuned_tiles(device)[1].get(key.text()) if device.type == "cuda" and _tuned_in_use[0] else None
-        tile = _chosen[memo] = tile or default_tile(key.c_out, key.c_in, key.k, key.ho * key.wo, key.in_run)
+        tile = _chosen[memo] = tile or default_for(key)
     return tile
 
 
@@ -232,8 +252,9 @@ def tuning_state(device: torch.device) -> str:
 
 @dataclass
 class RecordedCall:
-    """One gather convolution of a forward pass: its key and how to run it again with a tile
-    (``run(tile, out)`` writes into ``out``)."""
+    """One gather convolution of a forward pass: its key and how to run it again with a tile:
+    ``run(tile, out)`` returns the output, written into ``out`` by a Triton tile (the
+    :data:`CUDNN` form returns a new tensor)."""
 
     key: LayerKey
     run: Callable[[Tile, torch.Tensor], torch.Tensor]
@@ -346,6 +367,8 @@ def tune_calls(calls: List[RecordedCall], timer: Callable[[Callable[[], Any]], f
 
 
 def _tile_text(tile: Tile) -> str:
+    if is_cudnn(tile):
+        return "cuDNN + SiLU"
     order = "taps outer" if tile["taps_outer"] else "taps inner"
     return (f"{tile['block_m']}x{tile['block_n']}x{tile['block_k']} w{tile['num_warps']} s{tile['num_stages']} "
             f"{order}")

@@ -193,6 +193,21 @@ def empty_like_layout(x: torch.Tensor, shape: tuple) -> torch.Tensor:
     return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=fmt)
 
 
+def _cudnn_form(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, padding: int,
+                act: Optional[str], scale: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                unlisted: bool) -> torch.Tensor:
+    """An un-gated layer as PyTorch runs it: the convolution (cuDNN on a GPU), then the residual
+    add and the SiLU in place."""
+    if not unlisted or scale is not None:
+        raise ValueError("the cuDNN form runs un-gated layers only (no kept lists, no saliency scale)")
+    y = torch.nn.functional.conv2d(x, weight, bias, stride, padding)
+    if residual is not None:
+        y += residual
+    if _check_act(act):
+        torch.nn.functional.silu(y, inplace=True)
+    return y
+
+
 def _check_act(act: Optional[str]) -> int:
     if act not in _ACTS:
         raise ValueError(f"Triton gather conv supports activations {list(_ACTS)}, got {act!r}")
@@ -228,14 +243,20 @@ def gather_conv2d_triton(
     in_run: int = 1,
     out_run: int = 1,
     taps_outer: Optional[int] = None,
+    tile: Optional[conv_tiles.Tile] = None,
 ) -> torch.Tensor:
     """Same contract as :func:`dynprune.kernels.reference.gather_conv2d_padded`, in one launch.
 
     ``x``, ``out``, ``residual`` and ``weight`` may have any strides (NCHW or NHWC activations,
     any of :data:`WEIGHT_LAYOUTS`): the kernel indexes through them. The tile (``block_*``,
     ``num_warps``, ``num_stages``, ``taps_outer``) defaults to the one tuned for this layer on this
-    GPU at the SMs in use, else to the shape's default (:mod:`dynprune.kernels.conv_tiles`); any
-    of them given overrides it.
+    GPU at the SMs in use, else to the shape's default (:mod:`dynprune.kernels.conv_tiles`); a
+    whole ``tile`` given replaces it, and any of the single values given overrides that.
+
+    An un-gated layer (no kept lists: ``in_index`` and ``out_index`` ``None``, no ``scale``) runs
+    on cuDNN with a separate SiLU unless tuning found a Triton tile faster (its default is
+    :data:`~dynprune.kernels.conv_tiles.CUDNN`); that form returns a new tensor and leaves ``out``
+    alone.
 
     ``in_run``: a promise that the kept input list is made of aligned runs of ``in_run``
     consecutive channels (slot ``r * in_run + j`` holds channel ``in_index[r * in_run] + j``,
@@ -257,11 +278,13 @@ def gather_conv2d_triton(
     if calls is not None:  # dynprune tune: this call, to be run again with other tiles
         same = dict(stride=stride, padding=padding, act=act, scale=scale, residual=residual, in_run=in_run,
                     out_run=out_run)
-        calls.append(conv_tiles.RecordedCall(key, lambda tile, out_: gather_conv2d_triton(
-            x, weight, bias, in_index, in_count, out_index, out_count, out=out_, **same, **tile), out))
+        calls.append(conv_tiles.RecordedCall(key, lambda tile_, out_: gather_conv2d_triton(
+            x, weight, bias, in_index, in_count, out_index, out_count, out=out_, tile=tile_, **same), out))
     given = {"block_m": block_m, "block_n": block_n, "block_k": block_k, "num_warps": num_warps,
              "num_stages": num_stages, "taps_outer": taps_outer}
-    tile = {**conv_tiles.tile_for(key, x.device), **{f: v for f, v in given.items() if v is not None}}
+    tile = {**(tile or conv_tiles.tile_for(key, x.device)), **{f: v for f, v in given.items() if v is not None}}
+    if conv_tiles.is_cudnn(tile):
+        return _cudnn_form(x, weight, bias, stride, padding, act, scale, residual, in_dense and out_dense)
     block_m, block_n, block_k = tile["block_m"], tile["block_n"], tile["block_k"]
     _check_run("in_run", in_run, not in_dense, "input", "block_k", block_k, c_in_full)
     _check_run("out_run", out_run, not out_dense, "output", "block_n", block_n, c_out)

@@ -89,7 +89,8 @@ def test_every_candidate_tile_computes_the_same_convolution(k, run):
     for tile in tiles:
         assert tile["block_k"] % run == 0 and tile["block_n"] % run == 0
         out = torch.zeros_like(ref, dtype=torch.float32, device=DEVICE).contiguous(memory_format=torch.channels_last)
-        gather_conv2d_triton(*args, padding=k // 2, act="silu", scale=scale, out=out, in_run=run, out_run=run, **tile)
+        gather_conv2d_triton(*args, padding=k // 2, act="silu", scale=scale, out=out, in_run=run, out_run=run,
+                             tile=tile)
         check(out, ref, counts)
 
 
@@ -106,6 +107,46 @@ def fake_gpu(monkeypatch, sms):
     """Table keys of a stand-in GPU whose SMs in use are ``sms[0]``."""
     monkeypatch.setattr(conv_tiles, "gpu_table_key", lambda device, n: f"Stand-in GPU | {n} SMs")
     monkeypatch.setattr(conv_tiles, "sms_in_use", lambda device: sms[0])
+
+
+def test_an_ungated_layer_runs_on_cudnn_unless_a_fused_tile_is_tuned(monkeypatch):
+    """TritonConv: the stem-like 3x3/2 with SiLU and a prediction 1x1 without, in both forms,
+    equal to the layer it replaces; its default is cuDNN, a tuned Triton tile takes over."""
+    from dynprune.fusion import FoldedConv, PointwiseConv
+    from dynprune.kernels.triton_layers import TritonConv
+    from dynprune.layers import ConvBNAct
+
+    torch.manual_seed(0)
+    conv = ConvBNAct(16, 24, 3, 2).eval()
+    conv.bn.running_mean.uniform_(-1, 1)
+    conv.bn.running_var.uniform_(0.5, 2)
+    layers = [FoldedConv(conv), PointwiseConv(torch.nn.Conv2d(24, 5, 1))]
+    x = torch.randn(2, 16, 14, 12).contiguous(memory_format=torch.channels_last)
+    sms = [8]
+    fake_gpu(monkeypatch, sms)
+    with torch.no_grad():
+        for layer, inp in ((layers[0], x), (layers[1], layers[0](x))):
+            ref = layer(inp)
+            triton_conv = TritonConv(layer).to(memory_format=torch.channels_last)
+            with conv_tiles.record_calls() as calls:
+                out = triton_conv(inp.to(DEVICE))
+            [call] = calls
+            assert not call.key.in_listed and not call.key.out_listed
+            assert conv_tiles.candidate_tiles(call.key)[0] == conv_tiles.CUDNN
+            assert conv_tiles.tile_for(call.key, torch.device("cuda")) == conv_tiles.CUDNN
+            torch.testing.assert_close(out.cpu(), ref, atol=1e-4, rtol=1e-4)
+            for tile in conv_tiles.candidate_tiles(call.key)[1:4]:
+                torch.testing.assert_close(call.run(tile, torch.zeros_like(call.out_like)).cpu(), ref, atol=1e-4,
+                                           rtol=1e-4)
+            fused = {**conv_tiles.candidate_tiles(call.key)[1], "taps_outer": 1}
+            conv_tiles.write_table("Stand-in GPU | 8 SMs", {call.key.text(): {"tile": fused}}, {"sms": 8})
+            assert conv_tiles.tile_for(call.key, torch.device("cuda")) == fused
+    assert set(conv_tiles.read_tables()["Stand-in GPU | 8 SMs"]["layers"]) == {
+        c.text() for c in (conv_tiles.LayerKey(24, 16, 3, 2, 7, 6, 2, "float32", False, False, 1, 1, False),
+                           conv_tiles.LayerKey(5, 24, 1, 1, 7, 6, 2, "float32", False, False, 1, 1, False))}
+    with pytest.raises(ValueError, match="un-gated layers only"):
+        gather_conv2d_triton(x.to(DEVICE), layers[0].weight, None, None, None, None, None, 2, 1,
+                             scale=torch.ones(2, 24, device=DEVICE), **{})
 
 
 def test_a_tuned_tile_is_used_on_its_gpu_at_its_sm_count_only(monkeypatch):
@@ -171,15 +212,21 @@ def test_tuning_records_an_engines_convolutions_and_keeps_the_fastest_correct_ti
     x = median_frame(engine, images)
     with torch.inference_mode(), conv_tiles.record_calls() as calls:
         engine.net(x)
-    assert len(calls) == 3 * len(engine.net.blocks)  # three gather convolutions a block
+    from dynprune.kernels.triton_layers import TritonConv
+
+    gated = [c for c in calls if c.key.in_listed or c.key.out_listed]
+    assert len(gated) == 3 * len(engine.net.blocks)  # three gather convolutions a block
+    ungated = sum(isinstance(m, TritonConv) for m in engine.net.modules())
+    assert ungated >= 8 and len(calls) == len(gated) + ungated  # and every un-gated layer
     assert conv_tiles.recorder() is None  # recording ends with the block
     first = calls[0]
 
     def candidates(key):
-        tiles = [default_tile(key.c_out, key.c_in, key.k, key.ho * key.wo, key.in_run)]
-        tiles.append({**tiles[0], "block_m": 16, "block_n": 16, "block_k": 16})  # the fastest, if correct
-        tiles.append({**tiles[0], "block_m": 32, "block_n": 16, "block_k": 16})
-        tiles.append({**tiles[0], "block_n": 12})  # not a power of two: fails to compile
+        shape = default_tile(key.c_out, key.c_in, key.k, key.ho * key.wo, key.in_run)
+        tiles = [conv_tiles.default_for(key)]  # cuDNN for an un-gated layer
+        tiles.append({**shape, "block_m": 16, "block_n": 16, "block_k": 16})  # the fastest, if correct
+        tiles.append({**shape, "block_m": 32, "block_n": 16, "block_k": 16})
+        tiles.append({**shape, "block_n": 12})  # not a power of two: fails to compile
         return tiles
 
     last = {}
@@ -188,7 +235,7 @@ def test_tuning_records_an_engines_convolutions_and_keeps_the_fastest_correct_ti
         def run(tile, out):
             last["tile"] = tile
             result = call.run(tile, out)
-            if call is first and (tile["block_m"], tile["block_k"]) == (16, 16):
+            if call is first and (tile.get("block_m"), tile.get("block_k")) == (16, 16):
                 result.add_(1.0)  # a tile that computes the wrong thing must never be kept
             return result
         return conv_tiles.RecordedCall(call.key, run, call.out_like)
@@ -197,8 +244,8 @@ def test_tuning_records_an_engines_convolutions_and_keeps_the_fastest_correct_ti
         """A stand-in for the GPU's clock: 16x16x16 tiles are the fastest, then 32x16x16, then the rest."""
         fn()
         tile = last["tile"]
-        return {(16, 16, 16): 0.001, (32, 16, 16): 0.002}.get((tile["block_m"], tile["block_n"], tile["block_k"]),
-                                                               0.003)
+        return {(16, 16, 16): 0.001, (32, 16, 16): 0.002}.get((tile.get("block_m"), tile.get("block_n"),
+                                                                tile.get("block_k")), 0.003)
 
     tuned = conv_tiles.tune_calls([watched(c) for c in calls], timer=timer, candidates=candidates)
     assert [t.key for t in tuned] == list(dict.fromkeys(c.key for c in calls))  # one per distinct layer
