@@ -124,16 +124,36 @@ def check_and_time(s, inputs, ref, dtype, cfg):
     return graph_per_call_ms(run), rel_err(out[0, :n_out].cpu(), ref)
 
 
-def tuned_layer(inputs, s, run):
-    """The layer's fastest correct tile at the SMs in use (``dynprune tune``'s search): its ms and tile."""
+def tuned_layer(inputs, s, run, listed: bool = True):
+    """The layer's fastest correct Triton tile at the SMs in use (``dynprune tune``'s search): its ms
+    and tile. ``listed`` False: all channels in and out, no kept lists (cuDNN not a candidate)."""
     from dynprune.kernels import conv_tiles
     from dynprune.kernels.gather_conv import gather_conv2d_triton
 
     x, wt, bias, ii, ic, oi, oc, n_out = inputs
+    lists = (ii, ic, oi, oc) if listed else (None, None, None, None)
     with conv_tiles.record_calls() as calls:
-        gather_conv2d_triton(x, wt, bias, ii, ic, oi, oc, padding=s["k"] // 2, in_run=run)
-    [tuned] = conv_tiles.tune_calls(calls)
+        gather_conv2d_triton(x, wt, bias, *lists, padding=s["k"] // 2, in_run=run if listed else 1,
+                             tile=None if listed else conv_tiles.default_tile(s["cout"], s["cin"], s["k"],
+                                                                              s["H"] * s["W"]))
+
+    def triton_only(key):
+        return [t for t in conv_tiles.candidate_tiles(key) if not conv_tiles.is_cudnn(t)]
+
+    [tuned] = conv_tiles.tune_calls(calls, candidates=triton_only)
     return tuned.ms, tuned.tile
+
+
+def dense_triton_ms(s, dtype) -> float:
+    """The Triton kernel with no kept lists at all (every channel, the shape's default tile): set
+    against cuDNN it says what the kernel costs per FLOP apart from gathering."""
+    from dynprune.kernels.conv_tiles import default_tile
+    from dynprune.kernels.gather_conv import gather_conv2d_triton, weight_layout_for
+
+    x, wt, bias, *_ = layer_inputs(s, 1.0, dtype, weight_layout_for(s["k"]))
+    tile = default_tile(s["cout"], s["cin"], s["k"], s["H"] * s["W"])
+    return graph_per_call_ms(partial(gather_conv2d_triton, x, wt, bias, None, None, None, None,
+                                     padding=s["k"] // 2, tile=tile))
 
 
 def bench_layers(imgsz: int, keeps, dtype, tune: bool = False):
@@ -150,7 +170,10 @@ def bench_layers(imgsz: int, keeps, dtype, tune: bool = False):
             x, wt, bias, *_ = layer_inputs(s, 1.0, dtype, "ohwi" if nhwc else "oihw", nhwc)
             cudnn.append(graph_per_call_ms(partial(torch.nn.functional.conv2d, x, wt, bias, padding=s["k"] // 2)))
         row = {"imgsz": imgsz, "layer": layer_name(s), "cudnn_nchw_ms": cudnn[0], "cudnn_nhwc_ms": cudnn[1],
-               "cudnn_ms": min(cudnn)}
+               "cudnn_ms": min(cudnn), "triton_dense_ms": dense_triton_ms(s, dtype)}
+        if tune:
+            dense_inputs = layer_inputs(s, 1.0, dtype, weight_layout_for(s["k"]))
+            row["triton_dense_tuned_ms"], row["triton_dense_tile"] = tuned_layer(dense_inputs, s, 1, listed=False)
         for keep in keeps:
             with default_tiles_only():
                 inputs = layer_inputs(s, keep, dtype, weight_layout_for(s["k"]))
@@ -383,6 +406,10 @@ def main() -> None:
             errs = max(r.get(f"triton_{k}{tag}_relerr", float("nan")) for k in keeps)
             print(f"{r['imgsz']:>5} {r['layer'] + label:<26}{r['cudnn_ms'] if not tag else float('nan'):>8.4f}"
                   + "".join(f"{r[f'triton_{k}{tag}_ms']:>9.4f}" for k in keeps) + f"   {errs:.1e}")
+    print(f"\n{'size':>5} {'layer':<26}{'cuDNN':>8}{'Triton, no lists':>18}{'tuned':>8}")
+    for r in result["layers"]:
+        print(f"{r['imgsz']:>5} {r['layer']:<26}{r['cudnn_ms']:>8.4f}{r['triton_dense_ms']:>18.4f}"
+              f"{r.get('triton_dense_tuned_ms', float('nan')):>8.4f}")
     print("(ms per call, GPU time: 20 calls in one CUDA graph)")
     print(f"\n{'size':>5}{'keep':>6}{'dense':>9}{'dense+graph':>13}{'nhwc+graph':>12}{'dyn':>9}{'dyn+graph':>11}"
           f"{'speed-up':>10}")
