@@ -368,7 +368,7 @@ def tune_calls(calls: List[RecordedCall], timer: Callable[[Callable[[], Any]], f
 
 def _tile_text(tile: Tile) -> str:
     if is_cudnn(tile):
-        return "cuDNN + SiLU"
+        return "cuDNN (PyTorch's form)"
     order = "taps outer" if tile["taps_outer"] else "taps inner"
     return (f"{tile['block_m']}x{tile['block_n']}x{tile['block_k']} w{tile['num_warps']} s{tile['num_stages']} "
             f"{order}")

@@ -46,7 +46,8 @@ def run_tune(bundle_dir: str, source: Optional[str] = None, data: Optional[str] 
              precision: str = "fp16", log: Callable[[str], None] = print,
              timer: Optional[Callable[[Callable[[], Any]], float]] = None) -> Dict[str, Any]:
     """Tune the bundle's gated engines on ``device`` (a CUDA GPU) and keep the tiles; returns what
-    was kept: ``{"table", "file", "layers": [...], "per_frame_ms": {"default", "tuned"}}``."""
+    was kept: ``{"table", "file", "engines": {name: {"layers": [...], "per_frame_ms": {"default",
+    "tuned"}}}}`` (the sums of the convolutions' GPU times a frame, not a frame's latency)."""
     from dynprune.serve.bench import load_frames
 
     bundle = load_bundle(bundle_dir)
@@ -65,22 +66,26 @@ def run_tune(bundle_dir: str, source: Optional[str] = None, data: Optional[str] 
         limit = SMLimit(sms, dev.index or 0)
         log(format_check(limit.check()))
     images = load_frames(source, data, frames)[0]
+    result: Dict[str, Any] = {"engines": {}}
     with limit, torch.inference_mode():
         table = conv_tiles.gpu_table_key(dev, conv_tiles.sms_in_use(dev))
-        runs = []
+        log(f"tuning the gather convolutions of {', '.join(which)} for {table} on the kept lists of the median-keep "
+            f"frame of {len(images)}")
         for name in which:
             engine = DynamicEngine(str(Path(bundle["root"]) / bundle["engines"][name]["file"]), dev, bundle["conf"],
                                    bundle["iou"], backend="triton", precision=precision, cuda_graph=False,
                                    name=name, device_frames=False)
-            runs.append((engine.net, median_frame(engine, images)))
-        log(f"tuning the gather convolutions of {', '.join(which)} for {table} ({len(images)} frames; the kept "
-            "lists of the median-keep frame)")
-        tuned = conv_tiles.tune_network(lambda: [net(x) for net, x in runs], dev,
-                                        progress=lambda line: log("  " + line), timer=timer or conv_tiles.graph_ms)
-    default = sum(t.launches * t.default_ms for t in tuned)
-    best = sum(t.launches * t.ms for t in tuned)
+            x = median_frame(engine, images)
+            log(f"{name}:")
+            tuned = conv_tiles.tune_network(lambda: engine.net(x), dev,  # noqa: B023 (called at once)
+                                            progress=lambda line: log("  " + line),
+                                            timer=timer or conv_tiles.graph_ms)
+            default = sum(t.launches * t.default_ms for t in tuned)
+            best = sum(t.launches * t.ms for t in tuned)
+            log(f"{name}: its convolutions take {default:.3f} ms of GPU time a frame with the default tiles, "
+                f"{best:.3f} ms tuned ({default / best:.2f}x)")
+            result["engines"][name] = {"layers": [t.as_json() for t in tuned],
+                                       "per_frame_ms": {"default": default, "tuned": best}}
     path = conv_tiles.cache_dir() / conv_tiles.CACHE_FILE
-    log(f"gather convolutions per frame (sum of GPU times, {', '.join(which)}): {default:.3f} ms with the default "
-        f"tiles, {best:.3f} ms tuned ({default / best:.2f}x); kept in {path}")
-    return {"table": table, "file": str(path), "layers": [t.as_json() for t in tuned],
-            "per_frame_ms": {"default": default, "tuned": best}}
+    log(f"kept in {path} for {table}: serve and bench use them on this GPU" + (f" with --sms {sms}" if sms else ""))
+    return {"table": table, "file": str(path), **result}
