@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from provenance import provenance  # noqa: E402
 
 
 def median_ms(fn, x, cuda: bool) -> float:
@@ -159,9 +160,8 @@ def main() -> None:
                               f"static/dynamic {times['static'] / times['dynamic']:.2f}x)", flush=True)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({
-        "command": "python benchmarks/board_emulation.py " + " ".join(sys.argv[1:]),
-        "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"), "sm_checks": checks, "rows": rows}, indent=1))
+        **provenance(), "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+        "sm_checks": checks, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

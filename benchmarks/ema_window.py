@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List
 
 import torch
+from provenance import provenance
 
 from dynprune.config import config_for
 from dynprune.data import load_dataset
@@ -87,10 +85,7 @@ def main() -> None:
         print(f"{name:<38}{statistics.mean(a):>10.4f}{f'{min(a):.3f}-{max(a):.3f}':>16}"
               f"{statistics.mean(b):>14.4f}{f'{min(b):.3f}-{max(b):.3f}':>16}")
     if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-        record = {"command": " ".join(sys.argv), "machine": platform.node(), "commit": commit,
-                  "date": time.strftime("%Y-%m-%d"), "rows": rows}
+        record = {**provenance(), "rows": rows}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=2))
 

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from provenance import provenance
 
 
 def main() -> None:
@@ -41,17 +40,11 @@ def main() -> None:
                 raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
             print(f"run {i + 1}/{args.runs}\n{done.stdout.split('measured', 1)[-1].strip()}", flush=True)
             runs.append(json.loads((Path(out) / "bench.json").read_text()))
-    repo = Path(__file__).resolve().parent.parent
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=repo).stdout.strip()
-    import torch
-
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({
-        "command": f"dynprune bench BUNDLE --data DATA --frames {args.frames} ({args.runs} runs, one process each; "
-                   "python benchmarks/engines_bench.py)",
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, PyTorch {torch.__version__}",
-        "commit": commit, "date": time.strftime("%Y-%m-%d"), "note": args.note, "runs": runs}, indent=1))
+        **provenance(f"dynprune bench BUNDLE --data DATA --frames {args.frames} ({args.runs} runs, one process "
+                     "each; python benchmarks/engines_bench.py)"),
+        "note": args.note, "runs": runs}, indent=1))
 
 
 if __name__ == "__main__":

@@ -24,15 +24,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Dict, List
+
+from provenance import provenance
 
 
 def _run(cmd: List[str], log: Path) -> None:
@@ -148,10 +147,8 @@ def main() -> None:
               f"{f'{100 * statistics.mean(gap):.1f} pts' if gap else ''} | "
               f"{f'{100 * max(fall):.1f} pts' if fall else ''} |")
     if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        out = {"command": "python benchmarks/gate_robustness.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-               "machine": f"{platform.machine()}, {os.cpu_count()} cores", "commit": commit,
-               "date": time.strftime("%Y-%m-%d"), "rows": rows}
+        out = {**provenance("python benchmarks/gate_robustness.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])),
+               "rows": rows}
         Path(args.json).write_text(json.dumps(out, indent=1))
 
 

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Dict
 
+from provenance import provenance
+
 
 def bundle_at(bundle: str, size: int, out: Path) -> str:
     """A copy of ``bundle`` whose input size is ``size``."""
@@ -113,8 +115,7 @@ def main() -> None:
             row["network_only_p50_ms"] = network[name]
             row["end_to_end_over_network"] = row["p50_ms"] / network[name]
             row["host_path_p50_ms"] = float(np.median(host[name]["lat"]))
-        result["command"] = f"python benchmarks/gpu_frame.py BUNDLE --source FRAMES --sizes {size}"
-        result["date"] = time.strftime("%Y-%m-%d")
+        result.update(provenance(f"python benchmarks/gpu_frame.py BUNDLE --source FRAMES --sizes {size}"))
         result["gpu"] = torch.cuda.get_device_name(0) if device.type == "cuda" else "none"
         result["torch"] = torch.__version__
         (out / f"bench-raccoon-{size}.json").write_text(json.dumps(result, indent=1))

@@ -378,8 +378,10 @@ def main() -> None:
         print(format_check(sm_check), flush=True)
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
     keeps = (1.0, 0.75, 0.5, 0.25)
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "dtype": args.dtype,
-              "layers": [], "network": []}
+    from provenance import provenance
+
+    result = {**provenance(), "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "dtype": args.dtype, "layers": [], "network": []}
     result["sm_limit"] = sm_check
     with limit:  # every kernel, graph replays included, on the confined SMs
         result["ceilings"] = ceilings()

@@ -20,6 +20,9 @@
 #   ncu      Nsight Compute on every gated layer, cuDNN against Triton (default and runtime tiles) at
 #            GPU_SMS (default 8): $OUT/ncu-layers.csv
 #
+# The JSON names the commit it measured from $DYNPRUNE_COMMIT (the device's copy of the tree has no
+# .git): DYNPRUNE_COMMIT=$(git rev-parse --short HEAD), substituted on this side.
+#
 # The image has no pycocotools, which the AP tests need: carry its wheel in .whl/ (ignored by
 # git; see the device README), e.g. here:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \

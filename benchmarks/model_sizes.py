@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
-import time
+
+from provenance import provenance
 
 from dynprune.config import config_for
 from dynprune.flops import CostModel, count_flops, count_parameters
@@ -37,11 +35,8 @@ def main() -> None:
     for r in rows:
         print(f"| {r['size']} | {r['imgsz']} | {r['params_m']:.3f} | {r['gflops']:.3f} | {r['gateable_share']:.3f} |")
     if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
         with open(args.json, "w") as f:
-            machine = f"{platform.machine()}, {os.cpu_count()} cores"
-            json.dump({"command": "python benchmarks/model_sizes.py --json OUT", "machine": machine,
-                       "commit": commit, "date": time.strftime("%Y-%m-%d"), "rows": rows}, f, indent=1)
+            json.dump({**provenance("python benchmarks/model_sizes.py --json OUT"), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

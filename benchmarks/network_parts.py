@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List
+
+from provenance import provenance
 
 
 def parts(net) -> Dict[str, List]:
@@ -102,13 +100,9 @@ def main() -> None:
         print(f"{name:8} network {row['network_ms']:.2f} ms: un-gated layers {row['ungated_ms']:.2f} ms "
               f"({row['ungated_gflops']:.3f} GFLOPs), bottlenecks {row['bottlenecks_ms']:.2f} ms "
               f"({row['bottlenecks_gflops']:.3f} GFLOPs), rest {row['rest_ms']:.2f} ms")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent).stdout.strip()
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({
-        "command": "python benchmarks/network_parts.py " + " ".join(sys.argv[1:]),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, PyTorch {torch.__version__}", "commit": commit,
-        "date": time.strftime("%Y-%m-%d"), "frames": len(frames), "repeats": args.repeats, "rows": rows}, indent=1))
+        **provenance(), "frames": len(frames), "repeats": args.repeats, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from provenance import provenance
 
 
 def main() -> None:
@@ -90,11 +89,7 @@ def main() -> None:
                                  "ap50_95": res["ap50_95"], "merged_channels": res.get("merged_channels")})
                     print(f"{method} {flops:g} merge={merge} fine-tuned: AP50 {res['ap50']:.3f}", flush=True)
     if args.json:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        Path(args.json).write_text(json.dumps({
-            "command": "python benchmarks/neuron_merging.py " + " ".join(sys.argv[1:]),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores", "commit": commit,
-            "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({**provenance(), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
