@@ -44,28 +44,17 @@ def rel_err(out, ref):
 
 
 def capture(fn, calls: int = 1) -> torch.cuda.CUDAGraph:
-    """``calls`` calls of ``fn()`` in one CUDA graph, after three warm-up calls on a side stream
-    (they compile the kernels and fill the allocator, outside the capture)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    return g
+    """``calls`` calls of ``fn()`` in one CUDA graph, after three warm-up calls on a side stream."""
+    from dynprune.timing import capture_graph
+
+    return capture_graph(fn, calls, warmup=3)
 
 
 def graph_per_call_ms(fn, calls: int = 20) -> float:
-    """GPU time of one call: ``calls`` calls captured in one CUDA graph, replays timed with events.
-
-    Timing eager calls one by one measures the host's launch path instead (Triton's Python
-    launcher costs ~10 us a call, PyTorch's conv dispatch ~20 us): every layer of this detector
-    is shorter than that on an H100.
-    """
+    """GPU time of one call: ``calls`` calls captured in one CUDA graph, replays timed with events
+    (``triton.testing.do_bench``, median). Timing eager calls one by one measures the host's launch
+    path instead (Triton's Python launcher costs ~10 us a call, PyTorch's conv dispatch ~20 us):
+    every layer of this detector is shorter than that on an H100."""
     import triton.testing
 
     return triton.testing.do_bench(capture(fn, calls).replay, return_mode="median") / calls

@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tu
 import torch
 
 from dynprune.cache import cache_dir
+from dynprune.timing import graph_ms
 
 log = logging.getLogger(__name__)
 
@@ -279,31 +280,6 @@ def record_calls() -> Iterator[List[RecordedCall]]:
 def recorder() -> Optional[List[RecordedCall]]:
     """The list calls are being recorded into, or ``None`` (kernels/gather_conv.py asks)."""
     return _recording[0]
-
-
-def graph_ms(fn: Callable[[], Any], calls: int = 20, replays: int = 15) -> float:
-    """GPU milliseconds of one ``fn()``: ``calls`` calls captured in one CUDA graph on a side stream,
-    replayed ``replays`` times on the current stream (a green context's, inside an SM limit),
-    median per call. A tile is compiled by the warm-up calls, outside the capture."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return sorted(times)[len(times) // 2]
 
 
 @dataclass

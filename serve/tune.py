@@ -22,6 +22,7 @@ import torch
 from dynprune.kernels import conv_tiles
 from dynprune.serve.bundle import GATED_ENGINES, load_bundle
 from dynprune.serve.engines import DynamicEngine, pick_device
+from dynprune.timing import graph_ms
 
 
 class TuneError(ValueError):
@@ -79,7 +80,7 @@ def run_tune(bundle_dir: str, source: Optional[str] = None, data: Optional[str] 
             log(f"{name}:")
             tuned = conv_tiles.tune_network(lambda: engine.net(x), dev,  # noqa: B023 (called at once)
                                             progress=lambda line: log("  " + line),
-                                            timer=timer or conv_tiles.graph_ms)
+                                            timer=timer or graph_ms)
             default = sum(t.launches * t.default_ms for t in tuned)
             best = sum(t.launches * t.ms for t in tuned)
             log(f"{name}: its convolutions take {default:.3f} ms of GPU time a frame with the default tiles, "
