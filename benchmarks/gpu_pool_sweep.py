@@ -5,7 +5,8 @@
 For the untrained nano detector with group-8 gates at keep ~0.5 (as ``gpu_kernels.py``), batch
 1, fp16: the whole dynamic network in a CUDA graph with the pool apart (``fuse_pool = False``)
 and fused, for each pooling tile (pixels x channels of one load) and cap on programs per image.
-Prints one line per setting and writes JSON.
+``--sms N``: on a green context of N SMs (dynprune/sm_limit.py), a Jetson's regime, where fewer
+programs may win. Prints one line per setting and writes JSON.
 """
 
 from __future__ import annotations
@@ -22,12 +23,16 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[320, 640])
     ap.add_argument("--tiles", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--programs", type=int, nargs="+", default=[8, 16, 32, 128])
+    ap.add_argument("--sms", type=int, help="run on at most N SMs (a CUDA green context; checked)")
     ap.add_argument("--json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu_pool_sweep.py needs a CUDA GPU")
     sys.path.insert(0, "benchmarks")
+    import contextlib
+
     from gpu_kernels import class_switch, gated_nano, graph_ms
+    from provenance import provenance
 
     import dynprune.kernels.gate_index as gate_index
     from dynprune.compact import CompactDetector
@@ -35,26 +40,34 @@ def main() -> None:
 
     defaults = gate_index.POOL_TILE, gate_index.POOL_PROGRAMS
     result = {}
+    limit, sm_check = contextlib.nullcontext(), None
+    if args.sms:
+        from dynprune.sm_limit import SMLimit, format_check
+
+        limit = SMLimit(args.sms)
+        sm_check = limit.check()
+        print(format_check(sm_check), flush=True)
     try:
-        for imgsz in args.sizes:
-            _, gated = gated_nano(0.5, imgsz, 8)
-            dyn = CompactDetector(gated.cuda(), backend="triton", device="cuda").to(torch.float16)
-            x = torch.rand(1, 3, imgsz, imgsz, device="cuda", dtype=torch.float16)
-            with torch.no_grad():
-                with class_switch(TritonBlock, "fuse_pool", False):
-                    result[f"{imgsz} pool apart"] = graph_ms(dyn, x)
-                print(f"{imgsz} pool apart: {result[f'{imgsz} pool apart']:.4f} ms", flush=True)
-                for tile in args.tiles:
-                    for progs in args.programs:
-                        gate_index.POOL_TILE, gate_index.POOL_PROGRAMS = tile, progs
-                        key = f"{imgsz} tile {tile} programs {progs}"
-                        result[key] = graph_ms(dyn, x)
-                        print(f"{key}: {result[key]:.4f} ms", flush=True)
+        with limit:  # every kernel, graph replays included, on the confined SMs
+            for imgsz in args.sizes:
+                _, gated = gated_nano(0.5, imgsz, 8)
+                dyn = CompactDetector(gated.cuda(), backend="triton", device="cuda").to(torch.float16)
+                x = torch.rand(1, 3, imgsz, imgsz, device="cuda", dtype=torch.float16)
+                with torch.no_grad():
+                    with class_switch(TritonBlock, "fuse_pool", False):
+                        result[f"{imgsz} pool apart"] = graph_ms(dyn, x)
+                    print(f"{imgsz} pool apart: {result[f'{imgsz} pool apart']:.4f} ms", flush=True)
+                    for tile in args.tiles:
+                        for progs in args.programs:
+                            gate_index.POOL_TILE, gate_index.POOL_PROGRAMS = tile, progs
+                            key = f"{imgsz} tile {tile} programs {progs}"
+                            result[key] = graph_ms(dyn, x)
+                            print(f"{key}: {result[key]:.4f} ms", flush=True)
     finally:
         gate_index.POOL_TILE, gate_index.POOL_PROGRAMS = defaults
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+            json.dump({**provenance(), "sm_limit": sm_check, "timings_ms": result}, fh, indent=1)
 
 
 if __name__ == "__main__":
