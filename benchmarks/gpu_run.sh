@@ -2,7 +2,7 @@
 # One device call: install dynprune without dependencies (the device image has torch and
 # Triton; it has no network), run the whole test suite on the GPU, then the GPU benchmarks.
 # Everything goes to $OUT (logs, JSON; the tuned tiles in $OUT/cache/conv_tiles.json). GPU_STAGES picks
-# the stages (default "tests frame board kernels"; "tune" and "ncu" on request):
+# the stages (default "tests frame board kernels"; "tune", "pool" and "ncu" on request):
 #   tests    the whole suite on the GPU
 #   frame    benchmarks/gpu_frame.py on a carried bundle: runs/gpu/bundle (dynprune export of raccoon
 #            models: dense, EFFP-50% static, group-8 gates near keep 0.5) and runs/gpu/frames (the
@@ -17,6 +17,8 @@
 #            GPU_TUNE=1 adds each layer's tuned tile)
 #   tune     the board table's key rows (nano, 640, 8 SMs and all) with the tiles tuned at each SM
 #            count against the default tiles: $OUT/board-emulation-tuned.json
+#   pool     benchmarks/gpu_pool_sweep.py at GPU_SMS (default 8): the pool-and-gates kernel's programs
+#            per image at a Jetson's SM count: $OUT/pool-sweep.json
 #   ncu      Nsight Compute on every gated layer, cuDNN against Triton (default and runtime tiles) at
 #            GPU_SMS (default 8): $OUT/ncu-layers.csv
 #
@@ -67,10 +69,14 @@ if [[ $STAGES == *" tune "* ]]; then
   python3 benchmarks/board_emulation.py --sms 8 0 --sizes 640 --models nano --batches 1 --tune \
     --json "$OUT/board-emulation-tuned.json" 2>&1 | tee "$OUT/tune.log"
 fi
+if [[ $STAGES == *" pool "* ]]; then
+  python3 benchmarks/gpu_pool_sweep.py --sms "${GPU_SMS:-8}" --sizes 640 --json "$OUT/pool-sweep.json" 2>&1 \
+    | tee "$OUT/pool.log"
+fi
 if [[ $STAGES == *" ncu "* ]]; then
   if command -v ncu >/dev/null; then
-    ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight --section Occupancy --section LaunchStats \
-      --section WarpStateStats --section MemoryWorkloadAnalysis --csv --page details \
+    ncu --clock-control none --nvtx --nvtx-include "profile/" --section SpeedOfLight --section Occupancy \
+      --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis --csv --page details \
       python3 benchmarks/gpu_layer_profile.py --sms "${GPU_SMS:-8}" > "$OUT/ncu-layers.csv" 2> "$OUT/ncu.log"
     tail -3 "$OUT/ncu.log"
   else
