@@ -38,6 +38,7 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tu
 import torch
 
 from dynprune.cache import cache_dir
+from dynprune.sm_limit import active_sms
 from dynprune.timing import graph_ms
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,17 @@ class LayerKey(NamedTuple):
         res = " +res" if self.residual else ""
         return (f"{self.k}x{self.k}/{self.stride} {self.c_in}->{self.c_out} @{self.ho}x{self.wo} b{self.batch} "
                 f"{self.dtype} in:{ins} out:{outs}{res}")
+
+
+_dtype_names: Dict[torch.dtype, str] = {}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``float16`` for ``torch.float16``: a dict lookup, as it runs on every launch."""
+    name = _dtype_names.get(dtype)
+    if name is None:
+        name = _dtype_names[dtype] = str(dtype).removeprefix("torch.")
+    return name
 
 
 def default_tile(c_out: int, c_in: int, k: int, pixels: int, in_run: int = 1) -> Tile:
@@ -156,8 +168,6 @@ def gpu_table_key(device: torch.device, sms: int) -> str:
 
 def sms_in_use(device: torch.device) -> int:
     """The SMs the current work runs on: the active green-context limit, else the whole GPU."""
-    from dynprune.sm_limit import active_sms
-
     limited = active_sms()
     if limited is not None:
         return limited
@@ -231,8 +241,6 @@ def forget_tables() -> None:
 def tile_for(key: LayerKey, device: torch.device) -> Tile:
     """The tile to run ``key`` with on ``device``: tuned on this GPU at these SMs, else the default.
     Looked up once per layer, device and SM limit; later calls are one dict lookup."""
-    from dynprune.sm_limit import active_sms
-
     memo = (key, device, active_sms(), _tuned_in_use[0])
     tile = _chosen.get(memo)
     if tile is None:

@@ -272,7 +272,7 @@ def gather_conv2d_triton(
     if residual is not None and out_index is not None:
         raise ValueError("the residual epilogue writes full width: pass out_index=None")
     in_dense, out_dense = in_index is None, out_index is None
-    key = conv_tiles.LayerKey(c_out, c_in_full, k, stride, ho, wo, b_sz, str(x.dtype).removeprefix("torch."),
+    key = conv_tiles.LayerKey(c_out, c_in_full, k, stride, ho, wo, b_sz, conv_tiles.dtype_name(x.dtype),
                               not in_dense, not out_dense, in_run, out_run, residual is not None)
     calls = conv_tiles.recorder()
     if calls is not None:  # dynprune tune: this call, to be run again with other tiles
