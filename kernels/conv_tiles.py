@@ -47,7 +47,7 @@ Tile = Dict[str, int]
 TILE_FIELDS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "taps_outer")
 CACHE_FILE = "conv_tiles.json"
 #: bumped when the kernel's tile parameters change meaning: tables tuned before are not read
-KERNEL_REVISION = 2
+KERNEL_REVISION = 1
 
 
 class LayerKey(NamedTuple):
@@ -111,6 +111,7 @@ CUDNN: Tile = {"cudnn": 1}
 
 
 def is_cudnn(tile: Tile) -> bool:
+    """Whether ``tile`` is :data:`CUDNN` (PyTorch's form), not a Triton tile."""
     return bool(tile.get("cudnn"))
 
 
