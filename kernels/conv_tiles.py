@@ -12,8 +12,9 @@ fills the GPU and longer tiles (more work per loaded index slice and weight tile
 2. :func:`default_tile`, the tiles swept on the H100 at all 132 SMs.
 
 A tile is a dict: ``block_m`` (output pixels), ``block_n`` (output channels), ``block_k`` (input
-channels per step), ``num_warps``, ``num_stages`` and ``taps_outer`` (1: the k x k taps outside the
-input-channel loop, Inductor's order; 0: inside it; kernels/gather_conv.py says why both exist).
+channels per step), ``num_warps``, ``num_stages`` and ``flat`` (1: the k x k taps and the
+input-channel steps in one loop, which software pipelining can overlap; 0: the taps unrolled inside
+the channel loop, one index load for all nine; kernels/gather_conv.py says why both exist).
 An un-gated layer (all channels in and out: the stem, the stride-2 convolutions, the laterals, the
 predictions) has one more candidate, :data:`CUDNN`: PyTorch's convolution and a separate SiLU,
 its default; a Triton tile wins it only where fusing the SiLU is measured to pay on this GPU.
@@ -44,7 +45,7 @@ from dynprune.timing import graph_ms
 log = logging.getLogger(__name__)
 
 Tile = Dict[str, int]
-TILE_FIELDS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "taps_outer")
+TILE_FIELDS = ("block_m", "block_n", "block_k", "num_warps", "num_stages", "flat")
 CACHE_FILE = "conv_tiles.json"
 #: bumped when the kernel's tile parameters change meaning: tables tuned before are not read
 KERNEL_REVISION = 1
@@ -103,7 +104,7 @@ def default_tile(c_out: int, c_in: int, k: int, pixels: int, in_run: int = 1) ->
         tile = {"block_m": 16, "block_n": 32, "block_k": 64}
     else:
         tile = {"block_m": 32, "block_n": 16, "block_k": 64}
-    return {**tile, "num_warps": 4, "num_stages": 3, "taps_outer": 0}
+    return {**tile, "num_warps": 4, "num_stages": 3, "flat": 0}
 
 
 #: the "tile" that runs an un-gated layer as PyTorch does (cuDNN, then the SiLU): such a layer's default
@@ -143,9 +144,9 @@ def candidate_tiles(key: LayerKey) -> List[Tile]:
             continue
         if bm > max(16, p2(key.ho * key.wo)) or bn > max(16, p2(key.c_out)) or bk > max(16, p2(key.c_in)):
             continue
-        for taps_outer in ((0, 1) if key.k > 1 else (0,)):
+        for flat in ((0, 1) if key.k > 1 else (0,)):
             tile = {"block_m": bm, "block_n": bn, "block_k": bk, "num_warps": warps, "num_stages": stages,
-                    "taps_outer": taps_outer}
+                    "flat": flat}
             if tile not in tiles:
                 tiles.append(tile)
     return tiles
@@ -354,7 +355,7 @@ def tune_calls(calls: List[RecordedCall], timer: Callable[[Callable[[], Any]], f
 def _tile_text(tile: Tile) -> str:
     if is_cudnn(tile):
         return "cuDNN (PyTorch's form)"
-    order = "taps outer" if tile["taps_outer"] else "taps inner"
+    order = "flat loop" if tile["flat"] else "taps unrolled"
     return (f"{tile['block_m']}x{tile['block_n']}x{tile['block_k']} w{tile['num_warps']} s{tile['num_stages']} "
             f"{order}")
 

@@ -76,7 +76,7 @@ def _gather_conv_kernel(
     STRIDE: tl.constexpr, PAD: tl.constexpr, K: tl.constexpr,
     IN_DENSE: tl.constexpr, OUT_DENSE: tl.constexpr, IN_RUN: tl.constexpr, OUT_RUN: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RES: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, TAPS_OUTER: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, FLAT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -110,23 +110,27 @@ def _gather_conv_kernel(
             oc = tl.max_contiguous(tl.multiple_of(oc, OUT_RUN), OUT_RUN)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if TAPS_OUTER:
-        # The k x k taps outside, the input slots inside (Inductor's order): every iteration of the
-        # loop is one product of one pair of tiles, which software pipelining (num_stages) can
-        # overlap with the next pair's loads; the index slice is reloaded per tap (an L1 hit).
-        for kh in tl.static_range(K):
-            for kw in tl.static_range(K):
-                ih = oh * STRIDE - PAD + kh
-                iw = ow * STRIDE - PAD + kw
-                pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-                for k0 in range(0, n_in, BLOCK_K):
-                    offs_k, ic, k_ok = _input_slots(in_idx_ptr + b * C_IN_FULL, k0, n_in,
-                                                    IN_DENSE, IN_RUN, BLOCK_K)
-                    a = tl.load(x_ptr + b * sxb + offs_k[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
-                                mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
-                    wt = tl.load(w_ptr + oc[None, :] * swo + ic[:, None] * swi + kh * swh + kw * sww,
-                                 mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                    acc += tl.dot(a, wt, input_precision=DOT_PRECISION)
+    if FLAT:
+        # The k x k taps and the input-slot steps in one loop, as an implicit GEMM's reduction
+        # (taps x channels) runs in cuDNN: with 32-64 input channels the slot loop alone has one or
+        # two steps, too short for software pipelining (num_stages) to overlap the next tiles'
+        # loads with this product; this loop has nine times as many. The index slice is reloaded
+        # per tap (an L1 hit).
+        n_steps = tl.cdiv(n_in, BLOCK_K)
+        for t in range(0, K * K * n_steps):
+            tap = t // n_steps
+            k0 = (t - tap * n_steps) * BLOCK_K
+            kh = tap // K
+            kw = tap - kh * K
+            ih = oh * STRIDE - PAD + kh
+            iw = ow * STRIDE - PAD + kw
+            pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            offs_k, ic, k_ok = _input_slots(in_idx_ptr + b * C_IN_FULL, k0, n_in, IN_DENSE, IN_RUN, BLOCK_K)
+            a = tl.load(x_ptr + b * sxb + offs_k[None, :] * sxc + ih[:, None] * sxh + iw[:, None] * sxw,
+                        mask=pix_ok[:, None] & k_ok[None, :], other=0.0)
+            wt = tl.load(w_ptr + oc[None, :] * swo + ic[:, None] * swi + kh * swh + kw * sww,
+                         mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            acc += tl.dot(a, wt, input_precision=DOT_PRECISION)
     else:
         # Input slots outside, the k x k taps inside: each slice of the index list is loaded once
         # for all taps, not K*K times; the loop body holds K*K products.
@@ -242,14 +246,14 @@ def gather_conv2d_triton(
     num_stages: Optional[int] = None,
     in_run: int = 1,
     out_run: int = 1,
-    taps_outer: Optional[int] = None,
+    flat: Optional[int] = None,
     tile: Optional[conv_tiles.Tile] = None,
 ) -> torch.Tensor:
     """Same contract as :func:`dynprune.kernels.reference.gather_conv2d_padded`, in one launch.
 
     ``x``, ``out``, ``residual`` and ``weight`` may have any strides (NCHW or NHWC activations,
     any of :data:`WEIGHT_LAYOUTS`): the kernel indexes through them. The tile (``block_*``,
-    ``num_warps``, ``num_stages``, ``taps_outer``) defaults to the one tuned for this layer on this
+    ``num_warps``, ``num_stages``, ``flat``) defaults to the one tuned for this layer on this
     GPU at the SMs in use, else to the shape's default (:mod:`dynprune.kernels.conv_tiles`); a
     whole ``tile`` given replaces it, and any of the single values given overrides that.
 
@@ -281,7 +285,7 @@ def gather_conv2d_triton(
         calls.append(conv_tiles.RecordedCall(key, lambda tile_, out_: gather_conv2d_triton(
             x, weight, bias, in_index, in_count, out_index, out_count, out=out_, tile=tile_, **same), out))
     given = {"block_m": block_m, "block_n": block_n, "block_k": block_k, "num_warps": num_warps,
-             "num_stages": num_stages, "taps_outer": taps_outer}
+             "num_stages": num_stages, "flat": flat}
     tile = {**(tile or conv_tiles.tile_for(key, x.device)), **{f: v for f, v in given.items() if v is not None}}
     if conv_tiles.is_cudnn(tile):
         return _cudnn_form(x, weight, bias, stride, padding, act, scale, residual, in_dense and out_dense)
@@ -303,7 +307,7 @@ def gather_conv2d_triton(
         # fp32 in, fp32 arithmetic: Triton's default for an fp32 dot is TF32 (~3e-4 relative
         # error), and the fp32 path promises 1e-5. fp16 operands ignore it.
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        TAPS_OUTER=bool(tile["taps_outer"]) and k > 1,
+        FLAT=bool(tile["flat"]) and k > 1,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=tile["num_warps"],
         num_stages=tile["num_stages"],
     )

@@ -1,4 +1,4 @@
-"""Tiles of the Triton gather convolution: both loop orders and every candidate tile against the
+"""Tiles of the Triton gather convolution: both loop forms and every candidate tile against the
 reference (TRITON_INTERPRET=1 on the CPU), the tuned table per GPU and SM count, recording a real
 engine's convolutions and keeping the fastest correct tile. Timing itself needs a GPU: here the
 timer is a stand-in."""
@@ -65,14 +65,14 @@ def check(out, ref, counts):
 @pytest.mark.parametrize("run,stride,in_counts,out_counts", [(1, 1, [0, 5, 17, 32], [32, 9, 1, 0]),
                                                              (1, 2, [32, 1, 0, 20], [3, 32, 0, 31]),
                                                              (8, 1, [0, 1, 2, 4], [4, 2, 1, 0])])
-def test_taps_outside_the_channel_loop_match_the_reference(run, stride, in_counts, out_counts):
-    """The second loop order (taps outside, Inductor's) computes the same convolution: several
+def test_the_flat_loop_matches_the_reference(run, stride, in_counts, out_counts):
+    """The flat loop (taps and input steps in one loop) computes the same convolution: several
     input steps, counts of nothing, some and all (``run`` 8: counts in groups), stride 2."""
     args, scale, ref, counts = layer(32, 32, 3, 7, 6, run, in_counts, out_counts, seed=run + stride, stride=stride)
-    for taps_outer in (0, 1):
+    for flat in (0, 1):
         out = torch.zeros_like(ref, dtype=torch.float32, device=DEVICE).contiguous(memory_format=torch.channels_last)
         gather_conv2d_triton(*args, stride=stride, padding=1, act="silu", scale=scale, out=out, block_k=16,
-                             block_n=16, in_run=run, out_run=run, taps_outer=taps_outer)
+                             block_n=16, in_run=run, out_run=run, flat=flat)
         check(out, ref, counts)
 
 
@@ -85,7 +85,7 @@ def test_every_candidate_tile_computes_the_same_convolution(k, run):
     tiles = candidate_tiles(key)
     assert tiles[0] == default_tile(c_out, c_in, k, h * w, run)
     assert len({json.dumps(t, sort_keys=True) for t in tiles}) == len(tiles)
-    assert any(t["taps_outer"] for t in tiles) == (k > 1)
+    assert any(t["flat"] for t in tiles) == (k > 1)
     for tile in tiles:
         assert tile["block_k"] % run == 0 and tile["block_n"] % run == 0
         out = torch.zeros_like(ref, dtype=torch.float32, device=DEVICE).contiguous(memory_format=torch.channels_last)
@@ -138,7 +138,7 @@ def test_an_ungated_layer_runs_on_cudnn_unless_a_fused_tile_is_tuned(monkeypatch
             for tile in conv_tiles.candidate_tiles(call.key)[1:4]:
                 torch.testing.assert_close(call.run(tile, torch.zeros_like(call.out_like)).cpu(), ref, atol=1e-4,
                                            rtol=1e-4)
-            fused = {**conv_tiles.candidate_tiles(call.key)[1], "taps_outer": 1}
+            fused = {**conv_tiles.candidate_tiles(call.key)[1], "flat": 1}
             conv_tiles.write_table("Stand-in GPU | 8 SMs", {call.key.text(): {"tile": fused}}, {"sms": 8})
             assert conv_tiles.tile_for(call.key, torch.device("cuda")) == fused
     assert set(conv_tiles.read_tables()["Stand-in GPU | 8 SMs"]["layers"]) == {
@@ -155,7 +155,7 @@ def test_a_tuned_tile_is_used_on_its_gpu_at_its_sm_count_only(monkeypatch):
     cuda = torch.device("cuda")
     key = LayerKey(64, 64, 3, 1, 80, 80, 1, "float16", True, True, 8, 8, False)
     default = default_tile(64, 64, 3, 6400, 8)
-    tuned = {**default, "block_m": 128, "block_n": 64, "taps_outer": 1}
+    tuned = {**default, "block_m": 128, "block_n": 64, "flat": 1}
     assert conv_tiles.tile_for(key, cuda) == default
     assert "default tiles" in conv_tiles.tuning_state(cuda) and "dynprune tune" in conv_tiles.tuning_state(cuda)
     path = conv_tiles.write_table("Stand-in GPU | 8 SMs", {key.text(): {"tile": tuned, "ms": 0.01}}, {"sms": 8})
