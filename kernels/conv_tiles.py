@@ -324,15 +324,16 @@ def tune_calls(calls: List[RecordedCall], timer: Callable[[Callable[[], Any]], f
             continue
         tiles = candidates(call.key)
         expected = call.run(tiles[0], torch.zeros_like(call.out_like)).float()
-        tolerance = 1e-2 * max(1.0, float(expected.abs().max())) if call.out_like.dtype != torch.float32 else \
-            1e-4 * max(1.0, float(expected.abs().max()))
+        # fp16 outputs of another summation order differ by ~1e-3 of the largest value
+        scale = float(expected.nan_to_num(0.0, 0.0, 0.0).abs().max())
+        tolerance = (1e-2 if call.out_like.dtype != torch.float32 else 1e-4) * max(1.0, scale)
         times: List[Tuple[float, Tile]] = []
         refused = 0
         for tile in tiles:
             out = torch.zeros_like(call.out_like)
             try:
                 got = call.run(tile, out).float()
-                if not float((got - expected).abs().max()) <= tolerance:
+                if not torch.isclose(got, expected, rtol=0.0, atol=tolerance, equal_nan=True).all():
                     refused += 1
                     log.warning("tile %s of %s: output differs from the default tile's; refused", tile,
                                 call.key.text())
