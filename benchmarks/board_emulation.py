@@ -1,18 +1,19 @@
 """The board table: dense, static EFFP-50% and dynamic networks on a GPU confined to a Jetson's SMs.
 
     python benchmarks/board_emulation.py [--sms 8 16 0] [--sizes 320 640] [--models nano small]
-        [--batches 1 4] [--keep 0.5] [--compile] --json OUT
+        [--batches 1 4] [--keep 0.5] [--compile [MODE]] [--tune] --json OUT
 
 For each SM count (0: the whole GPU; otherwise a CUDA green context of that many SMs, checked by
 an fp16 matrix product's throughput, ``dynprune/sm_limit.py``), model, input size and batch: the
 network alone in fp16, replayed from a CUDA graph, median GPU time (``triton.testing.do_bench``).
 Engines: ``dense`` (the serving engine's form: BatchNorm folded, NHWC; with ``--compile`` also
-``torch.compile`` of it where it compiles, the faster one counted), ``static`` (the same model
-slimmed to 50% of the FLOPs, EFFP's widths stood in for by L1 filter norms: an untrained model's
-BatchNorm scales are all 1 and rank nothing; timing only), ``dynamic`` (gates with thresholds set
-to keep ``--keep`` of each frame's channels, the Triton backend) and ``dynamic_keep1`` (the same
-kernels keeping every channel: a gain over dense this row shares comes from fusing, not from
-skipping). The models are untrained: timings depend on shapes and kept counts, not on weights.
+``torch.compile`` of it where it compiles, the faster one counted and named by ``dense_form``),
+``static`` (the same model slimmed to 50% of the FLOPs, EFFP's widths stood in for by L1 filter
+norms: an untrained model's BatchNorm scales are all 1 and rank nothing; timing only),
+``dynamic`` (gates with thresholds set to keep ``--keep`` of each frame's channels, the Triton
+backend) and ``dynamic_keep1`` (the same kernels keeping every channel: a gain over dense this row
+shares comes from fusing, not from skipping). The models are untrained: timings depend on shapes
+and kept counts, not on weights.
 
 ``--tune``: before timing, the dynamic network's gather convolutions are tuned at that SM count
 (``dynprune tune``'s search, kernels/conv_tiles.py; kept in the cache, so set
@@ -58,7 +59,8 @@ def median_ms(fn, x, cuda: bool) -> float:
     return statistics.median(times)
 
 
-def networks(size: str, imgsz: int, keep: float, group: int, device: torch.device, dtype, compile_dense: bool):
+def networks(size: str, imgsz: int, keep: float, group: int, device: torch.device, dtype,
+             compile_mode: str | None):
     """``{engine: callable}`` and the dynamic network (for its kept counts)."""
     from cpu_dynamic import synthetic_gated
 
@@ -77,11 +79,9 @@ def networks(size: str, imgsz: int, keep: float, group: int, device: torch.devic
     for name, model in (("dense", dense), ("static", static)):
         net = dense_inference_model(model).to(device=device, dtype=dtype)
         fns[name] = net
-        if compile_dense and cuda and name == "dense":
-            try:
-                fns["dense_compiled"] = torch.compile(net, mode="max-autotune-no-cudagraphs")
-            except Exception as exc:  # a compile failure costs the row, not the run
-                print(f"torch.compile of {size} failed: {type(exc).__name__}: {exc}", flush=True)
+        if compile_mode and cuda and name == "dense":
+            # compiled on its first call (inside the timing); main() drops the row if that fails
+            fns["dense_compiled"] = torch.compile(net, mode=None if compile_mode == "default" else compile_mode)
     backend = "triton" if cuda else "cpu"
     dyn = CompactDetector(gated, backend=backend, device=device).to(dtype)
     fns["dynamic"] = dyn
@@ -101,7 +101,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--keep", type=float, default=0.5)
     ap.add_argument("--group", type=int, default=8)
-    ap.add_argument("--compile", action="store_true", help="also torch.compile the dense network")
+    ap.add_argument("--compile", nargs="?", const="max-autotune-no-cudagraphs", metavar="MODE",
+                    help="also torch.compile the dense network (MODE: default, max-autotune-no-cudagraphs, ...; "
+                         "the faster dense form counts)")
     ap.add_argument("--tune", action="store_true",
                     help="tune the dynamic network's kernel tiles at each SM count first (GPU only)")
     ap.add_argument("--device", default="cuda")
@@ -146,14 +148,25 @@ def main() -> None:
                                 times["dynamic_default_tiles"] = median_ms(dyn, x, cuda)
                             conv_tiles.tune_network(lambda: dyn(x), device,  # noqa: B023 (called at once)
                                                     progress=lambda line: print("  tune " + line, flush=True))
-                        times.update({name: median_ms(fn, x, cuda) for name, fn in fns.items()})
+                        for name, fn in fns.items():
+                            try:
+                                times[name] = median_ms(fn, x, cuda)
+                            except Exception as exc:  # noqa: BLE001 - a compile failure costs the row
+                                if name != "dense_compiled":
+                                    raise
+                                print(f"torch.compile of {size} failed: {type(exc).__name__}: {exc}"[:300],
+                                      flush=True)
+                        dense_form = "cudnn"
                         if "dense_compiled" in times:  # the faster dense form counts as dense
-                            times["dense"] = min(times["dense"], times.pop("dense_compiled"))
+                            compiled = times.pop("dense_compiled")
+                            if compiled < times["dense"]:
+                                times["dense"], dense_form = compiled, f"torch.compile ({args.compile})"
                         gated_keep = ("dynamic", "dynamic_default_tiles")  # dynamic_keep1 keeps what is positive
                         for engine, ms in times.items():
                             rows.append({"sms": sms, "confined": confined, "imgsz": imgsz, "model": size,
                                          "batch": batch, "engine": engine, "network_ms_p50": ms,
-                                         "keep_mean": keep_mean if engine in gated_keep else None})
+                                         "keep_mean": keep_mean if engine in gated_keep else None,
+                                         **({"dense_form": dense_form} if engine == "dense" else {})})
                         print(f"sms {sms or 'all'} {size} {imgsz} batch {batch}: "
                               + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items())
                               + f" (keep {keep_mean:.2f}; dense/dynamic {times['dense'] / times['dynamic']:.2f}x, "

@@ -16,7 +16,8 @@
 #   kernels  benchmarks/gpu_kernels.py (arguments of this script go to it; GPU_SMS=8 confines it;
 #            GPU_TUNE=1 adds each layer's tuned tile)
 #   tune     the board table's key rows (nano, 640, 8 SMs and all) with the tiles tuned at each SM
-#            count against the default tiles: $OUT/board-emulation-tuned.json
+#            count against the default tiles, and dense also through torch.compile:
+#            $OUT/board-emulation-tuned.json
 #   pool     benchmarks/gpu_pool_sweep.py at GPU_SMS (default 8): the pool-and-gates kernel's programs
 #            per image at a Jetson's SM count: $OUT/pool-sweep.json
 #   ncu      Nsight Compute on every gated layer, cuDNN against Triton (default and runtime tiles) at
@@ -45,7 +46,10 @@ unset TRITON_INTERPRET
   python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
 } 2>&1 | tee "$OUT/env.log"
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-export DYNPRUNE_CACHE_DIR="$OUT/cache"  # the Triton trial's verdict and the tuned tiles come back
+# The Triton trial's verdict and the tuned tiles outlive the call while the machine stays warm (a later
+# call's ncu stage profiles the tiles an earlier one tuned); a copy comes back in $OUT/cache.
+export DYNPRUNE_CACHE_DIR=/tmp/dynprune-cache
+trap 'mkdir -p "$OUT/cache" && cp -r "$DYNPRUNE_CACHE_DIR"/*.json "$OUT/cache/" 2>/dev/null' EXIT
 STAGES=" ${GPU_STAGES:-tests frame board kernels} "
 if [[ $STAGES == *" tests "* ]]; then
   python3 -m pytest -p no:cacheprovider -q -rs tests 2>&1 | tee "$OUT/tests.log"
@@ -66,7 +70,7 @@ if [[ $STAGES == *" kernels "* ]]; then
     2>&1 | tee "$OUT/bench.log"
 fi
 if [[ $STAGES == *" tune "* ]]; then
-  python3 benchmarks/board_emulation.py --sms 8 0 --sizes 640 --models nano --batches 1 --tune \
+  python3 benchmarks/board_emulation.py --sms 8 0 --sizes 640 --models nano --batches 1 --tune --compile default \
     --json "$OUT/board-emulation-tuned.json" 2>&1 | tee "$OUT/tune.log"
 fi
 if [[ $STAGES == *" pool "* ]]; then
