@@ -124,10 +124,11 @@ def test_an_ungated_layer_runs_on_cudnn_unless_a_fused_tile_is_tuned(monkeypatch
     x = torch.randn(2, 16, 14, 12).contiguous(memory_format=torch.channels_last)
     sms = [8]
     fake_gpu(monkeypatch, sms)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 on a GPU: compared at 1e-4
     with torch.no_grad():
         for layer, inp in ((layers[0], x), (layers[1], layers[0](x))):
             ref = layer(inp)
-            triton_conv = TritonConv(layer).to(memory_format=torch.channels_last)
+            triton_conv = TritonConv(layer).to(DEVICE, memory_format=torch.channels_last)
             with conv_tiles.record_calls() as calls:
                 out = triton_conv(inp.to(DEVICE))
             [call] = calls
@@ -146,7 +147,7 @@ def test_an_ungated_layer_runs_on_cudnn_unless_a_fused_tile_is_tuned(monkeypatch
                            conv_tiles.LayerKey(5, 24, 1, 1, 7, 6, 2, "float32", False, False, 1, 1, False))}
     with pytest.raises(ValueError, match="un-gated layers only"):
         gather_conv2d_triton(x.to(DEVICE), layers[0].weight, None, None, None, None, None, 2, 1,
-                             scale=torch.ones(2, 24, device=DEVICE), **{})
+                             scale=torch.ones(2, 24, device=DEVICE))
 
 
 def test_a_tuned_tile_is_used_on_its_gpu_at_its_sm_count_only(monkeypatch):
@@ -264,7 +265,7 @@ def test_tuning_a_network_keeps_its_tiles_for_the_gpu(bundle, monkeypatch):
     sms = [8]
     fake_gpu(monkeypatch, sms)
     engine = gated_engine(bundle)
-    x = torch.rand(1, 3, 64, 64, device=DEVICE)
+    x = torch.rand(1, 3, 64, 64, device=DEVICE, dtype=engine.dtype)
     candidates = conv_tiles.candidate_tiles
     monkeypatch.setattr(conv_tiles, "candidate_tiles", lambda key: candidates(key)[:2])
     with torch.inference_mode():
