@@ -20,6 +20,8 @@ ON_GPU = torch.cuda.is_available()
 if not ON_GPU and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
 
+from triton.runtime.errors import OutOfResources  # noqa: E402
+
 from dynprune.kernels.gather_conv import gather_conv2d_triton, with_layout  # noqa: E402
 
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -89,8 +91,12 @@ def test_every_candidate_tile_computes_the_same_convolution(k, run):
     for tile in tiles:
         assert tile["block_k"] % run == 0 and tile["block_n"] % run == 0
         out = torch.zeros_like(ref, dtype=torch.float32, device=DEVICE).contiguous(memory_format=torch.channels_last)
-        gather_conv2d_triton(*args, padding=k // 2, act="silu", scale=scale, out=out, in_run=run, out_run=run,
-                             tile=tile)
+        try:
+            gather_conv2d_triton(*args, padding=k // 2, act="silu", scale=scale, out=out, in_run=run, out_run=run,
+                                 tile=tile)
+        except OutOfResources:  # a GPU's shared memory or registers (fp32 here): tuning refuses such a tile
+            assert ON_GPU
+            continue
         check(out, ref, counts)
 
 
