@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from dynprune.fusion import FoldedConv, PointwiseConv
+from dynprune.fusion import FoldedBottleneck, FoldedConv, PointwiseConv
 
 
 class TritonConv(nn.Module):
@@ -59,8 +59,12 @@ class TritonConv(nn.Module):
 
 
 def triton_layers(model: nn.Module) -> nn.Module:
-    """In place: every un-gated layer :class:`TritonConv` runs becomes one."""
+    """In place: every un-gated layer :class:`TritonConv` runs becomes one, except the layers of an
+    un-gated bottleneck (a :class:`~dynprune.fusion.FoldedBottleneck` reads its layers' weights
+    itself)."""
     for module in list(model.modules()):
+        if isinstance(module, FoldedBottleneck):
+            continue
         for name, child in list(module.named_children()):
             if TritonConv.replaces(child):
                 setattr(module, name, TritonConv(child))

@@ -290,3 +290,32 @@ def test_tune_refuses_a_cpu_and_a_bundle_without_gates(bundle, tmp_path, capsys)
     assert "on a CUDA GPU, and the device is cpu" in capsys.readouterr().err
     assert main(["tune", bundle, "--device", "cpu"]) == 2
     assert "give --source" in capsys.readouterr().err
+
+
+def test_an_ungated_bottleneck_keeps_its_layers_on_the_triton_backend(monkeypatch):
+    """TritonConv takes the stem, stride-2 convolutions, laterals and predictions, not the layers
+    of a bottleneck left un-gated (its FoldedBottleneck reads their weights itself); the network
+    still equals the masked dense model."""
+    from dynprune.compact import CompactDetector
+    from dynprune.fusion import FoldedBottleneck, FoldedConv
+    from dynprune.gates import set_gate_mode
+    from dynprune.kernels.triton_layers import TritonConv
+    from dynprune.model import build_detector
+    from tests.conftest import tiny_config
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # fp32 compared at 1e-3 on a GPU
+    torch.manual_seed(0)
+    model = build_detector(tiny_config()).eval()
+    model.add_gates()
+    set_gate_mode(model, "threshold")
+    model.blocks[0].gate1 = model.blocks[0].gate2 = None
+    net = CompactDetector(model, backend="triton", device=DEVICE)
+    [folded] = [m for m in net.modules() if isinstance(m, FoldedBottleneck)]
+    assert all(isinstance(c, FoldedConv) for c in (folded.cv1, folded.cv2, folded.cv3))
+    assert sum(isinstance(m, TritonConv) for m in net.modules()) >= 8
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        boxes, logits = net(x.to(DEVICE))
+        ref_boxes, ref_logits = model(x)
+    torch.testing.assert_close(logits.float().cpu(), ref_logits, atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(boxes.float().cpu(), ref_boxes, atol=1e-2, rtol=1e-3)
