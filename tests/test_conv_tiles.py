@@ -254,8 +254,10 @@ def test_tuning_records_an_engines_convolutions_and_keeps_the_fastest_correct_ti
         return {(16, 16, 16): 0.001, (32, 16, 16): 0.002}.get((tile.get("block_m"), tile.get("block_n"),
                                                                 tile.get("block_k")), 0.003)
 
-    tuned = conv_tiles.tune_calls([watched(c) for c in calls], timer=timer, candidates=candidates)
-    assert [t.key for t in tuned] == list(dict.fromkeys(c.key for c in calls))  # one per distinct layer
+    # the gated convolutions and the first un-gated layer (the stem): the interpreter is slow
+    chosen = [c for c in calls if c is first or c.key.in_listed or c.key.out_listed]
+    tuned = conv_tiles.tune_calls([watched(c) for c in chosen], timer=timer, candidates=candidates)
+    assert [t.key for t in tuned] == list(dict.fromkeys(c.key for c in chosen))  # one per distinct layer
     for t in tuned:
         if t.key == first.key:
             assert (t.tile["block_m"], t.tile["block_k"]) == (32, 16) and t.refused >= 1  # the wrong tile refused
@@ -263,7 +265,7 @@ def test_tuning_records_an_engines_convolutions_and_keeps_the_fastest_correct_ti
             assert (t.tile["block_m"], t.tile["block_k"]) == (16, 16)
         assert t.ms <= t.default_ms and t.tried == 4
         assert t.refused == 1 + (t.key == first.key)
-        assert t.launches == sum(c.key == t.key for c in calls)
+        assert t.launches == sum(c.key == t.key for c in chosen)
 
 
 def test_tuning_a_network_keeps_its_tiles_for_the_gpu(bundle, monkeypatch):
