@@ -58,3 +58,57 @@ def test_benchmarks_md_stays_short():
 
     lines = (Path(__file__).resolve().parents[1] / "BENCHMARKS.md").read_text().splitlines()
     assert len(lines) < 300, f"BENCHMARKS.md has {len(lines)} lines; say less, or drop a superseded table"
+
+
+def board_rows(engines_ms, sms_counts=(8, 0), confined=True):
+    rows = []
+    for sms in sms_counts:
+        for engine, ms in engines_ms.items():
+            rows.append({"sms": sms, "confined": confined or not sms, "imgsz": 640, "model": "nano", "batch": 1,
+                         "engine": engine, "network_ms_p50": ms * (4 if sms else 1),
+                         "keep_mean": 0.5 if engine in ("dynamic", "dynamic_default_tiles") else None,
+                         **({"dense_form": "cudnn"} if engine == "dense" else {})})
+    return rows
+
+
+def test_the_board_tables_wait_for_their_json_then_need_a_place(report, tmp_path, monkeypatch):
+    """A GPU claim not measured has no JSON and needs no place; once its JSON lands, the document must
+    hold its table, which says whether the SM limit held."""
+    results = tmp_path / "results"
+    for path in report.RESULTS.rglob("*.json"):
+        target = results / path.relative_to(report.RESULTS)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(path.read_text())
+    monkeypatch.setattr(report, "RESULTS", results)
+    document = report.DOCUMENT.read_text()
+    assert report.build(document)[1] == []  # the board tables are pending
+    head = {"command": "python benchmarks/board_emulation.py", "machine": "H100", "commit": "abc1234",
+            "date": "2026-12-07"}
+    (results / "h100" / "board-emulation.json").write_text(json.dumps({**head, "rows": board_rows(
+        {"dense": 1.0, "static": 0.8, "dynamic": 0.5, "dynamic_keep1": 0.9}, confined=False)}))
+    with pytest.raises(SystemExit, match="no place for table.*board-emulation"):
+        report.build(document)
+    text, _ = report.build(document + "\n<!-- table: board-emulation -->\n<!-- end table -->\n")
+    table = text.split("<!-- table: board-emulation -->")[1]
+    assert "| nano | 640 | 1 | 8 (NOT confined) | 4.000 | 3.200 | 2.000 | 0.50 | 2.00x | 1.60x | 3.600 |" in table
+    assert "| nano | 640 | 1 | all | 1.000 | 0.800 | 0.500 | 0.50 | 2.00x | 1.60x | 0.900 |" in table
+    assert table.index("| 8 (NOT") < table.index("| all |")  # fewest SMs first
+
+
+def test_the_tuned_board_and_layer_tables_render(report, tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    (results / "h100").mkdir(parents=True)
+    monkeypatch.setattr(report, "RESULTS", results)
+    head = {"command": "CMD", "machine": "H100", "commit": "abc1234", "date": "2026-12-07"}
+    (results / "h100" / "board-emulation-tuned.json").write_text(json.dumps({**head, "rows": board_rows(
+        {"dense": 1.0, "static": 0.8, "dynamic_default_tiles": 0.7, "dynamic": 0.5, "dynamic_keep1": 0.9})}))
+    (results / "h100" / "layers-8sms.json").write_text(json.dumps({**head, "sm_limit": {"sms": 8}, "layers": [
+        {"layer": "3x3 64->64 @80x80", "cudnn_ms": 0.010, "triton_dense_ms": 0.012, "triton_1.0_r8_ms": 0.013,
+         "triton_1.0_r8_tuned_ms": 0.011, "triton_0.5_r8_ms": 0.008, "triton_0.5_r8_tuned_ms": 0.006},
+        {"layer": "1x1 64->64 @80x80", "cudnn_ms": 0.005, "triton_dense_ms": 0.005, "triton_1.0_r8_ms": 0.005,
+         "triton_0.5_r8_ms": 0.003}]}))
+    _, header, rows = report.board_tuned()
+    assert rows[0] == ("nano 640 b1", "8", "4.000 (cudnn)", "3.200", "2.800", "2.000", "2.00x", "1.60x", "3.600")
+    _, header, rows = report.board_layers()
+    assert "8 SMs" in header[0]
+    assert rows == [("3x3 64->64 @80x80", "10.0", "12.0", "13.0", "1.30x", "11.0", "1.10x", "6.0")]
