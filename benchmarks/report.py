@@ -320,6 +320,31 @@ def board_layers() -> Table:
     return d, header, rows
 
 
+def whole_frame() -> Table:
+    """The whole frame on the GPU against the network alone, per engine and input size (``gpu_frame.py``)."""
+    paths = sorted((RESULTS / "h100").glob("whole-frame-*.json"), key=lambda p: int(p.stem.rsplit("-", 1)[1]))
+    if not paths:
+        raise FileNotFoundError(RESULTS / "h100" / "whole-frame-<size>.json")
+    runs = [json.loads(p.read_text()) for p in paths]
+    rows = []
+    for d in runs:
+        by_engine = {r["engine"]: r for r in d["rows"]}
+        for name, r in by_engine.items():
+            speedups = ""
+            if name != "dense" and "dense" in by_engine:
+                dense = by_engine["dense"]
+                e2e = dense["p50_ms"] / r["p50_ms"]
+                net = dense["network_only_p50_ms"] / r["network_only_p50_ms"]
+                speedups = f"{e2e:.2f}x of {net:.2f}x ({100 * e2e / net:.0f}%)"
+            rows.append((d["imgsz"], name, _f(r["p50_ms"]), _f(r["network_only_p50_ms"]),
+                         f"{r['end_to_end_over_network']:.2f}", _f(r["host_path_p50_ms"]), speedups))
+    header = ["input", "engine", "frame p50 ms (on the GPU)", "network alone ms", "frame / network",
+              "frame through the host, ms", "over dense: frame of network (kept)"]
+    sizes = " ".join(str(d["imgsz"]) for d in runs)
+    return {**runs[-1], "command": f"python benchmarks/gpu_frame.py BUNDLE --source FRAMES --sizes {sizes}"}, \
+        header, rows
+
+
 TABLES: Dict[str, Callable[[], Table]] = {
     "demo": demo, "dense-recipe": dense_recipe, "robustness": robustness,
     "contention": contention,
@@ -328,6 +353,7 @@ TABLES: Dict[str, Callable[[], Table]] = {
     "gate-ablation": gate_ablation, "static-methods": static_methods,
     "h100-layers": h100_layers, "h100-network": h100_network, "h100-bench": h100_bench,
     "board-emulation": board_emulation, "board-tuned": board_tuned, "board-layers": board_layers,
+    "whole-frame": whole_frame,
 }
 
 

@@ -112,3 +112,22 @@ def test_the_tuned_board_and_layer_tables_render(report, tmp_path, monkeypatch):
     _, header, rows = report.board_layers()
     assert "8 SMs" in header[0]
     assert rows == [("3x3 64->64 @80x80", "10.0", "12.0", "13.0", "1.30x", "11.0", "1.10x", "6.0")]
+
+
+def test_the_whole_frame_table_sets_each_frame_against_its_network(report, tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    (results / "h100").mkdir(parents=True)
+    monkeypatch.setattr(report, "RESULTS", results)
+    with pytest.raises(FileNotFoundError):
+        report.whole_frame()
+    for size, scale in ((640, 2.0), (320, 1.0)):
+        rows = [{"engine": name, "p50_ms": frame * scale, "network_only_p50_ms": net * scale,
+                 "end_to_end_over_network": frame / net, "host_path_p50_ms": 3.0 * scale}
+                for name, frame, net in (("dense", 0.6, 0.5), ("dynamic", 0.5, 0.4))]
+        (results / "h100" / f"whole-frame-{size}.json").write_text(json.dumps(
+            {"command": f"python benchmarks/gpu_frame.py BUNDLE --source FRAMES --sizes {size}", "machine": "H100",
+             "commit": "abc1234", "date": "2026-12-07", "imgsz": size, "rows": rows}))
+    data, header, rows = report.whole_frame()
+    assert data["command"].endswith("--sizes 320 640")
+    assert [r[:2] for r in rows] == [(320, "dense"), (320, "dynamic"), (640, "dense"), (640, "dynamic")]
+    assert rows[1] == (320, "dynamic", "0.500", "0.400", "1.25", "3.000", "1.20x of 1.25x (96%)")
