@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
@@ -180,10 +181,15 @@ def _valid_tile(tile: Any) -> bool:
     return tile == CUDNN or isinstance(tile, dict) and all(isinstance(tile.get(f), int) for f in TILE_FIELDS)
 
 
+def tiles_file() -> Path:
+    """Where the tuned tables are kept: ``<cache>/conv_tiles.json``."""
+    return cache_dir() / CACHE_FILE
+
+
 def read_tables() -> Dict[str, dict]:
     """Every tuned table in the cache file, by :func:`gpu_table_key` (an unreadable file: none)."""
     try:
-        data = json.loads((cache_dir() / CACHE_FILE).read_text())
+        data = json.loads(tiles_file().read_text())
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
@@ -196,7 +202,7 @@ def write_table(table_key: str, layers: Dict[str, dict], about: Dict[str, Any]) 
     entry = data.get(table_key) if isinstance(data.get(table_key), dict) else {}
     merged = {**(entry.get("layers") or {}), **layers}
     data[table_key] = {**about, "tuned": time.strftime("%Y-%m-%d %H:%M"), "layers": merged}
-    path = cache_dir() / CACHE_FILE
+    path = tiles_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1))
@@ -348,8 +354,8 @@ def tune_calls(calls: List[RecordedCall], timer: Callable[[Callable[[], Any]], f
         ms, tile = min(times, key=lambda t: t[0])
         done[call.key] = TunedLayer(call.key, tile, ms, default_ms, len(tiles), refused)
         progress(f"{call.key.text():<58} {default_ms * 1e3:8.1f} us -> {ms * 1e3:8.1f} us  {_tile_text(tile)}")
-    for call in calls:
-        done[call.key].launches = sum(c.key == call.key for c in calls)
+    for key, launches in Counter(call.key for call in calls).items():
+        done[key].launches = launches
     return list(done.values())
 
 

@@ -246,8 +246,8 @@ class DynamicEngine(Engine):
             from dynprune.kernels.conv_tiles import tuning_state
 
             self.description += f"; kernel tiles: {tuning_state(device)}"
-        if device_frames and self.net.backend == "triton" and device.type == "cuda":
-            self._frames_on_device(cuda_graph)
+            if device_frames:
+                self._frames_on_device(cuda_graph)
 
     def device_network(self, x: torch.Tensor):
         """The network for the device frame path: ``(boxes, scores, kept (blocks, 2))``, all on the device."""

@@ -87,6 +87,6 @@ def run_tune(bundle_dir: str, source: Optional[str] = None, data: Optional[str] 
                 f"{best:.3f} ms tuned ({default / best:.2f}x)")
             result["engines"][name] = {"layers": [t.as_json() for t in tuned],
                                        "per_frame_ms": {"default": default, "tuned": best}}
-    path = conv_tiles.cache_dir() / conv_tiles.CACHE_FILE
+    path = conv_tiles.tiles_file()
     log(f"kept in {path} for {table}: serve and bench use them on this GPU" + (f" with --sms {sms}" if sms else ""))
     return {"table": table, "file": str(path), **result}
