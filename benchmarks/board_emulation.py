@@ -29,7 +29,6 @@ blocks, wall clock) as a smoke test of the script.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import statistics
@@ -110,7 +109,7 @@ def main() -> None:
     ap.add_argument("--json", required=True)
     args = ap.parse_args()
 
-    from dynprune.sm_limit import SMLimit, SMLimitError, format_check
+    from dynprune.sm_limit import SMLimitError, checked_limit
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -119,16 +118,13 @@ def main() -> None:
     dtype = torch.float16 if cuda else torch.float32
     rows, checks = [], []
     for sms in args.sms:
-        limit, confined = contextlib.nullcontext(), True
-        if sms and cuda:
-            try:
-                limit = SMLimit(sms)
-            except SMLimitError as e:
-                raise SystemExit(str(e)) from e
-            check = limit.check()
+        try:
+            limit, check = checked_limit(sms if cuda else None, log=lambda line: print(line, flush=True))
+        except SMLimitError as e:
+            raise SystemExit(str(e)) from e
+        confined = check is None or check["confined"]
+        if check is not None:
             checks.append(check)
-            confined = check["confined"]
-            print(format_check(check), flush=True)
         with limit, torch.inference_mode():
             for size in args.models:
                 for imgsz in args.sizes:

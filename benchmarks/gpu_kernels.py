@@ -354,17 +354,12 @@ def main() -> None:
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu_kernels.py needs a CUDA GPU")
-    limit = contextlib.nullcontext()
-    sm_check = None
-    if args.sms:
-        from dynprune.sm_limit import SMLimit, SMLimitError, format_check
+    from dynprune.sm_limit import SMLimitError, checked_limit
 
-        try:
-            limit = SMLimit(args.sms)
-        except SMLimitError as e:
-            raise SystemExit(str(e)) from e
-        sm_check = limit.check()
-        print(format_check(sm_check), flush=True)
+    try:
+        limit, sm_check = checked_limit(args.sms, log=lambda line: print(line, flush=True))
+    except SMLimitError as e:
+        raise SystemExit(str(e)) from e
     dtype = torch.float16 if args.dtype == "fp16" else torch.float32
     keeps = (1.0, 0.75, 0.5, 0.25)
     from provenance import provenance

@@ -29,24 +29,17 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/gpu_pool_sweep.py needs a CUDA GPU")
     sys.path.insert(0, "benchmarks")
-    import contextlib
-
     from gpu_kernels import class_switch, gated_nano, graph_ms
     from provenance import provenance
 
     import dynprune.kernels.gate_index as gate_index
     from dynprune.compact import CompactDetector
     from dynprune.kernels.triton_block import TritonBlock
+    from dynprune.sm_limit import checked_limit
 
     defaults = gate_index.POOL_TILE, gate_index.POOL_PROGRAMS
     result = {}
-    limit, sm_check = contextlib.nullcontext(), None
-    if args.sms:
-        from dynprune.sm_limit import SMLimit, format_check
-
-        limit = SMLimit(args.sms)
-        sm_check = limit.check()
-        print(format_check(sm_check), flush=True)
+    limit, sm_check = checked_limit(args.sms, log=lambda line: print(line, flush=True))
     try:
         with limit:  # every kernel, graph replays included, on the confined SMs
             for imgsz in args.sizes:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import time
 from types import ModuleType
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Callable, ContextManager, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -142,3 +142,16 @@ def format_check(check: Dict[str, Any]) -> str:
     return (f"{check['sms']} of {check['gpu_sms']} SMs: fp16 matmul {check['tflops_confined']:.0f} of "
             f"{check['tflops_all']:.0f} TFLOP/s ({check['ratio']:.3f}, expected about {check['expected']:.3f}): "
             f"{verdict}")
+
+
+def checked_limit(sms: Optional[int], device: int = 0, log: Callable[[str], None] = print,
+                  cuda_available: Optional[bool] = None) -> Tuple[ContextManager, Optional[Dict[str, Any]]]:
+    """``(context, check)`` for a run confined to ``sms`` SMs: the :class:`SMLimit`, its
+    :meth:`~SMLimit.check` made and logged (:func:`format_check`); for no ``sms``, a null context and
+    ``None``. Raises :class:`SMLimitError` where the limit cannot be had."""
+    if not sms:
+        return contextlib.nullcontext(), None
+    limit = SMLimit(sms, device, cuda_available=cuda_available)
+    check = limit.check()
+    log(format_check(check))
+    return limit, check

@@ -9,7 +9,6 @@ latency against keep ratio, with each gated engine's break-even point against st
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import time
@@ -22,6 +21,7 @@ import torch
 from dynprune.runtime import ThreadGovernor
 from dynprune.serve.bundle import GATED_ENGINES, load_bundle
 from dynprune.serve.engines import load_engines, pick_device
+from dynprune.sm_limit import checked_limit
 
 COLUMNS = ["engine", "fps", "p50_ms", "p95_ms", "keep_mean", "keep_p95", "gflops", "ap50", "ap50_95"]
 
@@ -110,14 +110,8 @@ def run_bench(bundle_dir: str, source: Optional[str] = None, data: Optional[str]
     check is in the result)."""
     bundle = load_bundle(bundle_dir)
     dev = pick_device(device)
-    limit = contextlib.nullcontext()
-    sm_check = None
-    if sms:
-        from dynprune.sm_limit import SMLimit, format_check
-
-        limit = SMLimit(sms, dev.index or 0 if dev.type == "cuda" else 0, cuda_available=dev.type == "cuda")
-        sm_check = limit.check()
-        log(format_check(sm_check))
+    limit, sm_check = checked_limit(sms, dev.index or 0 if dev.type == "cuda" else 0, log,
+                                    cuda_available=dev.type == "cuda")
     with limit:  # every GPU kernel of the run, CUDA graph replays included
         which = engines or list(bundle["engines"])
         loaded = load_engines(bundle, which, dev, backend, precision, cuda_graph=cuda_graph)

@@ -11,7 +11,6 @@ of each layer is kept in ``<cache>/conv_tiles.json`` under this GPU, Triton vers
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -22,6 +21,7 @@ import torch
 from dynprune.kernels import conv_tiles
 from dynprune.serve.bundle import GATED_ENGINES, load_bundle
 from dynprune.serve.engines import DynamicEngine, pick_device
+from dynprune.sm_limit import checked_limit
 from dynprune.timing import graph_ms
 
 
@@ -60,12 +60,7 @@ def run_tune(bundle_dir: str, source: Optional[str] = None, data: Optional[str] 
     if not which:
         raise TuneError(f"{bundle_dir}: no gated engine to tune (it has {sorted(bundle['engines'])}); export one "
                         "with --dynamic or --hybrid")
-    limit: Any = contextlib.nullcontext()
-    if sms:
-        from dynprune.sm_limit import SMLimit, format_check
-
-        limit = SMLimit(sms, dev.index or 0)
-        log(format_check(limit.check()))
+    limit, _ = checked_limit(sms, dev.index or 0, log)
     images = load_frames(source, data, frames)[0]
     result: Dict[str, Any] = {"engines": {}}
     with limit, torch.inference_mode():

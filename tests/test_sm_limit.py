@@ -86,3 +86,16 @@ def test_the_check_line_says_whether_the_limit_held():
 def test_bench_sms_without_a_gpu_is_a_usage_error(bundle, tmp_path, capsys):
     assert main(["bench", bundle, "--source", str(tmp_path), "--sms", "8", "--out", str(tmp_path / "b")]) == 2
     assert "--sms 8: needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_run_without_sms_gets_no_limit_and_a_refused_one_says_why():
+    from dynprune.sm_limit import checked_limit
+
+    lines = []
+    limit, check = checked_limit(None, log=lines.append)
+    with limit:
+        pass
+    assert check is None and lines == []
+    with pytest.raises(SMLimitError, match="needs a CUDA GPU"):
+        checked_limit(8, cuda_available=False, log=lines.append)
+    assert lines == []
