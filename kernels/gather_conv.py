@@ -271,8 +271,6 @@ def gather_conv2d_triton(
     b_sz, c_in_full, h, w = x.shape
     c_out, _, k, _ = weight.shape
     ho, wo = conv_output_hw(h, w, k, stride, padding)
-    if out is None:
-        out = empty_like_layout(x, (b_sz, c_out, ho, wo))
     if residual is not None and out_index is not None:
         raise ValueError("the residual epilogue writes full width: pass out_index=None")
     in_dense, out_dense = in_index is None, out_index is None
@@ -280,15 +278,21 @@ def gather_conv2d_triton(
                               not in_dense, not out_dense, in_run, out_run, residual is not None)
     calls = conv_tiles.recorder()
     if calls is not None:  # dynprune tune: this call, to be run again with other tiles
+        if out is None:
+            out = empty_like_layout(x, (b_sz, c_out, ho, wo))
         same = dict(stride=stride, padding=padding, act=act, scale=scale, residual=residual, in_run=in_run,
                     out_run=out_run)
         calls.append(conv_tiles.RecordedCall(key, lambda tile_, out_: gather_conv2d_triton(
             x, weight, bias, in_index, in_count, out_index, out_count, out=out_, tile=tile_, **same), out))
+    tile = tile or conv_tiles.tile_for(key, x.device)
     given = {"block_m": block_m, "block_n": block_n, "block_k": block_k, "num_warps": num_warps,
              "num_stages": num_stages, "flat": flat}
-    tile = {**(tile or conv_tiles.tile_for(key, x.device)), **{f: v for f, v in given.items() if v is not None}}
+    if any(v is not None for v in given.values()):
+        tile = {**tile, **{f: v for f, v in given.items() if v is not None}}
     if conv_tiles.is_cudnn(tile):
         return _cudnn_form(x, weight, bias, stride, padding, act, scale, residual, in_dense and out_dense)
+    if out is None:
+        out = empty_like_layout(x, (b_sz, c_out, ho, wo))
     block_m, block_n, block_k = tile["block_m"], tile["block_n"], tile["block_k"]
     _check_run("in_run", in_run, not in_dense, "input", "block_k", block_k, c_in_full)
     _check_run("out_run", out_run, not out_dense, "output", "block_n", block_n, c_out)
